@@ -1,0 +1,33 @@
+# atropos-megatron: every target creates/refreshes the virtualenv it needs (see tools/bootstrap_venv.sh).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-fast lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create/refresh .venv (CPU torch 2.13.0 without CUDA; your CUDA torch with it)
+
+$(STAMP): pyproject.toml tools/bootstrap_venv.sh
+	VENV=$(VENV) bash tools/bootstrap_venv.sh
+	@touch $@
+
+test: install  ## run every test that can run on this machine (GPU tests skip without CUDA)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## unit tests only: no multi-process or slow tests
+	$(PY) -m pytest -m "not distributed and not slow" $(PYTEST_ARGS)
+
+lint: install  ## ruff check + format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install  ## apply ruff formatting and safe fixes
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

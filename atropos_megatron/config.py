@@ -1,0 +1,523 @@
+"""Typed configuration: dataclass schemas merged with OmegaConf.
+
+A run is configured by one YAML file plus ``key=value`` overrides (``optimizer.lr=1e-6``). The schema
+below is the single source of truth: an unknown key, a value of the wrong type or an out-of-range
+value fails in :func:`load_config` with a :class:`ConfigError` that names the field, before anything
+heavy starts. No ``DictConfig`` leaves this module; components receive their own section (a frozen
+view is not needed: sections are plain dataclasses and nobody mutates them after loading).
+
+Units live in the field names (``_s``, ``_bytes``, ``_steps``, ``_tokens``) and in each field's
+docstring. YAML may use OmegaConf interpolation, e.g. ``auth_token: ${oc.env:BRIDGE_TOKEN,null}``
+to read a secret from the environment instead of writing it into a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted name of the offending field in the message."""
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}: {message}")
+
+
+def _require_choice(value: str, name: str, choices: Sequence[str]) -> None:
+    _require(value in choices, name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The actor's architecture. The frozen reference model always uses the same one."""
+
+    hf_path: str | None = None
+    """HuggingFace checkpoint directory; when set, the architecture comes from its config.json and
+    the fields below are ignored (see `tools/convert_checkpoint.py`)."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    hidden_size: int = 64
+    """Model width (d_model)."""
+    ffn_hidden_size: int = 128
+    """MLP inner width (per gate/up projection for SwiGLU)."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; null means multi-head (= num_attention_heads)."""
+    vocab_size: int = 128
+    """Tokenizer vocabulary; padded up to `make_vocab_size_divisible_by` x TP inside Megatron."""
+    make_vocab_size_divisible_by: int = 128
+    """Padding multiple for the embedding rows (padded rows are never sampled: logits are cut)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is built for (tokens)."""
+    normalization: str = "RMSNorm"
+    """`RMSNorm` or `LayerNorm`."""
+    norm_epsilon: float = 1e-6
+    """Epsilon inside the norm layers."""
+    activation: str = "swiglu"
+    """MLP activation: `swiglu` (gated, Llama/Qwen) or `gelu`."""
+    add_qkv_bias: bool = False
+    """Bias on the fused QKV projection (Qwen2)."""
+    qk_layernorm: bool = False
+    """RMSNorm on per-head queries and keys (Qwen3)."""
+    rotary_base: float = 10000.0
+    """RoPE theta."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    init_method_std: float = 0.02
+    """Std of the normal init for freshly built models (ignored when weights are loaded)."""
+    dtype: str = "fp32"
+    """Parameter and compute dtype: `fp32`, `bf16` or `fp16`."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
+            _require(getattr(self, name) > 0, f"model.{name}", "must be > 0")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.hidden_size",
+            f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
+        )
+        if self.num_query_groups is not None:
+            _require(
+                0 < self.num_query_groups <= self.num_attention_heads
+                and self.num_attention_heads % self.num_query_groups == 0,
+                "model.num_query_groups",
+                f"must divide num_attention_heads={self.num_attention_heads}, got {self.num_query_groups}",
+            )
+        _require(self.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by", "must be > 0")
+        _require(self.max_position_embeddings > 0, "model.max_position_embeddings", "must be > 0")
+        _require_choice(self.normalization, "model.normalization", ("RMSNorm", "LayerNorm"))
+        _require_choice(self.activation, "model.activation", ("swiglu", "gelu"))
+        _require(self.norm_epsilon > 0, "model.norm_epsilon", "must be > 0")
+        _require(self.rotary_base > 0, "model.rotary_base", "must be > 0")
+        _require(self.init_method_std > 0, "model.init_method_std", "must be > 0")
+        _require_choice(self.dtype, "model.dtype", DTYPES)
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads, resolving the MHA default."""
+        return self.num_query_groups or self.num_attention_heads
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How ranks are laid out. Data parallel size is derived: world / (TP x PP x CP)."""
+
+    tensor_parallel_size: int = 1
+    """Ranks that split each layer's matrices (and the vocabulary)."""
+    pipeline_parallel_size: int = 1
+    """Ranks that split the layers into consecutive stages."""
+    virtual_pipeline_parallel_size: int | None = None
+    """Model chunks per pipeline rank for the interleaved schedule; null disables interleaving."""
+    context_parallel_size: int = 1
+    """Ranks that split the sequence inside attention (needs Transformer Engine)."""
+    expert_parallel_size: int = 1
+    """Ranks that split MoE experts (MoE models are not supported yet)."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence between TP regions (saves memory; needs TP > 1)."""
+    backend: str = "auto"
+    """Collective backend: `auto` (nccl with CUDA, gloo without), `nccl` or `gloo`."""
+    timeout_s: float = 600.0
+    """How long a collective may wait before the process group gives up (seconds)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "context_parallel_size",
+            "expert_parallel_size",
+        ):
+            _require(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
+        if self.virtual_pipeline_parallel_size is not None:
+            _require(
+                self.virtual_pipeline_parallel_size >= 2 and self.pipeline_parallel_size >= 2,
+                "parallel.virtual_pipeline_parallel_size",
+                "must be >= 2 and needs pipeline_parallel_size >= 2 (use null to disable)",
+            )
+        _require(
+            not self.sequence_parallel or self.tensor_parallel_size > 1,
+            "parallel.sequence_parallel",
+            "needs tensor_parallel_size > 1",
+        )
+        _require_choice(self.backend, "parallel.backend", ("auto", "nccl", "gloo"))
+        _require(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model: TP x PP x CP."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
+
+
+ADVANTAGE_NORMALIZATIONS = ("group_std", "none")
+POLICY_LOSSES = ("ppo_clip", "gspo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+IMPORTANCE_CORRECTIONS = ("none", "token", "sequence")
+
+
+@dataclass(kw_only=True)
+class GRPOConfig:
+    """The objective. Defaults are DeepSeekMath GRPO with token-mean aggregation and no KL."""
+
+    advantage_normalization: str = "group_std"
+    """`group_std`: (r - mean) / (std + eps) per group (GRPO); `none`: r - mean (Dr. GRPO)."""
+    advantage_eps: float = 1e-6
+    """Added to the group std; a group whose scores are all equal gets advantage exactly 0."""
+    policy_loss: str = "ppo_clip"
+    """`ppo_clip` (token-level ratio) or `gspo` (sequence-level, length-normalised ratio)."""
+    clip_low: float = 0.2
+    """Lower clip: the ratio is held above 1 - clip_low."""
+    clip_high: float = 0.2
+    """Upper clip: the ratio is held below 1 + clip_high (DAPO's clip-higher uses 0.28)."""
+    dual_clip: float | None = None
+    """Dual-clip bound c > 1 for negative advantages (null disables)."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the frozen reference model (0 skips the reference forward)."""
+    kl_estimator: str = "k3"
+    """KL estimator: `k1` (log-ratio), `k2` (squared log-ratio / 2) or `k3` (Schulman's unbiased)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    loss_aggregation: str = "token-mean"
+    """How token losses become one number; see `algo/reduce.py` for the four modes."""
+    temperature: float = 1.0
+    """Sampling temperature the logits are divided by before log-probs (match the inference side)."""
+    old_logprobs: str = "recompute"
+    """Source of the PPO denominator: `recompute` (trainer forward before the update) or `inference`."""
+    importance_correction: str = "none"
+    """Truncated importance sampling against the inference log-probs: `none`, `token` or `sequence`."""
+    importance_cap: float = 2.0
+    """Upper truncation of the rollout/train importance weight."""
+    updates_per_batch: int = 1
+    """Optimizer steps taken on each Atropos batch (mini-batches); 1 is strictly on-policy."""
+    kernel: str = "auto"
+    """GRPO loss implementation: `triton` (fused), `torch` (chunked reference) or `auto`."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self.advantage_normalization, "grpo.advantage_normalization", ADVANTAGE_NORMALIZATIONS)
+        _require(self.advantage_eps > 0, "grpo.advantage_eps", "must be > 0")
+        _require_choice(self.policy_loss, "grpo.policy_loss", POLICY_LOSSES)
+        _require(0 <= self.clip_low < 1, "grpo.clip_low", f"must be in [0, 1), got {self.clip_low}")
+        _require(self.clip_high >= 0, "grpo.clip_high", f"must be >= 0, got {self.clip_high}")
+        if self.dual_clip is not None:
+            _require(self.dual_clip > 1, "grpo.dual_clip", f"must be > 1 (or null), got {self.dual_clip}")
+        _require(self.kl_coef >= 0, "grpo.kl_coef", "must be >= 0")
+        _require_choice(self.kl_estimator, "grpo.kl_estimator", KL_ESTIMATORS)
+        _require(self.entropy_coef >= 0, "grpo.entropy_coef", "must be >= 0")
+        _require_choice(self.loss_aggregation, "grpo.loss_aggregation", LOSS_AGGREGATIONS)
+        _require(self.temperature > 0, "grpo.temperature", "must be > 0")
+        _require_choice(self.old_logprobs, "grpo.old_logprobs", ("recompute", "inference"))
+        _require_choice(self.importance_correction, "grpo.importance_correction", IMPORTANCE_CORRECTIONS)
+        _require(self.importance_cap >= 1, "grpo.importance_cap", "must be >= 1")
+        _require(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
+        _require_choice(self.kernel, "grpo.kernel", ("auto", "triton", "torch"))
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """Megatron optimizer and learning-rate schedule."""
+
+    name: str = "adam"
+    """`adam` (AdamW: decoupled weight decay) or `sgd`."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor the decay schedule ends at."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up length (optimizer steps)."""
+    lr_decay_style: str = "constant"
+    """`constant`, `linear` or `cosine` decay after warm-up, over the run's `steps`."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.999
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam denominator epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self.name, "optimizer.name", ("adam", "sgd"))
+        _require(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr", f"must be in [0, lr={self.lr}]")
+        _require(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", "must be >= 0")
+        _require_choice(self.lr_decay_style, "optimizer.lr_decay_style", ("constant", "linear", "cosine"))
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0 <= getattr(self, name) < 1, f"optimizer.{name}", "must be in [0, 1)")
+        _require(self.adam_eps > 0, "optimizer.adam_eps", "must be > 0")
+        _require(self.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """What a training batch is and how it is cut into micro-batches."""
+
+    batch_size: int = 64
+    """Sequences per Atropos batch (what the trainer registers as `batch_size`)."""
+    max_token_len: int = 2048
+    """Longest prompt + completion accepted (tokens); longer groups are rejected by the bridge."""
+    micro_batch_tokens: int = 8192
+    """Token budget of one micro-batch (padded tokens count)."""
+    pad_to_multiple_of: int = 8
+    """Sequence-length padding multiple (keeps shapes friendly to kernels and TP/SP splits)."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, "data.batch_size", "must be > 0")
+        _require(self.max_token_len > 0, "data.max_token_len", "must be > 0")
+        _require(self.pad_to_multiple_of > 0, "data.pad_to_multiple_of", "must be > 0")
+        _require(
+            self.micro_batch_tokens >= self.max_token_len,
+            "data.micro_batch_tokens",
+            f"must hold at least one full sequence (max_token_len={self.max_token_len})",
+        )
+
+
+@dataclass(kw_only=True)
+class BridgeConfig:
+    """The gRPC bridge between the trainer, the Atropos API and the inference servers."""
+
+    address: str = "127.0.0.1:50051"
+    """host:port the bridge listens on and the trainer connects to (loopback unless changed)."""
+    atropos_url: str = "http://127.0.0.1:8000"
+    """Base URL of the Atropos API server (`run-api`)."""
+    prefetch_batches: int = 2
+    """Validated batches kept ready ahead of the trainer."""
+    spool_dir: str = "runs/spool"
+    """Directory where each handed-out batch is kept until the trainer acknowledges it."""
+    poll_interval_s: float = 0.5
+    """First wait between empty `/batch` polls (seconds); doubles up to `poll_max_interval_s`."""
+    poll_max_interval_s: float = 5.0
+    """Longest wait between empty `/batch` polls (seconds)."""
+    request_timeout_s: float = 60.0
+    """Deadline of one gRPC or HTTP call (seconds)."""
+    auth_token: str | None = None
+    """Bearer token required from clients (null: no auth). Use `${oc.env:VAR}` to keep it out of files."""
+    tls_cert: str | None = None
+    """PEM certificate for TLS (with `tls_key`); null serves plaintext on loopback."""
+    tls_key: str | None = None
+    """PEM private key matching `tls_cert`."""
+    tls_ca: str | None = None
+    """PEM CA bundle the client verifies the bridge with."""
+    max_message_bytes: int = 256 * 1024 * 1024
+    """Largest gRPC message accepted either way (bytes)."""
+    wandb_group: str = "atropos-megatron"
+    """Sent to Atropos at registration (Atropos requires it; wandb itself is optional)."""
+    wandb_project: str = "atropos-megatron"
+    """Sent to Atropos at registration."""
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.address.rpartition(":")
+        _require(bool(sep and host and port.isdigit()), "bridge.address", f"expected host:port, got {self.address!r}")
+        _require(
+            self.atropos_url.startswith(("http://", "https://")), "bridge.atropos_url", "must start with http(s)://"
+        )
+        _require(self.prefetch_batches >= 1, "bridge.prefetch_batches", "must be >= 1")
+        _require(self.poll_interval_s > 0, "bridge.poll_interval_s", "must be > 0")
+        _require(
+            self.poll_max_interval_s >= self.poll_interval_s,
+            "bridge.poll_max_interval_s",
+            "must be >= poll_interval_s",
+        )
+        _require(self.request_timeout_s > 0, "bridge.request_timeout_s", "must be > 0")
+        _require((self.tls_cert is None) == (self.tls_key is None), "bridge.tls_key", "set tls_cert and tls_key together")
+        _require(self.max_message_bytes > 0, "bridge.max_message_bytes", "must be > 0")
+
+
+WEIGHT_TRANSPORTS = ("grpc", "distributed", "disk")
+
+
+@dataclass(kw_only=True)
+class WeightsConfig:
+    """How the trainer's weights reach the inference servers after each step."""
+
+    transport: str = "grpc"
+    """`grpc` (buckets through the bridge), `distributed` (NCCL/gloo broadcast) or `disk` (safetensors)."""
+    inference_servers: list[str] = field(default_factory=list)
+    """Base URLs of the SGLang (or reference) servers to keep in sync."""
+    bucket_bytes: int = 512 * 1024 * 1024
+    """Upper bound of one weight bucket (bytes); at most one bucket is in flight beyond the model."""
+    disk_dir: str | None = None
+    """Shared directory for the `disk` transport."""
+    admin_api_key: str | None = None
+    """SGLang admin API key, passed through on weight-update calls (null: none configured)."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self.transport, "weights.transport", WEIGHT_TRANSPORTS)
+        _require(self.bucket_bytes > 0, "weights.bucket_bytes", "must be > 0")
+        _require(self.transport != "disk" or bool(self.disk_dir), "weights.disk_dir", "required by transport=disk")
+        for url in self.inference_servers:
+            _require(url.startswith(("http://", "https://")), "weights.inference_servers", f"bad URL {url!r}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Megatron distributed checkpoints (model, optimizer, scheduler, RNG, step)."""
+
+    dir: str | None = None
+    """Where checkpoints go; null means `<logging.run_dir>/checkpoints`."""
+    save_interval_steps: int = 0
+    """Save every N optimizer steps (0: only at the end and on SIGTERM)."""
+    load: str | None = None
+    """Resume from `latest` (in `dir`) or an explicit checkpoint directory; null starts fresh."""
+    keep_last: int = 2
+    """How many step checkpoints to keep (older ones are deleted after a successful save)."""
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval_steps >= 0, "checkpoint.save_interval_steps", "must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Where a run writes its logs and metrics."""
+
+    run_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints (unless set elsewhere)."""
+    level: str = "INFO"
+    """Python log level of rank 0 (other ranks log warnings and errors only)."""
+    log_interval_steps: int = 1
+    """Write metrics every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under `<run_dir>/tb`."""
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project (null: off)."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self.level, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+        _require(self.log_interval_steps >= 1, "logging.log_interval_steps", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The whole run. Each component receives only its own section."""
+
+    steps: int = 100
+    """Optimizer steps to train for."""
+    seed: int = 1234
+    """Seed for model init and every random stream (per-rank streams derive from it)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.steps > 0, "steps", "must be > 0")
+        if self.model.hf_path is None:
+            _require(
+                self.data.max_token_len <= self.model.max_position_embeddings,
+                "data.max_token_len",
+                f"{self.data.max_token_len} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}",
+            )
+        _require(
+            self.model.query_groups % self.parallel.tensor_parallel_size == 0
+            or self.model.hf_path is not None,
+            "parallel.tensor_parallel_size",
+            f"{self.parallel.tensor_parallel_size} does not divide the {self.model.query_groups} "
+            "key/value heads",
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and dumping
+# ------------------------------------------------------------------------------------------------
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Build a validated :class:`TrainConfig` from defaults, a YAML file and dotlist overrides.
+
+    Args:
+        yaml_path: a YAML file with any subset of the schema (None: defaults only).
+        overrides: ``key=value`` strings applied last, e.g. ``["optimizer.lr=1e-6", "steps=10"]``.
+
+    Raises:
+        ConfigError: naming the field, for an unknown key, a wrong type or an invalid value.
+        FileNotFoundError: if ``yaml_path`` does not exist.
+    """
+    layers = [OmegaConf.structured(TrainConfig)]
+    try:
+        if yaml_path is not None:
+            path = Path(yaml_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, dict) and not OmegaConf.is_dict(loaded):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            layers.append(loaded)
+        for item in overrides:
+            _require("=" in item, item, "an override must look like key=value (e.g. optimizer.lr=1e-6)")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigKeyError as exc:
+        raise ConfigError(_describe_unknown_key(exc)) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe_omegaconf_error(exc)) from None
+    assert isinstance(cfg, TrainConfig)
+    return cfg
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The resolved configuration as YAML (what a run writes next to its outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved configuration to ``path`` (parents created) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_yaml(cfg))
+    return path
+
+
+def _describe_unknown_key(exc: ConfigKeyError) -> str:
+    full_key = exc.full_key or str(exc.key)
+    parent, _, leaf = full_key.rpartition(".")
+    known = _known_keys(parent)
+    hint = difflib.get_close_matches(leaf, known, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    listing = f"; known keys: {', '.join(known)}" if known and not hint else ""
+    return f"{full_key}: unknown key{suggestion}{listing}"
+
+
+def _describe_omegaconf_error(exc: OmegaConfBaseException) -> str:
+    full_key = getattr(exc, "full_key", None) or "<config>"
+    message = getattr(exc, "msg", None) or str(exc)
+    return f"{full_key}: {message.splitlines()[0]}"
+
+
+def _known_keys(section: str) -> list[str]:
+    """Field names of the top-level config (``section == ""``) or of one of its sections."""
+    schema = _SECTION_TYPES.get(section) if section else TrainConfig
+    return [f.name for f in dataclasses.fields(schema)] if schema else []
+
+
+_SECTION_TYPES: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(TrainConfig)
+    if f.default_factory is not dataclasses.MISSING
+}

@@ -1,0 +1,191 @@
+"""Patches that let megatron-core 0.16.1 run where its CUDA-only code paths cannot.
+
+Two groups, each applied only where it is needed (both are idempotent):
+
+* :func:`apply_cpu_patches` — only when CUDA is absent (tests and the CPU demo). Megatron assumes a
+  GPU in a handful of places: buffers allocated on ``torch.cuda.current_device()``, the model-parallel
+  RNG tracker built on CUDA generators, ``device="cuda"`` tensors inside the pipeline schedules and
+  the optimizer, ``torch.cuda.synchronize`` after p2p calls, and ``Tensor.type()`` checks that expect
+  ``torch.cuda.*Tensor``. Each patch below says what breaks without it. On a CUDA machine this
+  function does nothing.
+* :func:`apply_torch_norm_patches` — whenever Transformer Engine and Apex are both absent (CPU, and
+  GPUs without TE such as the lent H200). Megatron then falls back to ``WrappedTorchNorm``, which
+  refuses sequence parallelism although plain torch norms work with it.
+
+What this module deliberately does not do: enable anything that needs Transformer Engine (packed
+THD sequences, context parallelism, FP8). Those fail with Megatron's own error, and
+``trainer/parallel.py`` rejects such layouts up front with a clearer one.
+
+Facts behind each patch (errors, ablations): shared notes `megatron-cpu.md`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")
+# Factory functions and conversions that can carry device="cuda" inside Megatron.
+_CUDA_TENSOR_TYPES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda_device(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Redirect ``device="cuda"`` to the CPU for every torch call made while the mode is active.
+
+    Needed by every pipeline schedule (``schedules.py`` creates ``torch.zeros([], device="cuda")``
+    even for PP=1), the Megatron optimizer (``FP32Optimizer._scale`` and clip-grad buffers on
+    'cuda'), fully-parallel checkpoint loading, and the default causal mask. Without it:
+    ``AssertionError: Torch not compiled with CUDA enabled``.
+
+    It also answers ``Tensor.type()`` (no arguments) with the CUDA type name: the bf16 optimizer
+    and the distributed optimizer accept only ``torch.cuda.{Float,Half,BFloat16}Tensor`` and raise
+    ``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ...`` otherwise.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = _CUDA_TENSOR_TYPES.get(args[0].dtype)
+            if name is not None:
+                return name
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if func in (torch.Tensor.cuda,):
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+_state = {"cpu": False, "norm": False, "mode": None}
+
+
+def apply_cpu_patches() -> bool:
+    """Make megatron-core usable without CUDA. Returns True if patches were (or already are) active.
+
+    Safe to call more than once and from every rank; a no-op when CUDA is available.
+    """
+    if torch.cuda.is_available():
+        return False
+    if _state["cpu"]:
+        return True
+
+    # 1. Buffers: GlobalMemoryBuffer (used by attention every forward), TP collective buffers and
+    #    DDP/optimizer buffers allocate on `torch.cuda.current_device()`. Without this: `AssertionError:
+    #    Torch not compiled with CUDA enabled` at `utils.py GlobalMemoryBuffer.get_tensor`.
+    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+
+    # 2. The model-parallel RNG tracker. Attention forks the `model-parallel-rng` state on every
+    #    forward (even with dropout 0), so `model_parallel_cuda_manual_seed` is mandatory, and it
+    #    reads/writes CUDA generator state: `Torch not compiled with CUDA enabled` in
+    #    `torch.cuda.get_rng_state`. Here the tracked states are CPU generator states.
+    _patch_rng_tracker()
+
+    # 3. Pipeline p2p calls `torch.cuda.synchronize()` after `batch_isend_irecv` (and distributed
+    #    checkpointing calls it too). Nothing to wait for on CPU: gloo ops are synchronous once waited.
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+
+    # 4. `device="cuda"` tensors in schedules, optimizer and checkpoint code; see CudaToCpuMode.
+    #    Entered once for the life of the process (torch function modes are per thread; Megatron's
+    #    training path runs on the main thread).
+    mode = CudaToCpuMode()
+    mode.__enter__()
+    _state["mode"] = mode
+
+    _state["cpu"] = True
+    logger.debug("megatron-core CPU patches applied")
+    return True
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def get_state(device="cuda", clone=False, graph_safe=False):  # noqa: ARG001 - Megatron's signature
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):  # noqa: ARG001 - Megatron's signature
+        torch.set_rng_state(new_state)
+
+    def add(self, name: str, seed: int) -> None:
+        # Same bookkeeping and errors as CudaRNGStatesTracker.add, with a CPU generator's state.
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"cuda rng state {name} already exists")
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    mcore_random._get_cuda_rng_state = get_state
+    mcore_random._set_cuda_rng_state = set_state
+    mcore_random.CudaRNGStatesTracker.add = add
+    # `model_parallel_cuda_manual_seed` also seeds the default CUDA generator directly; without
+    # CUDA that call is only queued by torch, so the default stream comes from torch.manual_seed.
+
+
+def apply_torch_norm_patches() -> bool:
+    """Let Megatron's torch-norm fallback run with sequence parallelism. Returns True if active.
+
+    Applies only when neither Transformer Engine nor Apex provides the norm layers (then Megatron's
+    local spec uses ``WrappedTorchNorm``, which asserts ``not sequence_parallel``). With sequence
+    parallelism each TP rank normalises its own slice of the sequence, so the norm weights get
+    partial gradients; we mark them ``sequence_parallel=True`` so that Megatron's
+    ``finalize_model_grads`` all-reduces them over the TP group, as it does for TE's norms.
+    """
+    if _state["norm"]:
+        return True
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer import torch_norm
+
+    if gpt_layer_specs.HAVE_APEX or te_available():
+        return False
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    @functools.wraps(original_new)
+    def new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
+            normalization="LayerNorm"):
+        sequence_parallel = config.sequence_parallel
+        if sequence_parallel:
+            config = _shallow_copy(config, sequence_parallel=False)
+        norm = original_new(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma,
+                            normalization)
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = new
+    _state["norm"] = True
+    return True
+
+
+def _shallow_copy(config, **changes):
+    clone = object.__new__(type(config))
+    clone.__dict__.update(config.__dict__)
+    clone.__dict__.update(changes)
+    return clone
+
+
+@functools.cache
+def te_available() -> bool:
+    """Whether Transformer Engine imports here (it raises RuntimeError, not ImportError, without CUDA)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure means "not usable"
+        return False
+    return True

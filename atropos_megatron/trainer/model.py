@@ -1,0 +1,135 @@
+"""Build Megatron-Core GPT models (actor and frozen reference) from our ModelConfig.
+
+The layer spec is Transformer Engine's when TE imports (GPU clusters) and Megatron's local spec
+otherwise (CPU, and GPUs without TE). Both build the same parameters, so checkpoints move freely
+between the two. Reading an architecture from a HuggingFace config.json arrives with the converter
+(`weights/`); this module only turns an explicit architecture into model chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from atropos_megatron.config import ModelConfig, ParallelConfig
+from atropos_megatron.trainer import parallel
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Embedding rows after padding, so every TP rank holds an equal, aligned slice of the vocabulary.
+
+    Rows past ``vocab_size`` are never real tokens; losses must ignore their logits.
+    """
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_transformer_config(model: ModelConfig, layout: ParallelConfig):
+    """Megatron ``TransformerConfig`` for ``model`` laid out as ``layout``.
+
+    Fusions stay off: each needs Apex/TE/CUDA kernels, and Megatron's defaults already say so; we
+    set them explicitly so a Megatron default change cannot silently turn one on.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    if model.num_layers % (layout.pipeline_parallel_size * (layout.virtual_pipeline_parallel_size or 1)):
+        raise ValueError(
+            f"model.num_layers={model.num_layers} must be divisible by pipeline_parallel_size x "
+            f"virtual_pipeline_parallel_size = {layout.pipeline_parallel_size} x "
+            f"{layout.virtual_pipeline_parallel_size or 1}"
+        )
+    dtype = TORCH_DTYPES[model.dtype]
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        init_method_std=model.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Parallel layout (must match what parallel.setup_model_parallel built).
+        tensor_model_parallel_size=layout.tensor_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel_size,
+        context_parallel_size=layout.context_parallel_size,
+        expert_model_parallel_size=layout.expert_parallel_size,
+        sequence_parallel=layout.sequence_parallel,
+        # On gloo, batched p2p matches messages by posting order and silently swaps activations and
+        # gradients under the interleaved schedule; the unbatched path is correct everywhere.
+        batch_p2p_comm=on_gpu,
+        pipeline_dtype=dtype,
+        # Precision.
+        params_dtype=dtype,
+        bf16=model.dtype == "bf16",
+        fp16=model.dtype == "fp16",
+        # Without CUDA, weights are drawn full-size on CPU and split: every layout gets the same
+        # initial weights for the same seed. On GPUs each rank initialises its own shard.
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_layer_spec(model: ModelConfig):
+    """TE layer spec when Transformer Engine imports, else Megatron's local (torch) spec."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from atropos_megatron.trainer.megatron_patches import te_available
+
+    if te_available():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=model.qk_layernorm, normalization=model.normalization
+    )
+
+
+def build_model(model: ModelConfig, layout: ParallelConfig) -> list[torch.nn.Module]:
+    """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP).
+
+    Requires :func:`parallel.setup_model_parallel` for the same ``layout`` first.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    config = build_transformer_config(model, layout)
+    spec = build_layer_spec(model)
+    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, layout.tensor_parallel_size)
+    num_chunks = layout.virtual_pipeline_parallel_size or 1
+    chunks = []
+    for chunk in range(num_chunks):
+        vp_stage = chunk if layout.virtual_pipeline_parallel_size else None
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=vocab,
+                max_sequence_length=model.max_position_embeddings,
+                pre_process=parallel.stage_has(first=True, vp_stage=vp_stage),
+                post_process=parallel.stage_has(first=False, vp_stage=vp_stage),
+                parallel_output=True,
+                share_embeddings_and_output_weights=model.tie_word_embeddings,
+                position_embedding_type="rope",
+                rotary_base=int(model.rotary_base),
+                vp_stage=vp_stage,
+            )
+        )
+    if model.dtype != "fp32":
+        # Megatron creates linear weights in params_dtype, but the torch-norm fallback (no TE/Apex)
+        # creates fp32 norm weights; cast the rest as Megatron's Float16Module would.
+        for chunk in chunks:
+            chunk.to(TORCH_DTYPES[model.dtype])
+    return chunks

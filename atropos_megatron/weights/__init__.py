@@ -1,0 +1,1 @@
+"""Weights between layouts and formats: full Megatron state dicts, TP/PP shards, HF names."""

@@ -1,0 +1,84 @@
+"""Cut a full (TP=1, PP=1) Megatron state dict into one rank's shards, and name shards globally.
+
+Megatron marks every split parameter with how it is split (``tensor_model_parallel``,
+``partition_dim``, ``partition_stride``), so one rule covers column-parallel, row-parallel,
+vocab-parallel and the strided SwiGLU ``linear_fc1`` (``[gate_r; up_r]`` on rank r): the full tensor
+is cut into ``TP x stride`` equal blocks along ``partition_dim`` and rank r takes blocks
+``r, r + TP, ...`` — the same rule Megatron uses when it initialises weights on the CPU. Pipeline
+stages are handled by naming: each layer knows its global ``layer_number``.
+
+Gathering shards back into full tensors (for export and conversion) is the inverse, and lives with
+the exporter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+_LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EMBEDDING = "embedding.word_embeddings.weight"
+_OUTPUT = "output_layer.weight"
+
+
+def iter_global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """``(global_name, param)`` for each parameter of a model chunk.
+
+    Global names are what the parameter is called in a TP=1, PP=1 model: decoder layer indices
+    are global (``layer_number - 1``), whatever pipeline stage holds them.
+    """
+    layers = chunk.decoder.layers if hasattr(chunk, "decoder") else []
+    for name, param in chunk.named_parameters():
+        match = _LAYER_PREFIX.match(name)
+        if match:
+            global_index = layers[int(match.group(1))].layer_number - 1
+            name = f"decoder.layers.{global_index}.{name[match.end():]}"
+        yield name, param
+
+
+def shard_tensor(full: torch.Tensor, param: torch.Tensor, *, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The slice of ``full`` that ``param`` holds on tensor-parallel rank ``tp_rank``."""
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return full
+    dim = param.partition_dim
+    stride = getattr(param, "partition_stride", 1)
+    if full.shape[dim] % (tp_size * stride):
+        raise ValueError(
+            f"dimension {dim} of size {full.shape[dim]} does not split into {tp_size} ranks x stride {stride}"
+        )
+    blocks = torch.chunk(full, tp_size * stride, dim=dim)
+    return torch.cat(blocks[tp_rank::tp_size], dim=dim)
+
+
+def load_full_state_dict(
+    chunks: Sequence[torch.nn.Module],
+    full: Mapping[str, torch.Tensor],
+    *,
+    tp_rank: int,
+    tp_size: int,
+) -> None:
+    """Copy this rank's shards of ``full`` into ``chunks`` (in place).
+
+    Raises:
+        KeyError: a parameter of the chunk has no entry in ``full``.
+        ValueError: a shard's shape differs from the parameter's.
+    """
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, param in iter_global_params(chunk):
+                shard = shard_tensor(_lookup(full, name), param, tp_rank=tp_rank, tp_size=tp_size)
+                if shard.shape != param.shape:
+                    raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {tuple(param.shape)}")
+                param.copy_(shard)
+
+
+def _lookup(full: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name in full:
+        return full[name]
+    # With tied embeddings the last pipeline stage keeps its own copy of the embedding as the
+    # output layer; a TP=1, PP=1 state dict has only the embedding.
+    if name == _OUTPUT and _EMBEDDING in full:
+        return full[_EMBEDDING]
+    raise KeyError(f"{name} is missing from the full state dict")
