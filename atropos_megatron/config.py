@@ -18,6 +18,7 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -208,7 +209,9 @@ class GRPOConfig:
     """GRPO loss implementation: `triton` (fused), `torch` (chunked reference) or `auto`."""
 
     def __post_init__(self) -> None:
-        _require_choice(self.advantage_normalization, "grpo.advantage_normalization", ADVANTAGE_NORMALIZATIONS)
+        _require_choice(
+            self.advantage_normalization, "grpo.advantage_normalization", ADVANTAGE_NORMALIZATIONS
+        )
         _require(self.advantage_eps > 0, "grpo.advantage_eps", "must be > 0")
         _require_choice(self.policy_loss, "grpo.policy_loss", POLICY_LOSSES)
         _require(0 <= self.clip_low < 1, "grpo.clip_low", f"must be in [0, 1), got {self.clip_low}")
@@ -326,9 +329,15 @@ class BridgeConfig:
 
     def __post_init__(self) -> None:
         host, sep, port = self.address.rpartition(":")
-        _require(bool(sep and host and port.isdigit()), "bridge.address", f"expected host:port, got {self.address!r}")
         _require(
-            self.atropos_url.startswith(("http://", "https://")), "bridge.atropos_url", "must start with http(s)://"
+            bool(sep and host and port.isdigit()),
+            "bridge.address",
+            f"expected host:port, got {self.address!r}",
+        )
+        _require(
+            self.atropos_url.startswith(("http://", "https://")),
+            "bridge.atropos_url",
+            "must start with http(s)://",
         )
         _require(self.prefetch_batches >= 1, "bridge.prefetch_batches", "must be >= 1")
         _require(self.poll_interval_s > 0, "bridge.poll_interval_s", "must be > 0")
@@ -338,7 +347,11 @@ class BridgeConfig:
             "must be >= poll_interval_s",
         )
         _require(self.request_timeout_s > 0, "bridge.request_timeout_s", "must be > 0")
-        _require((self.tls_cert is None) == (self.tls_key is None), "bridge.tls_key", "set tls_cert and tls_key together")
+        _require(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "bridge.tls_key",
+            "set tls_cert and tls_key together",
+        )
         _require(self.max_message_bytes > 0, "bridge.max_message_bytes", "must be > 0")
 
 
@@ -363,7 +376,9 @@ class WeightsConfig:
     def __post_init__(self) -> None:
         _require_choice(self.transport, "weights.transport", WEIGHT_TRANSPORTS)
         _require(self.bucket_bytes > 0, "weights.bucket_bytes", "must be > 0")
-        _require(self.transport != "disk" or bool(self.disk_dir), "weights.disk_dir", "required by transport=disk")
+        _require(
+            self.transport != "disk" or bool(self.disk_dir), "weights.disk_dir", "required by transport=disk"
+        )
         for url in self.inference_servers:
             _require(url.startswith(("http://", "https://")), "weights.inference_servers", f"bad URL {url!r}")
 

@@ -16,6 +16,7 @@ caller as a list indexed by rank.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import pickle
@@ -161,7 +162,5 @@ def _rank_main(body, rank, world_size, args, rank_env, results) -> None:
     finally:
         from atropos_megatron.trainer import parallel
 
-        try:
+        with contextlib.suppress(Exception):  # best effort; the parent judges by the reports
             parallel.shutdown()
-        except Exception:  # noqa: BLE001 - best effort; the parent judges by the reports
-            pass

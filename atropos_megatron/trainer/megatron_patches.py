@@ -158,13 +158,21 @@ def apply_torch_norm_patches() -> bool:
     original_new = torch_norm.WrappedTorchNorm.__new__
 
     @functools.wraps(original_new)
-    def new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
-            normalization="LayerNorm"):
+    def new(
+        cls,
+        config,
+        hidden_size,
+        eps=1e-5,
+        persist_layer_norm=False,
+        zero_centered_gamma=False,
+        normalization="LayerNorm",
+    ):
         sequence_parallel = config.sequence_parallel
         if sequence_parallel:
             config = _shallow_copy(config, sequence_parallel=False)
-        norm = original_new(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma,
-                            normalization)
+        norm = original_new(
+            cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization
+        )
         for param in norm.parameters():
             param.sequence_parallel = sequence_parallel
         return norm

@@ -107,7 +107,9 @@ def build_model(model: ModelConfig, layout: ParallelConfig) -> list[torch.nn.Mod
 
     config = build_transformer_config(model, layout)
     spec = build_layer_spec(model)
-    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, layout.tensor_parallel_size)
+    vocab = padded_vocab_size(
+        model.vocab_size, model.make_vocab_size_divisible_by, layout.tensor_parallel_size
+    )
     num_chunks = layout.virtual_pipeline_parallel_size or 1
     chunks = []
     for chunk in range(num_chunks):

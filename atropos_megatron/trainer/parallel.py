@@ -246,7 +246,12 @@ def init_distributed(cfg: ParallelConfig, *, seed: int, env: DistEnv | None = No
         )
         logger.info(
             "joined process group: rank %d/%d via %s (%s, master %s:%d)",
-            env.rank, env.world_size, env.launcher, backend, env.master_addr, env.master_port,
+            env.rank,
+            env.world_size,
+            env.launcher,
+            backend,
+            env.master_addr,
+            env.master_port,
         )
     return setup_model_parallel(cfg, seed=seed)
 

@@ -34,7 +34,7 @@ def iter_global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.P
         match = _LAYER_PREFIX.match(name)
         if match:
             global_index = layers[int(match.group(1))].layer_number - 1
-            name = f"decoder.layers.{global_index}.{name[match.end():]}"
+            name = f"decoder.layers.{global_index}.{name[match.end() :]}"
         yield name, param
 
 

@@ -23,7 +23,11 @@ def _train_a_few_steps(rank, world_size, dtype):
     (model,) = build_model(cfg.model, cfg.parallel)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (4, 33), generator=gen)
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": torch.arange(32).expand(4, 32)}
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "position_ids": torch.arange(32).expand(4, 32),
+    }
 
     shapes = []
 

@@ -23,8 +23,13 @@ LAYOUTS = {
     "PP=2xVPP=2": dict(pipeline_parallel_size=2, virtual_pipeline_parallel_size=2),
 }
 MODEL = dict(
-    num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
-    vocab_size=256, add_qkv_bias=True,
+    num_layers=4,
+    hidden_size=64,
+    ffn_hidden_size=96,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=256,
+    add_qkv_bias=True,
 )
 BATCH, SEQ, MICRO_BATCHES = 2, 16, 4
 
@@ -40,7 +45,6 @@ def _micro_batches():
 
 def _run(chunks):
     """Logits (full vocab, per micro-batch, last stage only) and grads by global name."""
-    import torch
     from megatron.core import tensor_parallel
 
     from atropos_megatron.trainer.step import forward_backward
@@ -68,7 +72,11 @@ def _layouts_body(rank, world_size):
     from atropos_megatron.config import ModelConfig, ParallelConfig
     from atropos_megatron.trainer import parallel
     from atropos_megatron.trainer.model import build_model
-    from atropos_megatron.weights.megatron_shards import iter_global_params, load_full_state_dict, shard_tensor
+    from atropos_megatron.weights.megatron_shards import (
+        iter_global_params,
+        load_full_state_dict,
+        shard_tensor,
+    )
 
     model_cfg = ModelConfig(**MODEL)
     reference_layout = ParallelConfig()

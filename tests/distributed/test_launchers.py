@@ -29,8 +29,14 @@ def _init_and_all_reduce(rank, world_size):
     layout = parallel.init_distributed(ParallelConfig(tensor_parallel_size=2), seed=0)
     total = torch.tensor([float(rank + 1)])
     dist.all_reduce(total, group=parallel.tensor_parallel_group())
-    return {"launcher": env.launcher, "rank": layout.rank, "tp_rank": layout.tp_rank, "sum": total.item(),
-            "port": env.master_port, "backend": dist.get_backend()}
+    return {
+        "launcher": env.launcher,
+        "rank": layout.rank,
+        "tp_rank": layout.tp_rank,
+        "sum": total.item(),
+        "port": env.master_port,
+        "backend": dist.get_backend(),
+    }
 
 
 def test_slurm_environment_initialises():
@@ -45,13 +51,24 @@ def test_torchrun_launch_initialises(tmp_path):
     from atropos_megatron.trainer.parallel import free_port
 
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(tmp_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
+    results = sorted(
+        (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"]
+    )
     assert [r["launcher"] for r in results] == ["torchrun", "torchrun"]
     assert [r["tp_rank"] for r in results] == [0, 1]
     assert all(r["sum"] == 3.0 and r["backend"] == "gloo" for r in results)

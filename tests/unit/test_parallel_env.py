@@ -39,8 +39,13 @@ def test_slurm_environment_uses_first_node_and_job_port():
 
 def test_slurm_environment_respects_exported_master():
     env = detect_dist_env(
-        {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a[1-2]",
-         "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "1234"}
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "2",
+            "SLURM_JOB_NODELIST": "a[1-2]",
+            "MASTER_ADDR": "10.0.0.5",
+            "MASTER_PORT": "1234",
+        }
     )
     assert (env.master_addr, env.master_port) == ("10.0.0.5", 1234)
 
@@ -84,7 +89,10 @@ def test_non_integer_rank_is_an_error():
 
 
 def test_layout_divides_world_into_data_parallel_groups():
-    assert check_layout(ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2), 8, te_available=False) == 2
+    assert (
+        check_layout(ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2), 8, te_available=False)
+        == 2
+    )
 
 
 @pytest.mark.parametrize(

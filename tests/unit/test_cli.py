@@ -1,0 +1,35 @@
+"""The console script: `config` prints a config that reloads identically; errors exit 2 naming the field."""
+
+from __future__ import annotations
+
+import json
+
+from atropos_megatron.cli import main
+from atropos_megatron.config import load_config
+
+
+def test_config_prints_resolved_yaml_that_reloads(tmp_path, capsys):
+    assert main(["config", "--config", "examples/configs/debug_tiny.yaml", "optimizer.lr=5e-4"]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    expected = load_config("examples/configs/debug_tiny.yaml", ["optimizer.lr=5e-4"])
+    assert load_config(resolved) == expected
+
+
+def test_config_error_exits_2_with_the_field(capsys):
+    assert main(["config", "grpo.clip_lo=0.1"]) == 2
+    assert "grpo.clip_lo: unknown key (did you mean 'clip_low'?)" in capsys.readouterr().err
+
+
+def test_info_reports_versions_and_launcher(capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["info"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["megatron_core"] == "0.16.1"
+    assert facts["distributed_env"]["launcher"] == "single"
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
