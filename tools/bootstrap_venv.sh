@@ -55,5 +55,5 @@ log "pinned: $(tr '\n' ' ' < "$constraints")"
 
 log "installing atropos-megatron[$EXTRAS] (editable)"
 pip_install -c "$constraints" -e ".[$EXTRAS]"
-"$PY" -c "import torch, megatron.core, atropos_megatron; print('[install] ok: torch', torch.__version__, \
+"$PY" -W ignore -c "import torch, megatron.core, atropos_megatron; print('[install] ok: torch', torch.__version__, \
 '| megatron-core', megatron.core.__version__, '| cuda', torch.cuda.is_available())"
