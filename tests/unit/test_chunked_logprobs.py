@@ -87,7 +87,9 @@ def test_inplace_backward_writes_the_same_gradient_into_the_logits_buffer():
 
     hidden = logits.clone().requires_grad_()
     produced = hidden * 1.0  # a non-leaf, like the output layer's logits inside the model
-    lp, h = chunked_token_logprobs(produced, labels, return_entropy=True, chunk_tokens=4, inplace_backward=True)
+    lp, h = chunked_token_logprobs(
+        produced, labels, return_entropy=True, chunk_tokens=4, inplace_backward=True
+    )
     (lp.sum() + 0.5 * h.sum()).backward()
     torch.testing.assert_close(hidden.grad, expected.grad, rtol=0, atol=1e-6)
     torch.testing.assert_close(produced.detach(), expected.grad, rtol=0, atol=1e-6)  # the buffer now holds it
