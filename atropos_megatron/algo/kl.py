@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from atropos_megatron.config import KL_ESTIMATORS
+
 # exp() of a log-ratio beyond this overflows fp32 long before it means anything; clamping keeps one
 # wildly off-policy token from turning the whole loss into inf (verl clamps k3 similarly).
 MAX_LOG_RATIO = 20.0
@@ -34,4 +36,4 @@ def kl_estimate(
         return 0.5 * log_ratio**2
     if estimator == "k3":
         return torch.expm1(log_ratio) - log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")

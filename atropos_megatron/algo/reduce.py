@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+from atropos_megatron.config import LOSS_AGGREGATIONS
 
 
 def aggregation_weights(
@@ -32,7 +32,7 @@ def aggregation_weights(
 
     Args:
         loss_mask: ``[B, T]`` bool.
-        mode: one of :data:`AGGREGATIONS`.
+        mode: one of ``config.LOSS_AGGREGATIONS``.
         global_tokens: trained tokens in the whole batch (default: this ``loss_mask``'s).
         global_sequences: sequences with a trained token in the whole batch (default: this mask's).
         norm_length: the constant ``L`` of ``seq-mean-token-sum-norm`` (default ``T``).
@@ -52,4 +52,4 @@ def aggregation_weights(
         return mask / max(sequences, 1)
     if mode == "seq-mean-token-sum-norm":
         return mask / (max(sequences, 1) * (norm_length or loss_mask.shape[-1]))
-    raise ValueError(f"unknown aggregation {mode!r}; expected one of {', '.join(AGGREGATIONS)}")
+    raise ValueError(f"unknown aggregation {mode!r}; expected one of {', '.join(LOSS_AGGREGATIONS)}")

@@ -48,6 +48,8 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_second):
         logits, labels, lse = ctx.saved_tensors
+        if grad_logprobs is None:  # only the entropy reaches the loss
+            grad_logprobs = torch.zeros_like(lse)
         grad_entropy = grad_second if ctx.with_entropy else None
         # In place: each chunk of logits is read, then overwritten with its gradient, so no second
         # [T, V] buffer exists. The caller gives up the logits' values (Liger's GRPO kernel does the same).

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 logger = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
-# Factory functions and conversions that can carry device="cuda" inside Megatron.
+# What `Tensor.type()` answers on a GPU, which Megatron's optimizers check parameters against.
 _CUDA_TENSOR_TYPES = {
     torch.float32: "torch.cuda.FloatTensor",
     torch.float16: "torch.cuda.HalfTensor",
@@ -65,7 +65,7 @@ class CudaToCpuMode(TorchFunctionMode):
                 return name
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
-        if func in (torch.Tensor.cuda,):
+        if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
