@@ -1,15 +1,22 @@
-"""Shared test plumbing: the `gpu` marker skips without CUDA; `report` prints numbers in the summary."""
+"""Shared test plumbing: the `gpu` marker skips without CUDA; `report` prints numbers in the summary;
+Triton runs interpreted on CPU."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton kernels run on CPU only under the interpreter, which must be switched on before any module
+# defining kernels is imported (and is inherited by the ranks that tests spawn).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _REPORT: list[str] = []
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -75,7 +75,7 @@ def grpo_token_loss(
     if cfg.importance_correction != "none":
         if inference_logprobs is None:
             raise ValueError("grpo.importance_correction needs inference_logprobs")
-        weight = _truncated_importance_weight(old_logprobs, inference_logprobs, mask, cfg)
+        weight = truncated_importance_weight(old_logprobs, inference_logprobs, mask, cfg)
         surrogate = surrogate * weight
         metrics["grpo/tis_weight_mean"] = _masked_mean(weight.expand_as(mask), mask)
 
@@ -118,7 +118,8 @@ def rollout_mismatch_metrics(
     }
 
 
-def _truncated_importance_weight(old_logprobs, inference_logprobs, mask, cfg: GRPOConfig) -> torch.Tensor:
+def truncated_importance_weight(old_logprobs, inference_logprobs, mask, cfg: GRPOConfig) -> torch.Tensor:
+    """``min(pi_old / pi_rollout, cap)`` per token ``[B, T]`` (or per sequence ``[B, 1]``), no gradient."""
     log_weight = torch.where(mask, old_logprobs - inference_logprobs, torch.zeros_like(old_logprobs))
     if cfg.importance_correction == "sequence":
         log_weight = log_weight.sum(-1, keepdim=True)

@@ -1,0 +1,167 @@
+"""The GRPO loss straight from (vocab-parallel) logits, with ``d loss / d logits`` computed in the forward.
+
+Liger's design, extended to tensor parallelism: the gradient is known as soon as the per-token loss
+is, so the forward writes it (into the logits' own storage when ``inplace``; the logits are dead after
+the loss) and the backward only hands it on. Peak extra memory is then ``O(T)``, not the
+``3 x [T, V]`` fp32 of ``log_softmax`` + its saved output + its gradient.
+
+Two paths, same numbers (the tests hold both to ``algo.grpo.grpo_token_loss`` in fp64):
+
+- **one kernel** (Triton, whole vocabulary on this rank, token-level ratio): statistics, per-token
+  loss and gradient in one program per token; the logits are read twice and written once.
+- **two passes** (any backend, any TP, GSPO): pass 1 gives per-token statistics, merged across the
+  TP group (only ``[T]`` vectors move); the loss and ``d loss / d logprob`` then come from the spec
+  itself on ``[T]``-sized tensors (autograd on tiny tensors); pass 2 writes the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atropos_megatron.algo.grpo import grpo_token_loss, truncated_importance_weight
+from atropos_megatron.config import GRPOConfig
+from atropos_megatron.kernels.backends import backend_ops, resolve_backend
+from atropos_megatron.kernels.logprobs import VocabShard
+from atropos_megatron.kernels.token_stats import (
+    finalize,
+    inverse_temperature,
+    merge_across_shards,
+    rows_view,
+    valid_columns,
+)
+
+
+class _PrecomputedGrad(torch.autograd.Function):
+    """Returns ``loss``; its backward gives ``logits`` the gradient already written in the forward."""
+
+    @staticmethod
+    def forward(ctx, logits, loss, grad_logits):
+        ctx.save_for_backward(grad_logits)
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_logits,) = ctx.saved_tensors
+        # Megatron scales the loss (1 / micro-batches, loss scale): one extra pass over [T, V] unless 1.
+        if not torch.equal(grad_output, torch.ones_like(grad_output)):
+            grad_logits = grad_logits.mul_(grad_output.to(grad_logits.dtype))
+        return grad_logits, None, None
+
+
+def fused_grpo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    cfg: GRPOConfig,
+    ref_logprobs: torch.Tensor | None = None,
+    inference_logprobs: torch.Tensor | None = None,
+    temperature: float | torch.Tensor | None = None,
+    shard: VocabShard | None = None,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``algo.grpo.grpo_token_loss`` evaluated from logits, its gradient written during the forward.
+
+    Args:
+        logits: ``[B, T, V_local]`` (or a transposed view of Megatron's ``[T, B, V_local]``), any float
+            dtype, contiguous along the vocabulary.
+        labels: ``[B, T]`` int64 global token ids (any value where ``loss_mask`` is False).
+        old_logprobs, advantages, loss_mask, weights, ref_logprobs, inference_logprobs: ``[B, T]``, as
+            for :func:`algo.grpo.grpo_token_loss` (the last dim is the sequence, for GSPO).
+        cfg: the objective; ``cfg.kernel`` picks the backend.
+        temperature: float or tensor broadcastable to ``[B, T]`` (default ``cfg.temperature``).
+        shard: this rank's vocabulary shard and TP group (default: whole vocabulary).
+        inplace: write the gradient over ``logits`` (nothing may read them afterwards).
+
+    Returns:
+        ``(loss, metrics)`` like the spec. ``loss`` carries the gradient to ``logits`` when they require
+        grad and grad mode is on; otherwise nothing is written and the logits are untouched.
+    """
+    shard = shard or VocabShard()
+    if labels.shape != logits.shape[:-1] or labels.dim() != 2:
+        raise ValueError(f"expected logits [B, T, V] and labels [B, T]; got {tuple(logits.shape)}, "
+                         f"{tuple(labels.shape)}")  # fmt: skip
+    rows = rows_view(logits)
+    backend = resolve_backend(cfg.kernel, logits.device)
+    ops = backend_ops(backend)
+    mask = loss_mask.bool()
+    flat = _Flat(labels, mask, temperature if temperature is not None else cfg.temperature, logits.device)
+    valid = valid_columns(rows.shape[2], shard.start, shard.vocab_size)
+    with_entropy = True  # the entropy is always logged; it costs arithmetic, not memory traffic
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    grad_out = (rows if inplace else torch.empty_like(rows)) if needs_grad else None
+
+    spec_inputs = dict(ref_logprobs=ref_logprobs, inference_logprobs=inference_logprobs)
+    one_kernel = backend == "triton" and shard.group is None and cfg.policy_loss == "ppo_clip"
+    with torch.no_grad():
+        if one_kernel:
+            tis = None
+            if cfg.importance_correction != "none":
+                if inference_logprobs is None:
+                    raise ValueError("grpo.importance_correction needs inference_logprobs")
+                tis = truncated_importance_weight(old_logprobs, inference_logprobs, mask, cfg)
+            if cfg.kl_coef > 0 and ref_logprobs is None:
+                raise ValueError("grpo.kl_coef > 0 needs ref_logprobs")
+            per_token, logprobs, entropy = ops.fused_grpo_token_loss(
+                rows, grad_out, flat.labels, flat.inv_temperature, flat.mask,
+                torch.where(mask, weights, 0.0).reshape(-1).float(), _flat32(old_logprobs),
+                _flat32(advantages), _flat32(tis.expand_as(mask)) if tis is not None else None,
+                _flat32(ref_logprobs) if cfg.kl_coef > 0 else None,
+                valid_cols=valid, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef,
+                with_entropy=with_entropy,
+            )  # fmt: skip
+            loss = per_token.sum()
+            _, metrics = grpo_token_loss(
+                logprobs.view(mask.shape), old_logprobs, advantages, mask, weights, cfg=cfg,
+                entropy=entropy.view(mask.shape) if with_entropy else None, **spec_inputs,
+            )  # fmt: skip
+        else:
+            stats = ops.shard_stats(
+                rows, flat.labels, flat.inv_temperature, vocab_start=shard.start, valid_cols=valid,
+                with_entropy=with_entropy,
+            )  # fmt: skip
+            token = finalize(merge_across_shards(stats, shard.group), with_entropy=with_entropy)
+            logprobs = token.logprobs.view(mask.shape).requires_grad_(needs_grad)
+            entropy = token.entropy.view(mask.shape).requires_grad_(needs_grad) if with_entropy else None
+            with torch.enable_grad():
+                loss, metrics = grpo_token_loss(
+                    logprobs, old_logprobs, advantages, mask, weights, cfg=cfg, entropy=entropy,
+                    **spec_inputs,
+                )  # fmt: skip
+            if needs_grad:
+                leaves = [logprobs] + ([entropy] if entropy is not None else [])
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                grad_lp = _zeros_if_none(grads[0], logprobs)
+                grad_h = _zeros_if_none(grads[1], entropy) if entropy is not None else None
+                ops.write_grad(
+                    rows, grad_out, flat.labels, flat.inv_temperature, token.lse, token.entropy,
+                    grad_lp.reshape(-1).contiguous(),
+                    grad_h.reshape(-1).contiguous() if grad_h is not None else None,
+                    vocab_start=shard.start, valid_cols=valid,
+                )  # fmt: skip
+            loss = loss.detach()
+    if not needs_grad:
+        return loss, metrics
+    return _PrecomputedGrad.apply(logits, loss, grad_out.view_as(logits)), metrics
+
+
+class _Flat:
+    """The per-token inputs every path needs, flattened to ``[N]`` in the logits' row order."""
+
+    def __init__(self, labels, mask, temperature, device):
+        self.mask = mask.reshape(-1).contiguous()
+        # Untrained positions may carry any id (-100, padding): point them at no column.
+        self.labels = torch.where(self.mask, labels.reshape(-1), -1).contiguous()
+        self.inv_temperature = inverse_temperature(temperature, labels.shape, device)
+
+
+def _flat32(values: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1).float().contiguous()
+
+
+def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return grad if grad is not None else torch.zeros_like(like)

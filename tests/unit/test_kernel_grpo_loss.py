@@ -1,0 +1,185 @@
+"""``kernels.fused_grpo_loss`` (one Triton kernel, or two passes) against the fp64 spec.
+
+Every variant of the objective is run on a batch that has ratios past both clip bounds, negative
+advantages past the dual-clip bound, an all-equal group and untrained positions (see
+``tests/kernel_reference.grpo_inputs``); loss, metrics and ``d loss / d logits`` must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from atropos_megatron.config import GRPOConfig
+from atropos_megatron.kernels import torch_ops, triton_ops
+from atropos_megatron.kernels.grpo_loss import fused_grpo_loss
+from atropos_megatron.kernels.logprobs import VocabShard
+from tests.kernel_reference import DTYPE_TOLERANCES, grpo_inputs, grpo_loss_fp64, relative_error
+
+BACKENDS = ("torch", "triton")
+OBJECTIVES = {
+    "clip-higher": dict(clip_low=0.2, clip_high=0.28),
+    "dual-clip+kl-k3": dict(
+        dual_clip=3.0, kl_coef=0.05, kl_estimator="k3", loss_aggregation="seq-mean-token-mean"
+    ),
+    "kl-k1+entropy": dict(
+        kl_coef=0.1, kl_estimator="k1", entropy_coef=0.01, loss_aggregation="seq-mean-token-sum"
+    ),
+    "kl-k2+tis-token": dict(
+        kl_coef=0.1,
+        kl_estimator="k2",
+        importance_correction="token",
+        loss_aggregation="seq-mean-token-sum-norm",
+    ),
+    "gspo+tis-sequence": dict(
+        policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, importance_correction="sequence"
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(triton_ops, "MAX_BLOCK_V", 32)
+    monkeypatch.setattr(torch_ops, "DEFAULT_CHUNK_TOKENS", 8)
+
+
+def _run(inputs: dict, cfg: GRPOConfig, *, inplace=False, temperature=None, shard=None):
+    leaf = inputs["logits"].clone().requires_grad_()
+    produced = leaf.clone()
+    kwargs = {k: v for k, v in inputs.items() if k != "logits"}
+    loss, metrics = fused_grpo_loss(
+        produced, **kwargs, cfg=cfg, temperature=temperature, shard=shard, inplace=inplace
+    )
+    loss.backward()
+    return loss, metrics, leaf.grad, produced
+
+
+@pytest.mark.parametrize("dtype_name", DTYPE_TOLERANCES)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_metrics_and_gradient_match_fp64_spec(backend, objective, dtype_name, report):
+    dtype, tolerance = DTYPE_TOLERANCES[dtype_name]
+    aggregation = OBJECTIVES[objective].get("loss_aggregation", "token-mean")
+    inputs = grpo_inputs(dtype=dtype, aggregation=aggregation)
+    cfg = GRPOConfig(kernel=backend, **OBJECTIVES[objective])
+    ref_loss, ref_metrics, ref_grad = grpo_loss_fp64(inputs, cfg)
+
+    loss, metrics, grad, _ = _run(inputs, cfg)
+
+    loss_err = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-3)
+    grad_err = relative_error(grad, ref_grad)
+    report(
+        f"{backend} {objective} {dtype_name}: relative error vs fp64: loss {loss_err:.1e}, grad {grad_err:.1e}"
+    )
+    assert loss_err < tolerance
+    assert grad_err < tolerance
+    assert set(metrics) == set(ref_metrics)
+    for name, value in ref_metrics.items():
+        torch.testing.assert_close(
+            metrics[name].double(), value.double(), atol=tolerance, rtol=tolerance, msg=name
+        )
+
+
+def test_the_clip_regions_are_all_exercised():
+    """The inputs reach both clip bounds and the dual-clip bound (else the tests above prove little)."""
+    cfg = GRPOConfig(kernel="torch", dual_clip=3.0, clip_high=0.28)
+    _, metrics, _ = grpo_loss_fp64(grpo_inputs(), cfg)
+    assert metrics["grpo/clip_frac_low"] > 0
+    assert metrics["grpo/clip_frac_high"] > 0
+    assert metrics["grpo/dual_clip_frac"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_untrained_tokens_and_zero_advantage_groups_get_no_gradient(backend):
+    inputs = grpo_inputs()
+    _, _, grad, _ = _run(inputs, GRPOConfig(kernel=backend))
+    assert torch.all(grad[~inputs["loss_mask"]] == 0)
+    assert torch.all(grad[1] == 0)  # all-equal group: advantage 0 and no KL or entropy term
+    assert grad[0][inputs["loss_mask"][0]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_writes_the_gradient_into_the_logits_buffer(backend):
+    inputs = grpo_inputs(seed=1)
+    cfg = GRPOConfig(kernel=backend, kl_coef=0.1, entropy_coef=0.01)
+    _, _, expected, _ = _run(inputs, cfg)
+    _, _, grad, produced = _run(inputs, cfg, inplace=True)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    torch.testing.assert_close(produced.detach(), grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_scales_with_the_upstream_gradient(backend):
+    """Megatron back-propagates ``loss / micro_batches``: the precomputed gradient must follow."""
+    inputs = grpo_inputs(seed=2)
+    cfg = GRPOConfig(kernel=backend)
+    _, _, expected, _ = _run(inputs, cfg)
+    leaf = inputs["logits"].clone().requires_grad_()
+    loss, _ = fused_grpo_loss(leaf.clone(), **{k: v for k, v in inputs.items() if k != "logits"}, cfg=cfg)
+    (loss * 0.25).backward()
+    torch.testing.assert_close(leaf.grad, expected * 0.25)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_grad_mode_the_logits_are_left_untouched(backend):
+    inputs = grpo_inputs(seed=3)
+    logits = inputs["logits"].clone().requires_grad_()
+    before = logits.detach().clone()
+    with torch.no_grad():
+        loss, metrics = fused_grpo_loss(
+            logits, **{k: v for k, v in inputs.items() if k != "logits"}, cfg=GRPOConfig(kernel=backend),
+            inplace=True,
+        )  # fmt: skip
+    assert not loss.requires_grad and torch.equal(logits.detach(), before)
+    ref_loss, _, _ = grpo_loss_fp64(inputs, GRPOConfig())
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * max(1.0, abs(ref_loss.item()))
+    assert "grpo/entropy" in metrics
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_padding_and_transposed_layout(backend):
+    """Per-sequence temperatures, TP padding columns and Megatron's ``[S, B, V]`` order at once."""
+    inputs = grpo_inputs(vocab=104, seed=4)
+    inputs["labels"] = torch.where(inputs["loss_mask"], inputs["labels"].clamp(max=96), -100)
+    temperature = torch.tensor([[0.7], [1.0], [1.3], [0.9], [1.1], [0.6]])
+    cfg = GRPOConfig(kernel=backend, kl_coef=0.05, entropy_coef=0.01)
+    reference = dict(inputs, logits=inputs["logits"].clone())
+    reference["logits"][..., 97:] = 40.0  # garbage in the padding must not count
+    ref_loss, _, ref_grad = grpo_loss_fp64(reference, cfg, temperature=temperature, vocab_size=97)
+
+    sbv = reference["logits"].transpose(0, 1).contiguous().requires_grad_()
+    loss, _ = fused_grpo_loss(
+        sbv.transpose(0, 1), **{k: v for k, v in inputs.items() if k != "logits"}, cfg=cfg,
+        temperature=temperature, shard=VocabShard(vocab_size=97),
+    )  # fmt: skip
+    loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
+    assert relative_error(sbv.grad.transpose(0, 1), ref_grad) < 1e-5
+    assert torch.all(sbv.grad[..., 97:] == 0)
+
+
+def test_one_kernel_and_two_pass_paths_agree():
+    """Triton's single kernel and the two-pass path (used under TP) give the same loss and gradient."""
+    inputs = grpo_inputs(seed=5)
+    cfg = GRPOConfig(kernel="triton", dual_clip=3.0, kl_coef=0.1, entropy_coef=0.01)
+    one_kernel = _run(inputs, cfg)
+    two_pass = _run(inputs, dataclasses.replace(cfg, kernel="torch"))
+    torch.testing.assert_close(one_kernel[0], two_pass[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(one_kernel[2], two_pass[2], atol=1e-7, rtol=1e-4)
+
+
+def test_missing_inputs_are_named():
+    inputs = grpo_inputs()
+    inputs.pop("ref_logprobs")
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="ref_logprobs"):
+            fused_grpo_loss(
+                inputs["logits"], **{k: v for k, v in inputs.items() if k != "logits"},
+                cfg=GRPOConfig(kernel=backend, kl_coef=0.1),
+            )  # fmt: skip
+    with pytest.raises(ValueError, match="labels"):
+        fused_grpo_loss(
+            inputs["logits"][0], **{k: v for k, v in inputs.items() if k != "logits"}, cfg=GRPOConfig()
+        )
