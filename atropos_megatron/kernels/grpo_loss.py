@@ -84,7 +84,7 @@ def fused_grpo_loss(
     if labels.shape != logits.shape[:-1] or labels.dim() != 2:
         raise ValueError(f"expected logits [B, T, V] and labels [B, T]; got {tuple(logits.shape)}, "
                          f"{tuple(labels.shape)}")  # fmt: skip
-    rows = rows_view(logits)
+    rows = rows_view(logits.detach())  # kernel I/O outside autograd; in-place writes bump the version
     backend = resolve_backend(cfg.kernel, logits.device)
     ops = backend_ops(backend)
     mask = loss_mask.bool()

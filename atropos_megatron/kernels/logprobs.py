@@ -44,7 +44,7 @@ class VocabShard:
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, inv_temperature, shard, with_entropy, backend, inplace_backward):
-        rows = rows_view(logits)
+        rows = rows_view(logits.detach())
         ops = backend_ops(backend)
         valid = valid_columns(rows.shape[2], shard.start, shard.vocab_size)
         stats = ops.shard_stats(
@@ -66,7 +66,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, labels, inv_temperature, lse, entropy = ctx.saved_tensors
-        rows = rows_view(logits)
+        rows = rows_view(logits.detach())
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
         if entropy is None:

@@ -151,8 +151,8 @@ def test_temperature_padding_and_transposed_layout(backend):
 
     sbv = reference["logits"].transpose(0, 1).contiguous().requires_grad_()
     loss, _ = fused_grpo_loss(
-        sbv.transpose(0, 1), **{k: v for k, v in inputs.items() if k != "logits"}, cfg=cfg,
-        temperature=temperature, shard=VocabShard(vocab_size=97),
+        sbv.clone().transpose(0, 1), **{k: v for k, v in inputs.items() if k != "logits"}, cfg=cfg,
+        temperature=temperature, shard=VocabShard(vocab_size=97), inplace=True,
     )  # fmt: skip
     loss.backward()
     assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
