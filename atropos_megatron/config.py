@@ -48,8 +48,8 @@ class ModelConfig:
     """The actor's architecture. The frozen reference model always uses the same one."""
 
     hf_path: str | None = None
-    """HuggingFace checkpoint directory; when set, the architecture comes from its config.json and
-    the fields below are ignored (see `tools/convert_checkpoint.py`)."""
+    """HuggingFace checkpoint directory; when set, the architecture comes from its config.json and the
+    architecture fields below are ignored (`weights/hf_architectures.resolve_architecture`)."""
     num_layers: int = 2
     """Transformer blocks."""
     hidden_size: int = 64
@@ -76,8 +76,12 @@ class ModelConfig:
     """Bias on the fused QKV projection (Qwen2)."""
     qk_layernorm: bool = False
     """RMSNorm on per-head queries and keys (Qwen3)."""
+    head_dim: int | None = None
+    """Channels per attention head; null means hidden_size / num_attention_heads (Qwen3 differs)."""
     rotary_base: float = 10000.0
     """RoPE theta."""
+    rope_scaling_factor: float | None = None
+    """Llama 3.1-style RoPE frequency scaling factor (low 1, high 4, original context 8192); null = off."""
     tie_word_embeddings: bool = False
     """Share the input embedding with the output layer."""
     init_method_std: float = 0.02
@@ -88,11 +92,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
             _require(getattr(self, name) > 0, f"model.{name}", "must be > 0")
-        _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            "model.hidden_size",
-            f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
-        )
+        if self.head_dim is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                "model.hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads} "
+                "(set model.head_dim for models whose heads are not hidden_size / heads wide)",
+            )
+        else:
+            _require(self.head_dim > 0, "model.head_dim", "must be > 0")
+        if self.rope_scaling_factor is not None:
+            _require(self.rope_scaling_factor >= 1, "model.rope_scaling_factor", "must be >= 1 (or null)")
         if self.num_query_groups is not None:
             _require(
                 0 < self.num_query_groups <= self.num_attention_heads

@@ -2,8 +2,8 @@
 
 The layer spec is Transformer Engine's when TE imports (GPU clusters) and Megatron's local spec
 otherwise (CPU, and GPUs without TE). Both build the same parameters, so checkpoints move freely
-between the two. Reading an architecture from a HuggingFace config.json arrives with the converter
-(`weights/`); this module only turns an explicit architecture into model chunks.
+between the two. Reading an architecture from a HuggingFace config.json is `weights/hf_architectures.py`'s job; this
+module only turns an explicit architecture into model chunks.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def build_transformer_config(model: ModelConfig, layout: ParallelConfig):
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
         normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=model.activation == "swiglu",
@@ -126,6 +127,8 @@ def build_model(model: ModelConfig, layout: ParallelConfig) -> list[torch.nn.Mod
                 share_embeddings_and_output_weights=model.tie_word_embeddings,
                 position_embedding_type="rope",
                 rotary_base=int(model.rotary_base),
+                rope_scaling=model.rope_scaling_factor is not None,
+                rope_scaling_factor=model.rope_scaling_factor or 8.0,
                 vp_stage=vp_stage,
             )
         )

@@ -21,6 +21,11 @@ import torch
 _LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT = "output_layer.weight"
+# Transformer Engine's spec names the pre-attention / pre-MLP norms after the next (fused) linear layer.
+TE_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
 
 
 def iter_global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -77,6 +82,9 @@ def load_full_state_dict(
 def _lookup(full: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     if name in full:
         return full[name]
+    for te_suffix, local_suffix in TE_NORM_NAMES.items():
+        if name.endswith(te_suffix) and name.removesuffix(te_suffix) + local_suffix in full:
+            return full[name.removesuffix(te_suffix) + local_suffix]
     # With tied embeddings the last pipeline stage keeps its own copy of the embedding as the
     # output layer; a TP=1, PP=1 state dict has only the embedding.
     if name == _OUTPUT and _EMBEDDING in full:

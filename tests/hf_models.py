@@ -1,0 +1,71 @@
+"""Tiny HuggingFace models of each supported architecture, built locally with random weights.
+
+No hub access in tests: configs are written here, weights drawn from a seed. Weights are larger than
+HF's default init and every norm weight and bias is random too, so that a wrong mapping (a swapped
+norm, a mis-ordered QKV group, a lost bias) moves the logits far beyond the test tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=250,  # not a multiple of 128: exercises vocabulary padding
+    max_position_embeddings=16384,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+)
+VARIANTS = {
+    # Llama 3.1: llama3 RoPE scaling, untied.
+    "llama": dict(
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),  # fmt: skip
+    # Qwen2.5-0.5B style: q/k/v bias, tied embeddings.
+    "qwen2": dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+    # Qwen3: q/k norm, head_dim (32) != hidden / heads (16).
+    "qwen3": dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+    # Mistral v0.3: no sliding window.
+    "mistral": dict(sliding_window=None, head_dim=16),
+}
+
+
+def tiny_hf_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **{**BASE, **VARIANTS[model_type], **overrides})
+
+
+def tiny_hf_model(model_type: str, *, seed: int = 0, **overrides):
+    """An fp32 ``*ForCausalLM`` in eval mode with random weights (norms and biases included)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(model_type, **overrides), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+def hf_state(model) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of ``model`` holds (tied ``lm_head`` left out, as safetensors does)."""
+    state = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
