@@ -86,67 +86,71 @@ def fused_grpo_loss(
                          f"{tuple(labels.shape)}")  # fmt: skip
     rows = rows_view(logits.detach())  # kernel I/O outside autograd; in-place writes bump the version
     backend = resolve_backend(cfg.kernel, logits.device)
-    ops = backend_ops(backend)
     mask = loss_mask.bool()
+    spec = dict(
+        old_logprobs=old_logprobs, advantages=advantages, loss_mask=mask, weights=weights, cfg=cfg,
+        ref_logprobs=ref_logprobs, inference_logprobs=inference_logprobs,
+    )  # fmt: skip
     flat = _Flat(labels, mask, temperature if temperature is not None else cfg.temperature, logits.device)
-    valid = valid_columns(rows.shape[2], shard.start, shard.vocab_size)
-    with_entropy = True  # the entropy is always logged; it costs arithmetic, not memory traffic
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     grad_out = (rows if inplace else torch.empty_like(rows)) if needs_grad else None
-
-    spec_inputs = dict(ref_logprobs=ref_logprobs, inference_logprobs=inference_logprobs)
-    one_kernel = backend == "triton" and shard.group is None and cfg.policy_loss == "ppo_clip"
+    valid = valid_columns(rows.shape[2], shard.start, shard.vocab_size)
     with torch.no_grad():
-        if one_kernel:
-            tis = None
-            if cfg.importance_correction != "none":
-                if inference_logprobs is None:
-                    raise ValueError("grpo.importance_correction needs inference_logprobs")
-                tis = truncated_importance_weight(old_logprobs, inference_logprobs, mask, cfg)
-            if cfg.kl_coef > 0 and ref_logprobs is None:
-                raise ValueError("grpo.kl_coef > 0 needs ref_logprobs")
-            per_token, logprobs, entropy = ops.fused_grpo_token_loss(
-                rows, grad_out, flat.labels, flat.inv_temperature, flat.mask,
-                torch.where(mask, weights, 0.0).reshape(-1).float(), _flat32(old_logprobs),
-                _flat32(advantages), _flat32(tis.expand_as(mask)) if tis is not None else None,
-                _flat32(ref_logprobs) if cfg.kl_coef > 0 else None,
-                valid_cols=valid, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef,
-                with_entropy=with_entropy,
-            )  # fmt: skip
-            loss = per_token.sum()
-            _, metrics = grpo_token_loss(
-                logprobs.view(mask.shape), old_logprobs, advantages, mask, weights, cfg=cfg,
-                entropy=entropy.view(mask.shape) if with_entropy else None, **spec_inputs,
-            )  # fmt: skip
+        if backend == "triton" and shard.group is None and cfg.policy_loss == "ppo_clip":
+            loss, metrics = _one_kernel(rows, grad_out, flat, valid, spec)
         else:
-            stats = ops.shard_stats(
-                rows, flat.labels, flat.inv_temperature, vocab_start=shard.start, valid_cols=valid,
-                with_entropy=with_entropy,
-            )  # fmt: skip
-            token = finalize(merge_across_shards(stats, shard.group), with_entropy=with_entropy)
-            logprobs = token.logprobs.view(mask.shape).requires_grad_(needs_grad)
-            entropy = token.entropy.view(mask.shape).requires_grad_(needs_grad) if with_entropy else None
-            with torch.enable_grad():
-                loss, metrics = grpo_token_loss(
-                    logprobs, old_logprobs, advantages, mask, weights, cfg=cfg, entropy=entropy,
-                    **spec_inputs,
-                )  # fmt: skip
-            if needs_grad:
-                leaves = [logprobs] + ([entropy] if entropy is not None else [])
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-                grad_lp = _zeros_if_none(grads[0], logprobs)
-                grad_h = _zeros_if_none(grads[1], entropy) if entropy is not None else None
-                ops.write_grad(
-                    rows, grad_out, flat.labels, flat.inv_temperature, token.lse, token.entropy,
-                    grad_lp.reshape(-1).contiguous(),
-                    grad_h.reshape(-1).contiguous() if grad_h is not None else None,
-                    vocab_start=shard.start, valid_cols=valid,
-                )  # fmt: skip
-            loss = loss.detach()
+            loss, metrics = _two_pass(backend_ops(backend), rows, grad_out, flat, valid, shard, spec)
     if not needs_grad:
         return loss, metrics
     return _PrecomputedGrad.apply(logits, loss, grad_out.view_as(logits)), metrics
+
+
+def _one_kernel(rows, grad_out, flat, valid_cols: int, spec: dict):
+    """Triton, whole vocabulary here, token-level ratio: statistics, loss and gradient in one kernel."""
+    from atropos_megatron.kernels import triton_ops
+
+    cfg, mask = spec["cfg"], spec["loss_mask"]
+    tis = None
+    if cfg.importance_correction != "none":
+        if spec["inference_logprobs"] is None:
+            raise ValueError("grpo.importance_correction needs inference_logprobs")
+        tis = truncated_importance_weight(spec["old_logprobs"], spec["inference_logprobs"], mask, cfg)
+    if cfg.kl_coef > 0 and spec["ref_logprobs"] is None:
+        raise ValueError("grpo.kl_coef > 0 needs ref_logprobs")
+    per_token, logprobs, entropy = triton_ops.fused_grpo_token_loss(
+        rows, grad_out, flat.labels, flat.inv_temperature, flat.mask,
+        _flat32(torch.where(mask, spec["weights"], 0.0)), _flat32(spec["old_logprobs"]),
+        _flat32(spec["advantages"]), _flat32(tis.expand_as(mask)) if tis is not None else None,
+        _flat32(spec["ref_logprobs"]) if cfg.kl_coef > 0 else None,
+        valid_cols=valid_cols, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, with_entropy=True,
+    )  # fmt: skip
+    # Metrics from the kernel's own log-probs, by the spec ([T]-sized, cheap).
+    _, metrics = grpo_token_loss(logprobs.view(mask.shape), entropy=entropy.view(mask.shape), **spec)
+    return per_token.sum(), metrics
+
+
+def _two_pass(ops, rows, grad_out, flat, valid_cols: int, shard: VocabShard, spec: dict):
+    """Statistics (merged over TP) -> the spec on [T] tensors with autograd -> the gradient pass."""
+    mask = spec["loss_mask"]
+    stats = ops.shard_stats(
+        rows, flat.labels, flat.inv_temperature, vocab_start=shard.start, valid_cols=valid_cols,
+        with_entropy=True,  # the entropy is always logged: it costs arithmetic, not memory traffic
+    )  # fmt: skip
+    token = finalize(merge_across_shards(stats, shard.group), with_entropy=True)
+    needs_grad = grad_out is not None
+    logprobs = token.logprobs.view(mask.shape).requires_grad_(needs_grad)
+    entropy = token.entropy.view(mask.shape).requires_grad_(needs_grad)
+    with torch.enable_grad():
+        loss, metrics = grpo_token_loss(logprobs, entropy=entropy, **spec)
+    if needs_grad:
+        grads = torch.autograd.grad(loss, [logprobs, entropy], allow_unused=True)
+        grad_lp, grad_h = (_flat32(g if g is not None else torch.zeros_like(logprobs)) for g in grads)
+        ops.write_grad(
+            rows, grad_out, flat.labels, flat.inv_temperature, token.lse, token.entropy, grad_lp, grad_h,
+            vocab_start=shard.start, valid_cols=valid_cols,
+        )  # fmt: skip
+    return loss.detach(), metrics
 
 
 class _Flat:
@@ -161,7 +165,3 @@ class _Flat:
 
 def _flat32(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1).float().contiguous()
-
-
-def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return grad if grad is not None else torch.zeros_like(like)
