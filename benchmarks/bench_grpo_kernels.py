@@ -189,6 +189,9 @@ def main() -> None:
     variants = args.variants or [v for v in VARIANTS if args.device == "cuda" or not v.startswith("triton")]
     rows = []
     for op in args.ops:
+        print(f"\n{op}: fwd+bwd")
+        header = f"{'variant':<16}{'median ms':>11}{'extra peak MB':>15}{'mem vs naive':>14}{'speed-up':>10}"
+        print(header + (f"{'HBM floor ms':>14}{'vs floor':>10}" if args.device == "cuda" else ""))
         for variant in variants:
             cmd = [sys.executable, __file__, "--worker", op, variant, *shape_args]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -221,16 +224,8 @@ def main() -> None:
     print(f"device {device_name}, versions {versions}; wrote {args.out}")
 
 
-_HEADER_PRINTED = set()
-
-
 def _print_row(rows: list[dict], row: dict) -> None:
-    """One table line, relative to the naive baseline of the same op (the first variant run)."""
-    if row["op"] not in _HEADER_PRINTED:
-        _HEADER_PRINTED.add(row["op"])
-        print(f"\n{row['op']}: fwd+bwd")
-        header = f"{'variant':<16}{'median ms':>11}{'extra peak MB':>15}{'mem vs naive':>14}{'speed-up':>10}"
-        print(header + (f"{'HBM floor ms':>14}{'vs floor':>10}" if "copy_bandwidth_Bps" in row else ""))
+    """One table line, relative to the naive baseline of the same op (itself if naive was not run)."""
     naive = next((r for r in rows if r["op"] == row["op"] and r["variant"] == "naive"), row)
     line = (
         f"{row['variant']:<16}{row['median_s'] * 1e3:>11.1f}{row['extra_peak_bytes'] / 2**20:>15.0f}"

@@ -58,6 +58,7 @@ _FUSED = {
     "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
 _PART_OF = {part: fused for fused, parts in _FUSED.items() for part in parts}
+_QK_NORMS = {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
 
 
 def hf_to_megatron(
@@ -142,9 +143,9 @@ def megatron_to_hf(
 
 def _expected(hf_suffix: str, model: ModelConfig) -> bool:
     """Whether this architecture has the tensor at all (a Qwen3 q_norm in a Llama is an error)."""
-    if "_norm." in hf_suffix and "self_attn" in hf_suffix:
+    if hf_suffix in _QK_NORMS:
         return model.qk_layernorm
-    if hf_suffix.endswith("_proj.bias"):
+    if hf_suffix in _FUSED["self_attention.linear_qkv.bias"]:
         return model.add_qkv_bias
     return True
 

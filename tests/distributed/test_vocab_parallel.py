@@ -50,13 +50,15 @@ def _body(rank, world_size):
     up_lp = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
     up_h = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
     safe_labels = labels.clamp(min=0)
+    # The same op on this rank's vocabulary shard (TP=2) and on the whole vocabulary (TP=1).
+    placements = {"tp2": (logits[..., columns], shard), "tp1": (logits, VocabShard(vocab_size=VOCAB))}
+
+    def local_grad(name, grad):
+        return grad[..., columns] if name == "tp1" else grad
 
     for backend in ("torch", "triton"):
         results = {}
-        for name, (tensor, this_shard) in {
-            "tp2": (logits[..., columns], shard),
-            "tp1": (logits, VocabShard(vocab_size=VOCAB)),
-        }.items():
+        for name, (tensor, this_shard) in placements.items():
             leaf = tensor.clone().requires_grad_()
             lp, h = fused_token_logprobs(
                 leaf,
@@ -67,7 +69,7 @@ def _body(rank, world_size):
                 backend=backend,
             )
             ((lp * up_lp).sum() + (h * up_h).sum()).backward()
-            results[name] = (lp.detach(), h.detach(), leaf.grad[..., columns] if name == "tp1" else leaf.grad)
+            results[name] = (lp.detach(), h.detach(), local_grad(name, leaf.grad))
         reference = logits.double().requires_grad_()
         ref_lp, ref_h = logprobs_fp64(reference, safe_labels, temperature=temperature, vocab_size=VOCAB)
         ((ref_lp * up_lp).sum() + (ref_h * up_h).sum()).backward()
@@ -85,19 +87,13 @@ def _body(rank, world_size):
             cfg = GRPOConfig(kernel=backend, **overrides)
             rest = {k: v for k, v in inputs.items() if k != "logits"}
             losses, grads = {}, {}
-            for name, (tensor, this_shard) in {
-                "tp2": (logits[..., columns], shard),
-                "tp1": (logits, VocabShard(vocab_size=VOCAB)),
-            }.items():
+            for name, (tensor, this_shard) in placements.items():
                 leaf = tensor.clone().requires_grad_()
                 loss, _ = fused_grpo_loss(
                     leaf.clone(), **rest, cfg=cfg, temperature=temperature, shard=this_shard, inplace=True
                 )
                 loss.backward()
-                losses[name], grads[name] = (
-                    loss.detach(),
-                    leaf.grad[..., columns] if name == "tp1" else leaf.grad,
-                )
+                losses[name], grads[name] = loss.detach(), local_grad(name, leaf.grad)
             ref_loss, _, ref_grad = grpo_loss_fp64(inputs, cfg, temperature=temperature, vocab_size=VOCAB)
             errors[f"grpo/{objective}/{backend}/vs-tp1"] = max(
                 relative_error(losses["tp2"], losses["tp1"]), relative_error(grads["tp2"], grads["tp1"])
