@@ -21,6 +21,11 @@ A mistyped key or a bad value stops with the field's name, before anything start
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:  # its own parser: two directions, each with its own options
+        from atropos_megatron.weights.convert import main as convert_main
+
+        return convert_main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -58,6 +63,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "this process would join a distributed job (torchrun, Slurm or single process).",
     )
     info.set_defaults(handler=_cmd_info)
+
+    commands.add_parser(
+        "convert",
+        help="convert checkpoints HuggingFace <-> Megatron (hf-to-mcore, mcore-to-hf; see convert --help)",
+        add_help=False,
+    )
     return parser
 
 

@@ -61,9 +61,10 @@ class ModelConfig:
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; null means multi-head (= num_attention_heads)."""
     vocab_size: int = 128
-    """Tokenizer vocabulary; padded up to `make_vocab_size_divisible_by` x TP inside Megatron."""
+    """Tokenizer vocabulary; padded up to a multiple of `make_vocab_size_divisible_by` inside Megatron."""
     make_vocab_size_divisible_by: int = 128
-    """Padding multiple for the embedding rows (padded rows are never sampled: logits are cut)."""
+    """Padding multiple for the embedding rows; the TP size must divide it (padded rows are never
+    sampled: logits are cut). Layout-independent, so checkpoints load at any such TP."""
     max_position_embeddings: int = 4096
     """Longest sequence the model is built for (tokens)."""
     normalization: str = "RMSNorm"

@@ -62,9 +62,9 @@ def run_ranks(
     procs = []
     for rank in range(world_size):
         rank_env = {"OMP_NUM_THREADS": "1", **env_for_rank(rank)}
-        proc = ctx.Process(
-            target=_rank_main, args=(body, rank, world_size, args, rank_env, results), daemon=True
-        )
+        # Not daemonic: Megatron's checkpoint writer starts processes of its own, which daemons may
+        # not. The `finally` below kills any rank still alive, whatever happened.
+        proc = ctx.Process(target=_rank_main, args=(body, rank, world_size, args, rank_env, results))
         proc.start()
         procs.append(proc)
     try:

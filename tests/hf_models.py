@@ -69,3 +69,22 @@ def hf_state(model) -> dict[str, torch.Tensor]:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
+
+
+def tiny_tokenizer(vocab_size: int = BASE["vocab_size"]):
+    """A word-level fast tokenizer over ``w0 .. w{n-1}``, built locally (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
+
+
+def save_tiny_checkpoint(model_type: str, directory, *, dtype: torch.dtype = torch.float32, **overrides):
+    """An HF checkpoint directory (safetensors, config.json, tokenizer) of :func:`tiny_hf_model`."""
+    model = tiny_hf_model(model_type, **overrides).to(dtype)
+    model.save_pretrained(directory)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return model

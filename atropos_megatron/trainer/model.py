@@ -18,28 +18,66 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
-    """Embedding rows after padding, so every TP rank holds an equal, aligned slice of the vocabulary.
+    """Embedding rows after padding: ``vocab_size`` rounded up to a multiple of ``divisible_by``.
 
-    Rows past ``vocab_size`` are never real tokens; losses must ignore their logits.
+    Unlike Megatron-LM (which pads to ``divisible_by x TP``), the padded size does not depend on the
+    layout, so one distributed checkpoint loads at every TP that divides it (any power of two up to
+    128 with the default). Rows past ``vocab_size`` are never real tokens; losses ignore their logits.
+
+    Raises:
+        ValueError: ``tensor_parallel_size`` does not divide the padded vocabulary.
     """
-    multiple = divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
+    padded = -(-vocab_size // divisible_by) * divisible_by
+    if padded % tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} does not divide the padded vocabulary {padded} "
+            f"(vocab_size={vocab_size} rounded up to model.make_vocab_size_divisible_by={divisible_by}); "
+            "set make_vocab_size_divisible_by to a multiple of the TP size"
+        )
+    return padded
 
 
-def build_transformer_config(model: ModelConfig, layout: ParallelConfig):
+def check_model_layout(model: ModelConfig, layout: ParallelConfig) -> None:
+    """Fail early, naming the field, when ``model`` cannot be split as ``layout`` says.
+
+    Pure: safe to call before anything heavy is imported or allocated (the converter and
+    ``--dry-run`` call it first).
+    """
+    tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
+    vpp = layout.virtual_pipeline_parallel_size or 1
+    problems = []
+    for name, value in (
+        ("num_attention_heads", model.num_attention_heads),
+        ("num_query_groups", model.query_groups),
+        ("ffn_hidden_size", model.ffn_hidden_size),
+    ):
+        if value % tp:
+            problems.append(f"tensor_parallel_size={tp} does not divide model.{name}={value}")
+    if model.num_layers % (pp * vpp):
+        problems.append(
+            f"pipeline_parallel_size x virtual_pipeline_parallel_size = {pp} x {vpp} does not divide "
+            f"model.num_layers={model.num_layers}"
+        )
+    try:
+        padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise ValueError("the model does not fit this parallel layout: " + "; ".join(problems))
+
+
+def build_transformer_config(model: ModelConfig, layout: ParallelConfig, *, initialize: bool = True):
     """Megatron ``TransformerConfig`` for ``model`` laid out as ``layout``.
+
+    ``initialize=False`` leaves weights uninitialised (their values come from a checkpoint next):
+    drawing 70B random numbers on a CPU takes longer than reading them from disk.
 
     Fusions stay off: each needs Apex/TE/CUDA kernels, and Megatron's defaults already say so; we
     set them explicitly so a Megatron default change cannot silently turn one on.
     """
     from megatron.core.transformer import TransformerConfig
 
-    if model.num_layers % (layout.pipeline_parallel_size * (layout.virtual_pipeline_parallel_size or 1)):
-        raise ValueError(
-            f"model.num_layers={model.num_layers} must be divisible by pipeline_parallel_size x "
-            f"virtual_pipeline_parallel_size = {layout.pipeline_parallel_size} x "
-            f"{layout.virtual_pipeline_parallel_size or 1}"
-        )
+    check_model_layout(model, layout)
     dtype = TORCH_DTYPES[model.dtype]
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
@@ -77,6 +115,7 @@ def build_transformer_config(model: ModelConfig, layout: ParallelConfig):
         # Without CUDA, weights are drawn full-size on CPU and split: every layout gets the same
         # initial weights for the same seed. On GPUs each rank initialises its own shard.
         use_cpu_initialization=not on_gpu,
+        perform_initialization=initialize,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
@@ -99,18 +138,34 @@ def build_layer_spec(model: ModelConfig):
     )
 
 
-def build_model(model: ModelConfig, layout: ParallelConfig) -> list[torch.nn.Module]:
+def build_model(
+    model: ModelConfig,
+    layout: ParallelConfig,
+    *,
+    initialize: bool = True,
+    padded_vocab: int | None = None,
+) -> list[torch.nn.Module]:
     """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP).
 
     Requires :func:`parallel.setup_model_parallel` for the same ``layout`` first.
+
+    Args:
+        initialize: draw random initial weights (False: leave them uninitialised for a checkpoint).
+        padded_vocab: embedding rows, when a checkpoint fixes them (e.g. one written by Megatron-LM,
+            which pads to a multiple of ``divisible_by x TP``); default :func:`padded_vocab_size`.
     """
     from megatron.core.models.gpt import GPTModel
 
-    config = build_transformer_config(model, layout)
+    config = build_transformer_config(model, layout, initialize=initialize)
     spec = build_layer_spec(model)
-    vocab = padded_vocab_size(
+    vocab = padded_vocab or padded_vocab_size(
         model.vocab_size, model.make_vocab_size_divisible_by, layout.tensor_parallel_size
     )
+    if vocab < model.vocab_size or vocab % layout.tensor_parallel_size:
+        raise ValueError(
+            f"padded vocabulary {vocab} must be >= vocab_size={model.vocab_size} and divisible by "
+            f"tensor_parallel_size={layout.tensor_parallel_size}"
+        )
     num_chunks = layout.virtual_pipeline_parallel_size or 1
     chunks = []
     for chunk in range(num_chunks):

@@ -12,6 +12,7 @@ Both config styles are read: transformers 5's ``rope_parameters`` and the older 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from atropos_megatron.config import ModelConfig
+
+# ModelConfig fields that are choices of the run, not of the network's function.
+NON_ARCHITECTURE_FIELDS = frozenset({"hf_path", "dtype", "make_vocab_size_divisible_by", "init_method_std"})
 
 # Megatron-Core 0.16's llama3 RoPE scaling hard-codes these (RotaryEmbedding._apply_scaling).
 _LLAMA3_ROPE_FIXED = {
@@ -140,10 +144,14 @@ def resolve_architecture(model: ModelConfig) -> ModelConfig:
     """
     if model.hf_path is None:
         return model
-    return model_config_from_hf(
-        read_hf_config(model.hf_path),
-        hf_path=model.hf_path,
-        dtype=model.dtype,
-        make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-        init_method_std=model.init_method_std,
-    )
+    kept = {name: getattr(model, name) for name in NON_ARCHITECTURE_FIELDS}
+    return model_config_from_hf(read_hf_config(model.hf_path), **kept)
+
+
+def architecture_mismatches(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """``field: a != b`` for every architecture field on which two configs disagree."""
+    return [
+        f"{field.name}: {getattr(a, field.name)!r} != {getattr(b, field.name)!r}"
+        for field in dataclasses.fields(ModelConfig)
+        if field.name not in NON_ARCHITECTURE_FIELDS and getattr(a, field.name) != getattr(b, field.name)
+    ]

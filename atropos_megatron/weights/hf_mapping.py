@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from atropos_megatron.config import ModelConfig
-from atropos_megatron.weights.megatron_shards import TE_NORM_NAMES
+from atropos_megatron.weights.megatron_shards import local_name
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _MCORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -107,6 +107,25 @@ def hf_to_megatron(
         raise ValueError(f"layer {layer}: missing {', '.join(f'model.layers.{layer}.{m}' for m in missing)}")
 
 
+def megatron_targets(hf_name: str, model: ModelConfig) -> tuple[str, ...] | None:
+    """Global Megatron names that the HF tensor ``hf_name`` feeds (None: not a tensor we know).
+
+    Lets a pipeline stage skip reading tensors it does not hold. With tied embeddings the HF
+    embedding also feeds ``output_layer.weight``, the last stage's copy of it when PP > 1.
+    """
+    if hf_name == "model.embed_tokens.weight":
+        tied = ("output_layer.weight",) if model.tie_word_embeddings else ()
+        return (_VOCAB_TENSORS[hf_name], *tied)
+    if hf_name == "lm_head.weight":
+        return () if model.tie_word_embeddings else (_VOCAB_TENSORS[hf_name],)
+    if hf_name in _GLOBAL_RENAMES:
+        return (_GLOBAL_RENAMES[hf_name],)
+    match = _HF_LAYER.match(hf_name)
+    suffix = match.group(2) if match else None
+    target = _LAYER_RENAMES.get(suffix) or _PART_OF.get(suffix)
+    return (f"decoder.layers.{match.group(1)}.{target}",) if target else None
+
+
 def megatron_to_hf(
     mcore_tensors: Iterable[tuple[str, torch.Tensor]], model: ModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -129,8 +148,8 @@ def megatron_to_hf(
         if name in global_names:
             yield global_names[name], tensor
             continue
-        match = _MCORE_LAYER.match(name)
-        suffix = _te_to_local(match.group(2)) if match else None
+        match = _MCORE_LAYER.match(local_name(name))
+        suffix = match.group(2) if match else None
         if suffix in layer_names:
             yield f"model.layers.{match.group(1)}.{layer_names[suffix]}", tensor
         elif suffix in _FUSED:
@@ -178,10 +197,6 @@ def _split(fused: str, tensor: torch.Tensor, model: ModelConfig) -> list[torch.T
     per_group = tensor.reshape(groups, -1, *tail)
     q, k, v = torch.split(per_group, [per_group.shape[1] - 2 * dim, dim, dim], dim=1)
     return [t.reshape(-1, *tail) for t in (q, k, v)]
-
-
-def _te_to_local(suffix: str) -> str:
-    return TE_NORM_NAMES.get(suffix, suffix)
 
 
 def _pad_rows(tensor: torch.Tensor, vocab_size: int, padded_vocab: int, name: str) -> torch.Tensor:

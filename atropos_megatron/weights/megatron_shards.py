@@ -28,6 +28,14 @@ TE_NORM_NAMES = {
 }
 
 
+def local_name(name: str) -> str:
+    """``name`` with Transformer Engine's norm names replaced by the local spec's (others unchanged)."""
+    for te_suffix, local_suffix in TE_NORM_NAMES.items():
+        if name.endswith(te_suffix):
+            return name.removesuffix(te_suffix) + local_suffix
+    return name
+
+
 def iter_global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """``(global_name, param)`` for each parameter of a model chunk.
 
@@ -82,9 +90,8 @@ def load_full_state_dict(
 def _lookup(full: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     if name in full:
         return full[name]
-    for te_suffix, local_suffix in TE_NORM_NAMES.items():
-        if name.endswith(te_suffix) and name.removesuffix(te_suffix) + local_suffix in full:
-            return full[name.removesuffix(te_suffix) + local_suffix]
+    if local_name(name) in full:
+        return full[local_name(name)]
     # With tied embeddings the last pipeline stage keeps its own copy of the embedding as the
     # output layer; a TP=1, PP=1 state dict has only the embedding.
     if name == _OUTPUT and _EMBEDDING in full:

@@ -47,7 +47,13 @@ def test_indivisible_dimension_is_an_error():
 
 @pytest.mark.parametrize(
     ("vocab", "multiple", "tp", "padded"),
-    [(256, 128, 1, 256), (256, 128, 2, 256), (100, 128, 1, 128), (151936, 128, 8, 152576), (129, 64, 2, 256)],
+    [(256, 128, 1, 256), (256, 128, 2, 256), (100, 128, 1, 128), (151936, 128, 8, 151936), (129, 64, 2, 192)],
 )
-def test_padded_vocab_size(vocab, multiple, tp, padded):
+def test_padded_vocab_size_does_not_depend_on_tp(vocab, multiple, tp, padded):
     assert padded_vocab_size(vocab, multiple, tp) == padded
+    assert padded_vocab_size(vocab, multiple, 1) == padded  # one checkpoint shape for every TP
+
+
+def test_tp_that_does_not_divide_the_padded_vocab_is_an_error():
+    with pytest.raises(ValueError, match="make_vocab_size_divisible_by to a multiple"):
+        padded_vocab_size(100, 100, 3)
