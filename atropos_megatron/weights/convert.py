@@ -314,7 +314,9 @@ def _stage(name: str) -> Iterator[None]:
     started = time.perf_counter()
     logger.info("%s ...", name)
     yield
-    logger.info("%s: done in %.1f s", name, time.perf_counter() - started)
+    logger.info(
+        "%s: done in %.1f s (peak RSS so far %s)", name, time.perf_counter() - started, _gb(peak_rss_bytes())
+    )
 
 
 @contextmanager
@@ -324,7 +326,13 @@ def _bytes_bar(total: int, name: str) -> Iterator:
     started = time.perf_counter()
     with tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024, disable=None) as bar:
         yield bar.update
-    logger.info("%s: %s in %.1f s", name, _gb(total), time.perf_counter() - started)
+    logger.info(
+        "%s: %s in %.1f s (peak RSS so far %s)",
+        name,
+        _gb(total),
+        time.perf_counter() - started,
+        _gb(peak_rss_bytes()),
+    )
 
 
 def peak_rss_bytes() -> int:

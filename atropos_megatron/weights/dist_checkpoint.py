@@ -117,7 +117,9 @@ def save_model(
             raise FileExistsError(f"{path} exists and is not empty")
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(chunks), str(path))
+    sharded = _sharded_state_dict(chunks)
+    _whole_fc1_where_unsplit(sharded)
+    dist_checkpointing.save(sharded, str(path))
     if rank == 0:
         if hf_files:
             (path / HF_CONFIG_DIR).mkdir()
@@ -144,6 +146,7 @@ def load_model(chunks: Sequence[torch.nn.Module], path: str | Path) -> None:
 
     info = read_checkpoint_info(path)
     sharded = _sharded_state_dict(chunks)
+    _whole_fc1_where_unsplit(sharded)
     _match_keys(sharded, info.keys)
     for chunk_sd in sharded.values():
         embedding = chunk_sd.get(_EMBEDDING_KEY)
@@ -161,6 +164,40 @@ def _sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, dict]:
     # One sub-dict per virtual stage, as Megatron-LM nests them; ShardedTensor keys are global
     # either way (layer offsets come from each chunk's own layer numbers).
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _whole_fc1_where_unsplit(sharded: dict[str, dict]) -> None:
+    """Hand Megatron each SwiGLU ``linear_fc1`` as one tensor where this rank holds all of it (TP=1).
+
+    Megatron stores fc1 as two halves (gate rows, up rows) so that each can be resharded over TP, and
+    on CPU that costs a second copy of every fc1 (about 40% of a Llama's weights), all at once: the
+    writer clones each half-view before writing, and loading concatenates the halves into new
+    tensors. At TP=1 the halves tile the whole parameter, so the same global tensor is read and
+    written in place. Checkpoints are unchanged and still load at any TP.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for chunk_sd in sharded.values():
+        for name, value in chunk_sd.items():
+            if not isinstance(value, ShardedTensorFactory) or value.flattened_range is not None:
+                continue
+            parts = value.build()
+            if not (isinstance(parts, list) and len(parts) == 2):
+                continue
+            gate, up = parts
+            axis = gate.prepend_axis_num  # the split axis: the first axis of the local tensor
+            whole = (
+                all(isinstance(p, ShardedTensor) and p.key == value.key for p in parts)
+                and gate.axis_fragmentations[axis] == 2
+                and gate.global_offset[axis] == 0
+                and up.global_offset[axis] == gate.local_shape[0]
+                and gate.global_shape[axis] == value.data.shape[0]
+            )
+            if whole:
+                layer_axes = [(i, gate.global_offset[i], gate.axis_fragmentations[i]) for i in range(axis)]
+                chunk_sd[name] = ShardedTensor.from_rank_offsets(
+                    value.key, value.data, *layer_axes, replica_id=value.replica_id, prepend_axis_num=axis
+                )
 
 
 def _match_keys(sharded: dict[str, dict], checkpoint_keys: frozenset[str]) -> None:

@@ -54,7 +54,37 @@ def _round_trip_body(rank, world_size, root):
         # Small shards: the index and several files are exercised even for a tiny model.
         to_hf = mcore_to_hf(case / "mcore", case / "hf_out", max_shard_bytes=64 * 1024, verify_logits=True)
         results[(model_type, dtype)] = (to_mcore.agreement, to_mcore.tolerance, to_hf.agreement)
+    _megatron_lm_style_checkpoint(Path(root) / "megatron-lm")
     return results
+
+
+def _megatron_lm_style_checkpoint(case: Path) -> None:
+    """A checkpoint as Megatron-LM writes it: vocabulary padded to 128 x TP (here 384 rows), no sidecar,
+    no HF config inside. mcore-to-hf needs --hf-config for it and must still be bit-exact."""
+    from atropos_megatron.config import ParallelConfig
+    from atropos_megatron.trainer.model import build_model
+    from atropos_megatron.weights.convert import ConversionError, mcore_to_hf, single_process_group
+    from atropos_megatron.weights.dist_checkpoint import HF_CONFIG_DIR, SIDECAR, save_model
+    from atropos_megatron.weights.hf_architectures import model_config_from_hf, read_hf_config
+    from atropos_megatron.weights.hf_checkpoint import load_hf_weights
+    from atropos_megatron.weights.safetensors_io import SafetensorsCheckpoint
+    from tests.hf_models import save_tiny_checkpoint
+
+    save_tiny_checkpoint("llama", case / "hf")
+    cfg = model_config_from_hf(read_hf_config(case / "hf"))
+    with single_process_group():
+        (chunk,) = build_model(cfg, ParallelConfig(), padded_vocab=384)
+        source = SafetensorsCheckpoint(case / "hf")
+        load_hf_weights([chunk], source, cfg, padded_vocab=384, tp_rank=0, tp_size=1)
+        save_model([chunk], case / "mcore", model=cfg, padded_vocab=384)
+    (case / "mcore" / SIDECAR).unlink()
+    assert not (case / "mcore" / HF_CONFIG_DIR).exists()
+    try:
+        mcore_to_hf(case / "mcore", case / "no_config")
+        raise AssertionError("a checkpoint without an HF config converted without --hf-config")
+    except ConversionError as exc:
+        assert "--hf-config" in str(exc)
+    mcore_to_hf(case / "mcore", case / "hf_out", hf_config_dir=case / "hf")
 
 
 def test_hf_to_megatron_to_hf_is_bit_exact_for_every_architecture(tmp_path, report):
@@ -86,6 +116,12 @@ def test_hf_to_megatron_to_hf_is_bit_exact_for_every_architecture(tmp_path, repo
         assert tokenizer(text).input_ids == AutoTokenizer.from_pretrained(case / "hf")(text).input_ids
         config = AutoModelForCausalLM.from_pretrained(case / "hf_out").config
         assert config.to_dict()["tie_word_embeddings"] == (model_type == "qwen2")
+    source, converted = (
+        _hf_tensors(tmp_path / "megatron-lm" / "hf"),
+        _hf_tensors(tmp_path / "megatron-lm" / "hf_out"),
+    )
+    assert sorted(converted) == sorted(source)
+    assert all(torch.equal(converted[name], tensor) for name, tensor in source.items())
     report("round trip bit-exact; " + ", ".join(lines))
 
 
