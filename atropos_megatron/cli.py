@@ -50,10 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Validate a training config and print the resolved YAML. Exit status 2 names the "
         "first bad field.",
     )
-    config.add_argument("--config", metavar="YAML", help="config file (default: built-in defaults)")
-    config.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. parallel.tensor_parallel_size=2"
-    )
+    _add_config_arguments(config, example="parallel.tensor_parallel_size=2")
     config.set_defaults(handler=_cmd_config)
 
     info = commands.add_parser(
@@ -64,12 +61,46 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(handler=_cmd_info)
 
+    bridge = commands.add_parser(
+        "bridge",
+        help="run the gRPC bridge between the Atropos API, the trainer and inference servers",
+        description="Serve the bridge (config section `bridge`) until SIGTERM/SIGINT. Batches handed out "
+        "and not acknowledged stay in bridge.spool_dir and are served again after a restart.",
+    )
+    _add_config_arguments(bridge, example="bridge.atropos_url=http://127.0.0.1:8000")
+    bridge.set_defaults(handler=_cmd_bridge)
+
+    for name, help_text in (
+        ("bridge-status", "print a running bridge's status as JSON (queue, served/acked, rejections)"),
+        (
+            "bridge-peek",
+            "write the oldest waiting batch of a bridge as JSON, leaving it queued for the trainer",
+        ),
+    ):
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--address", default="127.0.0.1:50051", help="bridge host:port")
+        command.add_argument("--token", default=None, help="bearer token, if the bridge requires one")
+        command.add_argument("--tls-ca", default=None, metavar="PEM", help="CA to verify a TLS bridge with")
+        command.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+        if name == "bridge-peek":
+            command.add_argument(
+                "--out", required=True, metavar="FILE", help="where to write the batch (JSON)"
+            )
+            command.set_defaults(handler=_cmd_bridge_peek)
+        else:
+            command.set_defaults(handler=_cmd_bridge_status)
+
     commands.add_parser(
         "convert",
         help="convert checkpoints HuggingFace <-> Megatron (hf-to-mcore, mcore-to-hf; see convert --help)",
         add_help=False,
     )
     return parser
+
+
+def _add_config_arguments(command: argparse.ArgumentParser, *, example: str) -> None:
+    command.add_argument("--config", metavar="YAML", help="config file (default: built-in defaults)")
+    command.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"e.g. {example}")
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -81,6 +112,71 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(config_to_yaml(cfg))
+    return 0
+
+
+def _cmd_bridge(args: argparse.Namespace) -> int:
+    import logging
+
+    from atropos_megatron.bridge.server import serve
+    from atropos_megatron.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(cfg.bridge)
+    return 0
+
+
+def _bridge_client(args: argparse.Namespace):
+    from atropos_megatron.bridge.client import BridgeClient
+
+    return BridgeClient(args.address, token=args.token, tls_ca=args.tls_ca, timeout_s=args.timeout)
+
+
+def _cmd_bridge_status(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    try:
+        with _bridge_client(args) as client:
+            status = client.status()
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(json.dumps(MessageToDict(status, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+def _cmd_bridge_peek(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    import grpc
+
+    from atropos_megatron.bridge.codec import batch_from_proto
+
+    try:
+        with _bridge_client(args) as client:
+            message = client.peek_batch(wait_s=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    batch = batch_from_proto(message)
+    fields = {
+        field.name: getattr(batch, field.name).tolist()
+        if hasattr(getattr(batch, field.name), "tolist")
+        else getattr(batch, field.name)
+        for field in dataclasses.fields(batch)
+    }
+    fields["groups"] = [dataclasses.asdict(group) for group in batch.groups]
+    Path(args.out).write_text(json.dumps(fields, indent=1) + "\n")
+    print(
+        f"batch {batch.batch_id} (step {batch.step}, {batch.num_sequences} sequences) written to {args.out}"
+    )
     return 0
 
 

@@ -18,6 +18,9 @@ FRAMEWORKS = ("megatron", "grpc", "transformers")
         ("atropos_megatron.cli", (*FRAMEWORKS, "torch")),
         ("atropos_megatron.algo.grpo", FRAMEWORKS),
         ("atropos_megatron.algo.alignment", FRAMEWORKS),
+        # The bridge runs beside the trainer, often on a CPU-only head node: no torch, no Megatron.
+        ("atropos_megatron.bridge.server", ("torch", "megatron", "transformers")),
+        ("atropos_megatron.bridge.client", ("torch", "megatron", "transformers")),
     ],
 )
 def test_module_does_not_import(module, forbidden):

@@ -1,0 +1,173 @@
+"""Batches from Atropos to the trainer: fetch, validate, spool, queue, hand out, acknowledge.
+
+One background thread polls Atropos while fewer than ``prefetch`` batches wait, converts each batch
+(rejecting bad groups, counted by reason), writes it to the spool and only then queues it. The
+trainer's ``GetBatch`` takes the oldest waiting batch; ``AckBatch`` deletes it from the spool. A
+restarted bridge queues every spooled batch again, oldest first, with its original id and step.
+
+No gRPC here: the servicer translates, this class decides (and tests drive it directly).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from atropos_megatron.bridge import codec
+from atropos_megatron.bridge.spool import BatchSpool
+from atropos_megatron.bridge.v1 import bridge_pb2
+
+logger = logging.getLogger(__name__)
+
+FetchGroups = Callable[[float, threading.Event], "list[dict] | None"]
+"""``fetch(wait_s, stop)``: the next Atropos batch's groups, or None if none came in time."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a valid sequence must satisfy (from the trainer's registration)."""
+
+    vocab_size: int | None
+    max_token_len: int | None
+
+
+class BatchPipeline:
+    """Prefetching, validating, durable batch queue between Atropos and the trainer."""
+
+    def __init__(self, spool: BatchSpool, fetch: FetchGroups, *, prefetch: int, poll_s: float = 1.0) -> None:
+        self.spool = spool
+        self._fetch = fetch
+        self._prefetch = prefetch
+        self._poll_s = poll_s
+        self._cond = threading.Condition()
+        self._ready: deque[bridge_pb2.TrainingBatch] = deque(spool.pending())
+        self._handed_out: dict[str, bridge_pb2.TrainingBatch] = {}
+        self._limits: Limits | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.rejections: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        if self._ready:
+            logger.info("spool holds %d un-acknowledged batches; they are served first", len(self._ready))
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self, limits: Limits) -> None:
+        """Begin fetching (after the trainer registered: Atropos serves batches only then)."""
+        with self._cond:
+            self._limits = limits
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._fetch_loop, name="atropos-fetch", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    # -- trainer side -----------------------------------------------------------------------------
+
+    def next_batch(
+        self, wait_s: float, *, redeliver_unacked: bool = False, peek: bool = False
+    ) -> bridge_pb2.TrainingBatch | None:
+        """The oldest waiting batch (or the oldest handed-out one, to redeliver); None after ``wait_s``.
+
+        ``peek`` returns the oldest waiting batch but leaves it queued for the trainer.
+        """
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            if redeliver_unacked and self._handed_out:
+                batch = min(self._handed_out.values(), key=lambda b: b.step)
+                self.counters["served"] += 1
+                return batch
+            while not self._ready:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    return None
+                self._cond.wait(remaining)
+            if peek:
+                return self._ready[0]
+            batch = self._ready.popleft()
+            self._handed_out[batch.batch_id] = batch
+            self.counters["served"] += 1
+            self._cond.notify_all()  # room in the prefetch queue
+            return batch
+
+    def ack(self, batch_id: str) -> bool:
+        """Acknowledge a batch; False if this bridge never spooled it."""
+        with self._cond:
+            self._handed_out.pop(batch_id, None)
+            # An ack may also name a batch still queued (handed out before a bridge restart).
+            self._ready = deque(b for b in self._ready if b.batch_id != batch_id)
+        known = self.spool.ack(batch_id)
+        if known:
+            self.counters["acked"] += 1
+        return known
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            return {
+                "queue_depth": len(self._ready),
+                "unacked": len(self.spool),
+                "batches_fetched": self.counters["fetched"],
+                "batches_served": self.counters["served"],
+                "batches_acked": self.counters["acked"],
+                "rejected_groups": dict(self.rejections),
+                "next_step": self.spool.next_step,
+            }
+
+    # -- Atropos side -----------------------------------------------------------------------------
+
+    def _fetch_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                while len(self._ready) >= self._prefetch and not self._stop.is_set():
+                    self._cond.wait()
+            if self._stop.is_set():
+                return
+            try:
+                groups = self._fetch(self._poll_s, self._stop)
+                if groups is not None:
+                    self._accept(groups)
+            except Exception:  # noqa: BLE001 - the fetch thread must outlive any single bad batch
+                logger.exception("fetching a batch from Atropos failed; retrying")
+                self._stop.wait(self._poll_s)
+
+    def _accept(self, groups: list[dict]) -> None:
+        limits = self._limits
+        step = self.spool.next_step
+        batch, rejections = codec.encode_batch(
+            groups,
+            batch_id=uuid.uuid4().hex[:12],
+            step=step,
+            vocab_size=limits.vocab_size,
+            max_token_len=limits.max_token_len,
+            fetched_unix_s=time.time(),
+        )
+        for rejection in rejections:
+            self.rejections[rejection.reason] += 1
+            logger.warning(
+                "rejected a group from env %s: %s (%s)", rejection.env_id, rejection.reason, rejection.detail
+            )
+        self.counters["fetched"] += 1
+        if batch is None:
+            logger.warning("an Atropos batch had no valid group left; skipped")
+            self.counters["skipped"] += 1
+            return
+        message = codec.batch_to_proto(batch)
+        self.spool.put(message)  # durable before anyone can receive it
+        with self._cond:
+            self._ready.append(message)
+            self._cond.notify_all()

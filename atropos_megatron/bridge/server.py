@@ -1,0 +1,119 @@
+"""Run the bridge: build its parts from config, serve gRPC (with health, optional token and TLS).
+
+``create_server`` binds and returns the port (tests bind port 0); ``serve`` runs until SIGTERM or
+SIGINT and then drains in-flight calls. The address comes from config and is loopback by default.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from atropos_megatron.bridge.atropos_client import AtroposClient
+from atropos_megatron.bridge.pipeline import BatchPipeline
+from atropos_megatron.bridge.service import BridgeService
+from atropos_megatron.bridge.spool import BatchSpool
+from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
+from atropos_megatron.config import BridgeConfig
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = bridge_pb2.DESCRIPTOR.services_by_name["Bridge"].full_name
+SHUTDOWN_GRACE_S = 5.0
+_WORKERS = 16
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Reject every call without ``authorization: Bearer <token>`` (health checks included)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization" and hmac.compare_digest(value.encode(), self._expected):
+                return continuation(handler_call_details)
+        return self._deny
+
+
+def build_service(cfg: BridgeConfig) -> BridgeService:
+    """The bridge's parts wired together from config (nothing is contacted yet)."""
+    atropos = AtroposClient(
+        cfg.atropos_url,
+        timeout_s=cfg.request_timeout_s,
+        poll_interval_s=cfg.poll_interval_s,
+        poll_max_interval_s=cfg.poll_max_interval_s,
+    )
+    spool = BatchSpool(cfg.spool_dir)
+
+    def fetch(wait_s: float, stop: threading.Event):
+        atropos.resume_step = spool.next_step  # what a re-registration after an API restart announces
+        return atropos.fetch_batch(wait_s=wait_s, stop=stop)
+
+    pipeline = BatchPipeline(spool, fetch, prefetch=cfg.prefetch_batches)
+    return BridgeService(cfg, atropos, pipeline)
+
+
+def create_server(
+    cfg: BridgeConfig, service: BridgeService, address: str | None = None
+) -> tuple[grpc.Server, int]:
+    """A started gRPC server for ``service`` on ``address`` (default ``cfg.address``); returns its port."""
+    interceptors = [TokenAuthInterceptor(cfg.auth_token)] if cfg.auth_token else []
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=_WORKERS), interceptors=interceptors, options=options
+    )
+    bridge_pb2_grpc.add_BridgeServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = address or cfg.address
+    if cfg.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the bridge to {address}")
+    server.start()
+    return server, port
+
+
+def serve(cfg: BridgeConfig) -> None:
+    """Run the bridge until SIGTERM/SIGINT, then finish in-flight calls and stop."""
+    service = build_service(cfg)
+    server, port = create_server(cfg, service)
+    security = ("TLS" if cfg.tls_cert else "plaintext") + (", token auth" if cfg.auth_token else "")
+    logger.info(
+        "bridge listening on %s (port %d, %s); Atropos at %s", cfg.address, port, security, cfg.atropos_url
+    )
+    stopped = threading.Event()
+
+    def on_signal(signum, frame):
+        logger.info("signal %d: stopping (un-acknowledged batches stay in %s)", signum, cfg.spool_dir)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopped.wait()
+    server.stop(SHUTDOWN_GRACE_S).wait()
+    service.pipeline.stop()
+    service.atropos.close()

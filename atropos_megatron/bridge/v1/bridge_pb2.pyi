@@ -1,0 +1,178 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_INT32: DType
+DTYPE_INT64: DType
+DTYPE_FLOAT32: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT16: DType
+DTYPE_BOOL: DType
+DTYPE_UINT8: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "dtype", "shape")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RegisterRunRequest(_message.Message):
+    __slots__ = ("request_id", "run_name", "batch_size", "max_token_len", "starting_step", "num_steps", "checkpoint_dir", "save_checkpoint_interval", "vocab_size")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_NAME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKEN_LEN_FIELD_NUMBER: _ClassVar[int]
+    STARTING_STEP_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_DIR_FIELD_NUMBER: _ClassVar[int]
+    SAVE_CHECKPOINT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    run_name: str
+    batch_size: int
+    max_token_len: int
+    starting_step: int
+    num_steps: int
+    checkpoint_dir: str
+    save_checkpoint_interval: int
+    vocab_size: int
+    def __init__(self, request_id: _Optional[str] = ..., run_name: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_token_len: _Optional[int] = ..., starting_step: _Optional[int] = ..., num_steps: _Optional[int] = ..., checkpoint_dir: _Optional[str] = ..., save_checkpoint_interval: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class RegisterRunResponse(_message.Message):
+    __slots__ = ("trainer_uuid", "starting_step")
+    TRAINER_UUID_FIELD_NUMBER: _ClassVar[int]
+    STARTING_STEP_FIELD_NUMBER: _ClassVar[int]
+    trainer_uuid: str
+    starting_step: int
+    def __init__(self, trainer_uuid: _Optional[str] = ..., starting_step: _Optional[int] = ...) -> None: ...
+
+class GetBatchRequest(_message.Message):
+    __slots__ = ("request_id", "wait_s", "redeliver_unacked", "peek")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    REDELIVER_UNACKED_FIELD_NUMBER: _ClassVar[int]
+    PEEK_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    wait_s: float
+    redeliver_unacked: bool
+    peek: bool
+    def __init__(self, request_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., redeliver_unacked: _Optional[bool] = ..., peek: _Optional[bool] = ...) -> None: ...
+
+class TrainingBatch(_message.Message):
+    __slots__ = ("batch_id", "step", "num_sequences", "num_groups", "seq_lens", "input_ids", "labels", "loss_mask", "scores", "group_index", "advantages", "inference_logprobs", "ref_logprobs", "groups", "fetched_unix_s")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NUM_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_MASK_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    step: int
+    num_sequences: int
+    num_groups: int
+    seq_lens: Tensor
+    input_ids: Tensor
+    labels: Tensor
+    loss_mask: Tensor
+    scores: Tensor
+    group_index: Tensor
+    advantages: Tensor
+    inference_logprobs: Tensor
+    ref_logprobs: Tensor
+    groups: _containers.RepeatedCompositeFieldContainer[GroupInfo]
+    fetched_unix_s: float
+    def __init__(self, batch_id: _Optional[str] = ..., step: _Optional[int] = ..., num_sequences: _Optional[int] = ..., num_groups: _Optional[int] = ..., seq_lens: _Optional[_Union[Tensor, _Mapping]] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., loss_mask: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., group_index: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., inference_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., fetched_unix_s: _Optional[float] = ...) -> None: ...
+
+class GroupInfo(_message.Message):
+    __slots__ = ("env_id", "overrides_json", "has_advantages", "has_inference_logprobs", "has_ref_logprobs")
+    ENV_ID_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_JSON_FIELD_NUMBER: _ClassVar[int]
+    HAS_ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
+    HAS_INFERENCE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    HAS_REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    env_id: int
+    overrides_json: str
+    has_advantages: bool
+    has_inference_logprobs: bool
+    has_ref_logprobs: bool
+    def __init__(self, env_id: _Optional[int] = ..., overrides_json: _Optional[str] = ..., has_advantages: _Optional[bool] = ..., has_inference_logprobs: _Optional[bool] = ..., has_ref_logprobs: _Optional[bool] = ...) -> None: ...
+
+class AckBatchRequest(_message.Message):
+    __slots__ = ("request_id", "batch_id", "trained_step")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_STEP_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    batch_id: str
+    trained_step: int
+    def __init__(self, request_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., trained_step: _Optional[int] = ...) -> None: ...
+
+class AckBatchResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class BridgeStatus(_message.Message):
+    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable")
+    class RejectedGroupsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    UNACKED_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_SERVED_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_ACKED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    ATROPOS_URL_FIELD_NUMBER: _ClassVar[int]
+    ATROPOS_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    registered: bool
+    queue_depth: int
+    unacked: int
+    batches_fetched: int
+    batches_served: int
+    batches_acked: int
+    rejected_groups: _containers.ScalarMap[str, int]
+    next_step: int
+    atropos_url: str
+    atropos_reachable: bool
+    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ...) -> None: ...
