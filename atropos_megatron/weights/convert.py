@@ -25,18 +25,19 @@ from pathlib import Path
 import torch
 
 from atropos_megatron.config import DTYPES, ParallelConfig
+from atropos_megatron.trainer.model import TORCH_DTYPES as _TORCH_DTYPES
 from atropos_megatron.weights import verify
 from atropos_megatron.weights.hf_architectures import (
     architecture_mismatches,
     model_config_from_hf,
     read_hf_config,
 )
+from atropos_megatron.weights.hf_checkpoint import HF_DTYPE_NAMES
 
 logger = logging.getLogger("atropos_megatron.convert")
 
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_FLAGS = {dtype: flag for flag, dtype in _TORCH_DTYPES.items()}
-_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_HF_DTYPES = {HF_DTYPE_NAMES[dtype]: flag for flag, dtype in _TORCH_DTYPES.items()}
 
 # Library warnings that say nothing actionable to someone converting a checkpoint.
 _IGNORED_WARNINGS = (
@@ -230,7 +231,7 @@ def mcore_to_hf(
     with single_process_group(), _cleanup_on_failure(partial):
         (chunk,) = build_model(model, ParallelConfig(), initialize=False, padded_vocab=info.padded_vocab)
         with _stage(f"read torch_dist checkpoint {mcore_dir}"):
-            load_model([chunk], mcore_dir)
+            load_model([chunk], mcore_dir, info=info)
         parameters, _ = _size(chunk)
         tokens = verify.probe_tokens(model.vocab_size)
         mcore_logits = verify.megatron_logits(chunk, tokens, model.vocab_size) if verify_logits else None

@@ -135,8 +135,12 @@ def save_model(
     dist.barrier()
 
 
-def load_model(chunks: Sequence[torch.nn.Module], path: str | Path) -> None:
+def load_model(
+    chunks: Sequence[torch.nn.Module], path: str | Path, *, info: CheckpointInfo | None = None
+) -> None:
     """Collective: fill ``chunks`` (any TP/PP/VPP layout) with the checkpoint's weights.
+
+    ``info``: the checkpoint's :func:`read_checkpoint_info`, when the caller has read it already.
 
     Raises:
         NotADistCheckpointError: see :func:`read_checkpoint_info`.
@@ -144,7 +148,7 @@ def load_model(chunks: Sequence[torch.nn.Module], path: str | Path) -> None:
     """
     from megatron.core import dist_checkpointing
 
-    info = read_checkpoint_info(path)
+    info = info or read_checkpoint_info(path)
     sharded = _sharded_state_dict(chunks)
     _whole_fc1_where_unsplit(sharded)
     _match_keys(sharded, info.keys)

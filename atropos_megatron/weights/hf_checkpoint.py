@@ -21,7 +21,7 @@ import torch
 
 from atropos_megatron.config import ModelConfig
 from atropos_megatron.weights.hf_mapping import hf_to_megatron, megatron_targets, megatron_to_hf
-from atropos_megatron.weights.megatron_shards import iter_global_params, local_name, shard_tensor
+from atropos_megatron.weights.megatron_shards import copy_shard, iter_global_params, local_name
 from atropos_megatron.weights.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     SafetensorsCheckpoint,
@@ -78,23 +78,13 @@ def load_hf_weights(
 
     stream = _counting(checkpoint.iter_tensors(held_here), checkpoint, progress)
     filled: set[str] = set()
-    with torch.no_grad():
-        for name, full in hf_to_megatron(stream, model, padded_vocab=padded_vocab):
-            targets = [name]
-            if name == "embedding.word_embeddings.weight" and model.tie_word_embeddings:
-                targets.append("output_layer.weight")
-            for target in targets:
-                param = params.get(target)
-                if param is None:
-                    continue
-                shard = shard_tensor(full, param, tp_rank=tp_rank, tp_size=tp_size)
-                if shard.shape != param.shape:
-                    raise ValueError(
-                        f"{target}: the checkpoint gives {tuple(shard.shape)} for this rank, the model "
-                        f"has {tuple(param.shape)}; does config.json match the weights?"
-                    )
-                param.copy_(shard)
-                filled.add(target)
+    for name, full in hf_to_megatron(stream, model, padded_vocab=padded_vocab):
+        targets = [name]
+        if name == "embedding.word_embeddings.weight" and model.tie_word_embeddings:
+            targets.append("output_layer.weight")
+        for target in (t for t in targets if t in params):
+            copy_shard(params[target], full, name=target, tp_rank=tp_rank, tp_size=tp_size)
+            filled.add(target)
     missing = sorted(set(params) - filled)
     if missing:
         raise ValueError(f"{checkpoint.directory} lacks weights for: {', '.join(missing)}")

@@ -78,13 +78,22 @@ def load_full_state_dict(
         KeyError: a parameter of the chunk has no entry in ``full``.
         ValueError: a shard's shape differs from the parameter's.
     """
+    for chunk in chunks:
+        for name, param in iter_global_params(chunk):
+            copy_shard(param, _lookup(full, name), name=name, tp_rank=tp_rank, tp_size=tp_size)
+
+
+def copy_shard(param: torch.Tensor, full: torch.Tensor, *, name: str, tp_rank: int, tp_size: int) -> None:
+    """Copy this TP rank's slice of the full tensor ``full`` into ``param`` (in place).
+
+    Raises:
+        ValueError: the slice's shape differs from the parameter's.
+    """
+    shard = shard_tensor(full, param, tp_rank=tp_rank, tp_size=tp_size)
+    if shard.shape != param.shape:
+        raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {tuple(param.shape)}")
     with torch.no_grad():
-        for chunk in chunks:
-            for name, param in iter_global_params(chunk):
-                shard = shard_tensor(_lookup(full, name), param, tp_rank=tp_rank, tp_size=tp_size)
-                if shard.shape != param.shape:
-                    raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {tuple(param.shape)}")
-                param.copy_(shard)
+        param.copy_(shard)
 
 
 def _lookup(full: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:

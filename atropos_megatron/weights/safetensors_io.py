@@ -80,18 +80,22 @@ class SafetensorsCheckpoint:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {self.directory}")
+        index = self.directory / INDEX_FILE
+        weight_map = _read_index(index) if index.is_file() else None
         self.entries: dict[str, TensorEntry] = {}
-        for file in self._files():
+        for file in self._files(weight_map):
             for entry in read_header(file):
                 if entry.name in self.entries:
                     raise CheckpointFormatError(f"tensor {entry.name!r} is stored in two files")
                 self.entries[entry.name] = entry
-        self._check_index()
+        for name, file in (weight_map or {}).items():
+            entry = self.entries.get(name)
+            if entry is None or entry.file.name != file:
+                raise CheckpointFormatError(f"{index}: {name!r} is not in {file}")
 
-    def _files(self) -> list[Path]:
-        index = self.directory / INDEX_FILE
-        if index.is_file():
-            weight_map = _read_index(index)
+    def _files(self, weight_map: dict[str, str] | None) -> list[Path]:
+        if weight_map is not None:
+            index = self.directory / INDEX_FILE
             files = sorted({self.directory / name for name in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -107,15 +111,6 @@ class SafetensorsCheckpoint:
                 "re-save with save_pretrained(..., safe_serialization=True))"
             )
         raise FileNotFoundError(f"no *.safetensors files in {self.directory}{hint}")
-
-    def _check_index(self) -> None:
-        index = self.directory / INDEX_FILE
-        if not index.is_file():
-            return
-        for name, file in _read_index(index).items():
-            entry = self.entries.get(name)
-            if entry is None or entry.file.name != file:
-                raise CheckpointFormatError(f"{index}: {name!r} is not in {file}")
 
     @property
     def total_bytes(self) -> int:
