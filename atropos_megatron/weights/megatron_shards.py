@@ -7,8 +7,9 @@ is cut into ``TP x stride`` equal blocks along ``partition_dim`` and rank r take
 ``r, r + TP, ...`` — the same rule Megatron uses when it initialises weights on the CPU. Pipeline
 stages are handled by naming: each layer knows its global ``layer_number``.
 
-Gathering shards back into full tensors (for export and conversion) is the inverse, and lives with
-the exporter.
+Gathering is the inverse (:func:`gather_shards`): given every TP rank's shard of a parameter, in rank
+order, it rebuilds the full tensor by the same rule. It is pure; collecting the shards over the TP group
+is the exporter's job (``weights/export.py``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,35 @@ def shard_tensor(full: torch.Tensor, param: torch.Tensor, *, tp_rank: int, tp_si
         )
     blocks = torch.chunk(full, tp_size * stride, dim=dim)
     return torch.cat(blocks[tp_rank::tp_size], dim=dim)
+
+
+def gather_shards(shards: Sequence[torch.Tensor], param: torch.Tensor, *, tp_size: int) -> torch.Tensor:
+    """The full tensor whose TP slices are ``shards`` (rank order): the inverse of :func:`shard_tensor`.
+
+    ``param`` is any rank's copy of the parameter; only its partition attributes are read. A parameter
+    that is not split (or ``tp_size == 1``) is whole on every rank: the first shard is returned as is.
+
+    Raises:
+        ValueError: not ``tp_size`` shards, or shards that differ in shape or do not split into
+            ``partition_stride`` blocks.
+    """
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return shards[0]
+    if len(shards) != tp_size:
+        raise ValueError(f"expected {tp_size} shards (one per TP rank), got {len(shards)}")
+    if len({tuple(shard.shape) for shard in shards}) != 1:
+        raise ValueError(f"shards differ in shape: {[tuple(shard.shape) for shard in shards]}")
+    dim = param.partition_dim
+    stride = getattr(param, "partition_stride", 1)
+    if stride == 1:
+        return torch.cat(list(shards), dim=dim)
+    if shards[0].shape[dim] % stride:
+        raise ValueError(
+            f"dimension {dim} of size {shards[0].shape[dim]} does not split into stride {stride}"
+        )
+    # Rank r holds full blocks r, r + TP, ...: block s * TP + r is the s-th block of shard r.
+    blocks = [torch.chunk(shard, stride, dim=dim) for shard in shards]
+    return torch.cat([blocks[rank][s] for s in range(stride) for rank in range(tp_size)], dim=dim)
 
 
 def load_full_state_dict(
