@@ -90,12 +90,71 @@ def _build_parser() -> argparse.ArgumentParser:
         else:
             command.set_defaults(handler=_cmd_bridge_status)
 
+    _add_serve_parser(commands)
+
     commands.add_parser(
         "convert",
         help="convert checkpoints HuggingFace <-> Megatron (hf-to-mcore, mcore-to-hf; see convert --help)",
         add_help=False,
     )
     return parser
+
+
+_SERVE_DESCRIPTION = """\
+Serve an HF checkpoint behind SGLang's HTTP protocol (same routes, request fields and response JSON:
+/generate, /v1/completions, /v1/chat/completions, the weight-update, pause and flush routes). It is
+the reference peer that our SGLang client code is tested against, and the CPU default that lets the
+whole system run on a laptop. It is NOT a production server: HF transformers, TP=1, no paged
+attention, no streaming. Use real SGLang for speed.
+
+  atropos-megatron serve --model ./tiny-qwen2 --port 30000
+  atropos-megatron serve --model ./ckpt --device cuda --dtype bf16 --admin-api-key "$ADMIN_KEY"
+"""
+
+
+def _add_serve_parser(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="reference SGLang-protocol inference server (HF transformers; CPU default, test peer)",
+        description=_SERVE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--model", required=True, metavar="DIR", help="HF checkpoint directory (with tokenizer)"
+    )
+    serve.add_argument(
+        "--tokenizer-path", default=None, metavar="DIR", help="tokenizer directory (default: --model)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
+    serve.add_argument("--port", type=int, default=30000, help="TCP port (default 30000, as SGLang)")
+    serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs")
+    serve.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="model dtype")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on generation")
+    serve.add_argument(
+        "--admin-api-key",
+        default=None,
+        help="require this key (only this one) on weight-update, pause, flush and version routes",
+    )
+    serve.add_argument("--weight-version", default="default", help="initial weight version label")
+    serve.add_argument(
+        "--sglang-version",
+        default="0.5.23",
+        help="SGLang protocol generation to emulate: >= 0.5.21 requires begin/end_weight_update "
+        "sessions around tensor and distributed updates; older ones answer those routes with 404",
+    )
+    serve.add_argument("--served-model-name", default=None, help="model name in /v1 (default: --model)")
+    serve.add_argument("--max-batch", type=int, default=16, help="most samples decoded together (default 16)")
+    serve.add_argument("--seed", type=int, default=0, help="seed for sampling without sampling_seed")
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from atropos_megatron.inference.http_server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args)
 
 
 def _add_config_arguments(command: argparse.ArgumentParser, *, example: str) -> None:
@@ -127,7 +186,7 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(cfg.bridge)
+    serve(cfg.bridge, cfg.weights)
     return 0
 
 

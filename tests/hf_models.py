@@ -71,20 +71,30 @@ def hf_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def tiny_tokenizer(vocab_size: int = BASE["vocab_size"]):
-    """A word-level fast tokenizer over ``w0 .. w{n-1}``, built locally (no hub)."""
+def tiny_tokenizer(vocab_size: int = BASE["vocab_size"], *, chat_template: str | None = None):
+    """A word-level fast tokenizer over ``w0 .. w{n-1}``, built locally (no hub); optional chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
 
 
-def save_tiny_checkpoint(model_type: str, directory, *, dtype: torch.dtype = torch.float32, **overrides):
+def save_tiny_checkpoint(
+    model_type: str,
+    directory,
+    *,
+    dtype: torch.dtype = torch.float32,
+    chat_template: str | None = None,
+    **overrides,
+):
     """An HF checkpoint directory (safetensors, config.json, tokenizer) of :func:`tiny_hf_model`."""
     model = tiny_hf_model(model_type, **overrides).to(dtype)
     model.save_pretrained(directory)
-    tiny_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    tiny_tokenizer(model.config.vocab_size, chat_template=chat_template).save_pretrained(directory)
     return model

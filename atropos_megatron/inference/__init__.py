@@ -1,0 +1,10 @@
+"""The reference SGLang-protocol inference server: HF transformers behind SGLang's HTTP routes.
+
+It speaks SGLang's protocol exactly (routes, request fields, response JSON, weight-update payloads) so
+that code written against SGLang is tested against it, and the whole system runs on a laptop. It is
+not a production server: no paged attention, no prefix cache, no continuous batching, TP=1 only.
+
+Modules, each with one job: ``sampling`` (sampling params, next-token sampling, stop rules),
+``engine`` (model + generation worker + pause/update coordination), ``weight_loader`` (apply updates
+to the HF model), ``openai_api`` (the /v1 response shapes), ``http_server`` (routes, auth, serve()).
+"""
