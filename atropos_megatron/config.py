@@ -311,6 +311,9 @@ class BridgeConfig:
 
     address: str = "127.0.0.1:50051"
     """host:port the bridge listens on and the trainer connects to (loopback unless changed)."""
+    mode: str = "job"
+    """`job`: the run's bridge (Atropos batches + weights). `agent`: a per-node bridge that only applies
+    weight pushes to its node's `weights.inference_servers` (no Atropos; batch calls are refused)."""
     atropos_url: str = "http://127.0.0.1:8000"
     """Base URL of the Atropos API server (`run-api`)."""
     prefetch_batches: int = 2
@@ -345,6 +348,7 @@ class BridgeConfig:
             "bridge.address",
             f"expected host:port, got {self.address!r}",
         )
+        _require_choice(self.mode, "bridge.mode", ("job", "agent"))
         _require(
             self.atropos_url.startswith(("http://", "https://")),
             "bridge.atropos_url",
@@ -367,31 +371,83 @@ class BridgeConfig:
 
 
 WEIGHT_TRANSPORTS = ("grpc", "distributed", "disk")
+PAUSE_MODES = ("abort", "retract", "in_place")
 
 
 @dataclass(kw_only=True)
 class WeightsConfig:
-    """How the trainer's weights reach the inference servers after each step."""
+    """How the trainer's weights reach the inference servers after each step (trainer and bridge read it)."""
 
     transport: str = "grpc"
-    """`grpc` (buckets through the bridge), `distributed` (NCCL/gloo broadcast) or `disk` (safetensors)."""
+    """`grpc` (buckets through the bridge, loaded with /update_weights_from_tensor on the bridge's
+    host), `distributed` (trainer rank 0 broadcasts over NCCL/gloo to every server) or `disk`
+    (safetensors in `disk_dir`, loaded with /update_weights_from_disk)."""
     inference_servers: list[str] = field(default_factory=list)
-    """Base URLs of the SGLang (or reference) servers to keep in sync."""
+    """Base URLs of the SGLang (or reference) servers the bridge keeps in sync. With `grpc` they must
+    share the bridge's host (tensors travel through shared memory): run one bridge per node
+    (`bridge.mode=agent`) and list the agents in `bridge_agents` for more nodes."""
+    bridge_agents: list[str] = field(default_factory=list)
+    """host:port of per-node bridges (`bridge.mode=agent`) that the job's bridge forwards each push to."""
     bucket_bytes: int = 512 * 1024 * 1024
-    """Upper bound of one weight bucket (bytes); at most one bucket is in flight beyond the model."""
+    """Upper bound of one weight bucket (bytes); at most one bucket is in flight beyond the model.
+    A single tensor larger than this travels alone."""
+    max_bucket_bytes: int = 16 * 1024**3
+    """Largest bucket the bridge accepts (bytes): a guard against a malformed stream, not a tuning knob."""
     disk_dir: str | None = None
-    """Shared directory for the `disk` transport."""
+    """Shared directory for the `disk` transport; every server must be able to read it."""
     admin_api_key: str | None = None
-    """SGLang admin API key, passed through on weight-update calls (null: none configured)."""
+    """SGLang admin API key (`--admin-api-key`), sent on every weight and pause call (null: none)."""
+    pause_mode: str = "retract"
+    """How servers pause around an update: `abort` ends in-flight requests (finish_reason abort),
+    `retract` re-queues them, `in_place` freezes them (SGLang then refuses to flush its cache)."""
+    update_retries: int = 2
+    """Extra attempts of a failed call on one server before it is marked unhealthy and skipped."""
+    retry_backoff_s: float = 1.0
+    """Wait before the first retry (seconds); doubles on each further one."""
+    request_timeout_s: float = 600.0
+    """Deadline of one HTTP call to an inference server (seconds); weight loads of big buckets are slow."""
+    flush_cache_attempts: int = 60
+    """How often `/flush_cache` is tried, a second apart, while requests are still draining."""
+    health_interval_s: float = 5.0
+    """Seconds between the bridge's health checks of each server; a server that comes back behind the
+    current weight_version is paused until the next push brings it up to date (0: no checks)."""
+    group_name: str = "weight_update_group"
+    """Process-group name of the `distributed` transport (SGLang's default)."""
+    distributed_backend: str | None = None
+    """Backend of the `distributed` transport: null picks `nccl` with CUDA, else `gloo`."""
+    master_port: int = 0
+    """TCP port trainer rank 0 listens on for the `distributed` group (0: any free port)."""
 
     def __post_init__(self) -> None:
         _require_choice(self.transport, "weights.transport", WEIGHT_TRANSPORTS)
+        _require_choice(self.pause_mode, "weights.pause_mode", PAUSE_MODES)
         _require(self.bucket_bytes > 0, "weights.bucket_bytes", "must be > 0")
+        _require(
+            self.max_bucket_bytes >= self.bucket_bytes, "weights.max_bucket_bytes", "must be >= bucket_bytes"
+        )
         _require(
             self.transport != "disk" or bool(self.disk_dir), "weights.disk_dir", "required by transport=disk"
         )
         for url in self.inference_servers:
             _require(url.startswith(("http://", "https://")), "weights.inference_servers", f"bad URL {url!r}")
+        for address in self.bridge_agents:
+            host, sep, port = address.rpartition(":")
+            _require(
+                bool(sep and host and port.isdigit()),
+                "weights.bridge_agents",
+                f"expected host:port, got {address!r}",
+            )
+        _require(self.update_retries >= 0, "weights.update_retries", "must be >= 0")
+        _require(self.retry_backoff_s >= 0, "weights.retry_backoff_s", "must be >= 0")
+        _require(self.request_timeout_s > 0, "weights.request_timeout_s", "must be > 0")
+        _require(self.flush_cache_attempts >= 1, "weights.flush_cache_attempts", "must be >= 1")
+        _require(self.health_interval_s >= 0, "weights.health_interval_s", "must be >= 0")
+        _require(
+            self.distributed_backend in (None, "nccl", "gloo"),
+            "weights.distributed_backend",
+            "must be null, 'nccl' or 'gloo'",
+        )
+        _require(0 <= self.master_port < 65536, "weights.master_port", "must be a TCP port or 0")
 
 
 @dataclass(kw_only=True)

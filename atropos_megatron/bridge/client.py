@@ -1,15 +1,22 @@
-"""The trainer's side of the bridge: register, receive validated batches, acknowledge them.
+"""The trainer's side of the bridge: register, receive validated batches, acknowledge them, push weights.
 
 Every call has a deadline. Only calls that are safe to repeat are retried on ``UNAVAILABLE`` (the
 bridge restarting): registration, acks and status are idempotent, and a batch whose answer was lost
-is handed out again by ``next_batch(redeliver_unacked=True)``.
+is handed out again by ``next_batch(redeliver_unacked=True)``. A weight push is not retried here: the
+caller pushes again (every push carries the full weights).
+
+Weights go out as :class:`WeightPushStream`: the caller sends buckets from its own thread (a
+``distributed`` push must broadcast between two messages), the gRPC call consumes them from a small
+queue in the background, and a full queue blocks the sender, so memory stays bounded.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -20,6 +27,33 @@ from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
 logger = logging.getLogger(__name__)
 
 _RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+CHUNK_BYTES = 4 * 1024 * 1024  # bytes per data message of a weight bucket
+_QUEUE_DEPTH = 8  # messages buffered ahead of the gRPC call (so at most 32 MiB of bucket bytes)
+_END = object()
+
+# SGLang's dtype names (``getattr(torch, name)``) <-> the contract's enum, for weights.
+WEIGHT_DTYPES = {
+    "float32": bridge_pb2.DTYPE_FLOAT32,
+    "bfloat16": bridge_pb2.DTYPE_BFLOAT16,
+    "float16": bridge_pb2.DTYPE_FLOAT16,
+}
+WEIGHT_DTYPE_NAMES = {value: name for name, value in WEIGHT_DTYPES.items()}
+WEIGHT_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def weight_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of SGLang dtype name ``dtype`` and ``shape``."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return numel * WEIGHT_ITEMSIZE[dtype]
+
+
+TRANSPORTS = {
+    "grpc": bridge_pb2.WEIGHT_TRANSPORT_GRPC,
+    "distributed": bridge_pb2.WEIGHT_TRANSPORT_DISTRIBUTED,
+    "disk": bridge_pb2.WEIGHT_TRANSPORT_DISK,
+}
 
 
 class BridgeClient:
@@ -103,6 +137,33 @@ class BridgeClient:
             self._stub.GetStatus, bridge_pb2.GetStatusRequest(request_id=_request_id()), retry=True
         )
 
+    def open_weight_push(
+        self,
+        weight_version: str,
+        *,
+        transport: str = "grpc",
+        disk_path: str = "",
+        group: dict | None = None,
+        num_buckets: int = 0,
+        total_bytes: int = 0,
+        timeout_s: float | None = None,
+    ) -> WeightPushStream:
+        """Start a ``PushWeights`` call; send buckets on the returned stream, then ``finish()`` it.
+
+        ``group`` (``distributed`` only): the ``DistributedGroup`` fields as a dict (master_address,
+        master_port, group_name, backend, world_size, init).
+        """
+        header = bridge_pb2.WeightsHeader(
+            request_id=_request_id(),
+            weight_version=weight_version,
+            transport=TRANSPORTS[transport],
+            disk_path=disk_path,
+            group=bridge_pb2.DistributedGroup(**group) if group else None,
+            num_buckets=num_buckets,
+            total_bytes=total_bytes,
+        )
+        return WeightPushStream(self._stub, header, metadata=self._metadata, timeout_s=timeout_s)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -124,6 +185,78 @@ class BridgeClient:
                 )
                 time.sleep(pause)
         raise AssertionError("unreachable")
+
+
+class WeightPushStream:
+    """One open ``PushWeights`` call (see the module docstring). Not thread-safe: one sender."""
+
+    def __init__(self, stub, header: bridge_pb2.WeightsHeader, *, metadata, timeout_s: float | None) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._queue.put(bridge_pb2.WeightsChunk(header=header))
+        self._future = stub.PushWeights.future(self._messages(), timeout=timeout_s, metadata=metadata)
+        self._finished = False
+
+    def send_bucket(
+        self,
+        index: int,
+        tensors: Sequence[tuple[str, str, Sequence[int]]],
+        data: Iterable[bytes] | bytes | memoryview | None = None,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        """Announce bucket ``index`` (``(hf_name, sglang_dtype_name, shape)`` per tensor) and send its bytes.
+
+        ``data`` is the bucket's bytes (any buffer, cut into ``chunk_bytes`` messages) or an iterable of
+        byte chunks; None for the ``distributed`` transport, whose bytes go by broadcast.
+        """
+        specs = [
+            bridge_pb2.TensorSpec(name=name, dtype=WEIGHT_DTYPES[dtype], shape=list(shape))
+            for name, dtype, shape in tensors
+        ]
+        nbytes = sum(weight_nbytes(dtype, shape) for _, dtype, shape in tensors)
+        self._put(
+            bridge_pb2.WeightsChunk(bucket=bridge_pb2.WeightBucket(index=index, tensors=specs, nbytes=nbytes))
+        )
+        if data is None:
+            return
+        if isinstance(data, bytes | bytearray | memoryview):
+            view = memoryview(data).cast("B")
+            data = (bytes(view[start : start + chunk_bytes]) for start in range(0, len(view), chunk_bytes))
+        for chunk in data:
+            self._put(bridge_pb2.WeightsChunk(data=chunk))
+
+    def finish(self) -> bridge_pb2.PushWeightsResponse:
+        """End the stream and wait for the bridge's answer (raises ``grpc.RpcError`` on failure)."""
+        if not self._finished:
+            self._finished = True
+            self._put(_END)
+        return self._future.result()
+
+    def cancel(self) -> None:
+        self._finished = True
+        self._future.cancel()
+
+    def done(self) -> bool:
+        """Whether the call has ended (the bridge answered or refused, or it was cancelled)."""
+        return self._future.done()
+
+    def _put(self, item) -> None:
+        while True:  # block while the call is alive, but never forever on a call that already failed
+            if self._future.done():
+                self._future.result()  # raises the call's error
+                raise RuntimeError("the PushWeights call ended before the stream did")
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _messages(self):
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            yield item
 
 
 def _request_id() -> str:

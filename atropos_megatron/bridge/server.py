@@ -17,11 +17,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atropos_megatron.bridge.atropos_client import AtroposClient
+from atropos_megatron.bridge.client import BridgeClient
 from atropos_megatron.bridge.pipeline import BatchPipeline
 from atropos_megatron.bridge.service import BridgeService
 from atropos_megatron.bridge.spool import BatchSpool
 from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
-from atropos_megatron.config import BridgeConfig
+from atropos_megatron.bridge.weight_sync import PushHeader, ServerSnapshot, WeightSync
+from atropos_megatron.config import BridgeConfig, WeightsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +50,14 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         return self._deny
 
 
-def build_service(cfg: BridgeConfig) -> BridgeService:
+def build_service(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> BridgeService:
     """The bridge's parts wired together from config (nothing is contacted yet)."""
+    weight_sync = WeightSync(
+        weights or WeightsConfig(),
+        open_agent_stream=lambda address, header: _AgentStream(cfg, address, header),
+    )
+    if cfg.mode == "agent":
+        return BridgeService(cfg, None, None, weight_sync)
     atropos = AtroposClient(
         cfg.atropos_url,
         timeout_s=cfg.request_timeout_s,
@@ -63,7 +71,36 @@ def build_service(cfg: BridgeConfig) -> BridgeService:
         return atropos.fetch_batch(wait_s=wait_s, stop=stop)
 
     pipeline = BatchPipeline(spool, fetch, prefetch=cfg.prefetch_batches)
-    return BridgeService(cfg, atropos, pipeline)
+    return BridgeService(cfg, atropos, pipeline, weight_sync)
+
+
+class _AgentStream:
+    """A ``grpc`` push forwarded to a per-node bridge agent, with the job bridge's own credentials."""
+
+    def __init__(self, cfg: BridgeConfig, address: str, header: PushHeader) -> None:
+        self._client = BridgeClient(
+            address, token=cfg.auth_token, tls_ca=cfg.tls_ca, max_message_bytes=cfg.max_message_bytes
+        )
+        self._stream = self._client.open_weight_push(header.weight_version, transport="grpc")
+
+    def send_bucket(self, index, tensors, chunks) -> None:
+        self._stream.send_bucket(index, tensors, chunks)
+
+    def finish(self) -> list[ServerSnapshot]:
+        try:
+            response = self._stream.finish()
+        finally:
+            self._client.close()
+        return [
+            ServerSnapshot(
+                s.url, s.healthy, s.weight_version, s.sglang_version, s.tp_size, s.last_error, s.updated
+            )
+            for s in response.servers
+        ]
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+        self._client.close()
 
 
 def create_server(
@@ -97,23 +134,28 @@ def create_server(
     return server, port
 
 
-def serve(cfg: BridgeConfig) -> None:
+def serve(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> None:
     """Run the bridge until SIGTERM/SIGINT, then finish in-flight calls and stop."""
-    service = build_service(cfg)
+    service = build_service(cfg, weights)
     server, port = create_server(cfg, service)
     security = ("TLS" if cfg.tls_cert else "plaintext") + (", token auth" if cfg.auth_token else "")
-    logger.info(
-        "bridge listening on %s (port %d, %s); Atropos at %s", cfg.address, port, security, cfg.atropos_url
-    )
+    upstream = "weights agent (no Atropos)" if cfg.mode == "agent" else f"Atropos at {cfg.atropos_url}"
+    logger.info("bridge listening on %s (port %d, %s); %s", cfg.address, port, security, upstream)
+    servers = service.weights.cfg.inference_servers
+    logger.info("inference servers: %s", ", ".join(servers) if servers else "none configured")
+    service.weights.start_monitor()
     stopped = threading.Event()
 
     def on_signal(signum, frame):
-        logger.info("signal %d: stopping (un-acknowledged batches stay in %s)", signum, cfg.spool_dir)
+        if service.pipeline is not None:
+            logger.info("signal %d: stopping (un-acknowledged batches stay in %s)", signum, cfg.spool_dir)
         stopped.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stopped.wait()
     server.stop(SHUTDOWN_GRACE_S).wait()
-    service.pipeline.stop()
-    service.atropos.close()
+    service.weights.stop()
+    if service.pipeline is not None:
+        service.pipeline.stop()
+        service.atropos.close()

@@ -1,7 +1,9 @@
 """The ``Bridge`` gRPC servicer: translates between proto messages and the bridge's parts.
 
-Decisions live elsewhere (``pipeline.BatchPipeline`` for batches, ``atropos_client`` for Atropos);
-each method here checks its request, calls one of them and maps failures to gRPC status codes.
+Decisions live elsewhere (``pipeline.BatchPipeline`` for batches, ``atropos_client`` for Atropos,
+``weight_sync.WeightSync`` for weights); each method here checks its request, calls one of them and
+maps failures to gRPC status codes. A bridge in ``agent`` mode has no Atropos side: its batch calls
+answer FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -12,8 +14,18 @@ import threading
 import grpc
 
 from atropos_megatron.bridge.atropos_client import AtroposClient, AtroposUnavailable, Registration
+from atropos_megatron.bridge.client import TRANSPORTS, WEIGHT_DTYPE_NAMES
 from atropos_megatron.bridge.pipeline import BatchPipeline, Limits
 from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
+from atropos_megatron.bridge.weight_sync import (
+    BucketTensor,
+    GroupSpec,
+    PushHeader,
+    PushRefused,
+    ServerSnapshot,
+    WeightPush,
+    WeightSync,
+)
 from atropos_megatron.config import BridgeConfig
 
 logger = logging.getLogger(__name__)
@@ -24,14 +36,22 @@ DEFAULT_WAIT_S = 30.0
 class BridgeService(bridge_pb2_grpc.BridgeServicer):
     """One run's bridge: registration with Atropos, then batches through the pipeline."""
 
-    def __init__(self, cfg: BridgeConfig, atropos: AtroposClient, pipeline: BatchPipeline) -> None:
+    def __init__(
+        self,
+        cfg: BridgeConfig,
+        atropos: AtroposClient | None,
+        pipeline: BatchPipeline | None,
+        weights: WeightSync,
+    ) -> None:
         self.cfg = cfg
         self.atropos = atropos
         self.pipeline = pipeline
+        self.weights = weights
         self._registered: tuple[str, bridge_pb2.RegisterRunResponse] | None = None
         self._lock = threading.Lock()
 
     def RegisterRun(self, request, context):  # noqa: N802 - gRPC's method name
+        self._require_job_mode(context)
         if request.batch_size <= 0 or request.max_token_len <= 0 or request.starting_step < 0:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -73,6 +93,7 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
         return response
 
     def GetBatch(self, request, context):  # noqa: N802
+        self._require_job_mode(context)
         if not self.pipeline.started:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "call RegisterRun first")
         wait_s = request.wait_s if request.wait_s > 0 else DEFAULT_WAIT_S
@@ -87,16 +108,168 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
         return batch
 
     def AckBatch(self, request, context):  # noqa: N802
+        self._require_job_mode(context)
         if not self.pipeline.ack(request.batch_id):
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown batch_id {request.batch_id!r}")
         logger.debug("batch %s acknowledged (trained step %d)", request.batch_id, request.trained_step)
         return bridge_pb2.AckBatchResponse()
 
     def GetStatus(self, request, context):  # noqa: N802
-        snapshot = self.pipeline.snapshot()
+        snapshot = self.pipeline.snapshot() if self.pipeline is not None else {}
+        self.weights.refresh()
         return bridge_pb2.BridgeStatus(
             registered=self._registered is not None,
-            atropos_url=self.cfg.atropos_url,
-            atropos_reachable=self.atropos.reachable,
+            atropos_url=self.cfg.atropos_url if self.atropos is not None else "",
+            atropos_reachable=self.atropos is not None and self.atropos.reachable,
+            weight_version=self.weights.current_version,
+            servers=[_server_to_proto(server) for server in self.weights.snapshot()],
+            weight_pushes=self.weights.pushes,
+            mode=self.cfg.mode,
             **snapshot,
         )
+
+    def PushWeights(self, request_iterator, context):  # noqa: N802
+        messages = iter(request_iterator)
+        first = next(messages, None)
+        if first is None or first.WhichOneof("part") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a weight push starts with a header")
+        try:
+            header = _push_header(first.header)
+            push = self.weights.begin_push(header)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except PushRefused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        try:
+            _feed_push(push, messages, max_bucket_bytes=self.weights.cfg.max_bucket_bytes)
+        except _BadStream as exc:
+            push.abort(str(exc))
+            context.abort(exc.code, str(exc))
+        except BaseException as exc:  # the trainer went away mid-stream, or a bug: never leave a push open
+            push.abort(f"{type(exc).__name__}: {exc}")
+            raise
+        result = push.finish()
+        if self.weights.servers and not any(server.updated for server in result.servers):
+            errors = "; ".join(f"{s.url}: {s.last_error}" for s in result.servers)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"no inference server took the weights ({errors})")
+        return bridge_pb2.PushWeightsResponse(
+            weight_version=result.weight_version,
+            buckets=result.buckets,
+            bytes=result.bytes,
+            seconds=result.seconds,
+            servers=[_server_to_proto(server) for server in result.servers],
+        )
+
+    def _require_job_mode(self, context) -> None:
+        if self.pipeline is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this bridge runs as a per-node weights agent (bridge.mode=agent): it serves no batches",
+            )
+
+
+class _BadStream(ValueError):
+    """A malformed PushWeights stream; ``code`` is the gRPC status to answer with."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _push_header(header: bridge_pb2.WeightsHeader) -> PushHeader:
+    """The push header in the bridge's terms; ValueError names what is missing."""
+    transports = {value: name for name, value in TRANSPORTS.items()}
+    if header.transport not in transports:
+        raise ValueError("header.transport must be GRPC, DISTRIBUTED or DISK")
+    if not header.weight_version:
+        raise ValueError("header.weight_version is empty")
+    transport = transports[header.transport]
+    if transport == "disk" and not header.disk_path:
+        raise ValueError("the DISK transport needs header.disk_path")
+    group = None
+    if transport == "distributed":
+        g = header.group
+        if not g.group_name:
+            raise ValueError("the DISTRIBUTED transport needs header.group.group_name")
+        if g.init and not (g.master_address and g.master_port and g.backend and g.world_size >= 2):
+            raise ValueError(
+                "creating the DISTRIBUTED group needs header.group master_address, master_port, backend "
+                "and world_size >= 2"
+            )
+        group = GroupSpec(g.master_address, g.master_port, g.group_name, g.backend, g.world_size, g.init)
+    return PushHeader(header.weight_version, transport, header.disk_path, group)
+
+
+def _bucket_tensors(bucket: bridge_pb2.WeightBucket) -> list[BucketTensor]:
+    tensors = []
+    for spec in bucket.tensors:
+        if spec.dtype not in WEIGHT_DTYPE_NAMES:
+            raise _BadStream(f"{spec.name}: weights must be float32, bfloat16 or float16")
+        if any(size < 0 for size in spec.shape) or not spec.name:
+            raise _BadStream(f"bucket {bucket.index}: a tensor without a name or with a negative size")
+        tensors.append(BucketTensor(spec.name, WEIGHT_DTYPE_NAMES[spec.dtype], tuple(spec.shape)))
+    if not tensors:
+        raise _BadStream(f"bucket {bucket.index} is empty")
+    return tensors
+
+
+def _feed_push(push: WeightPush, messages, *, max_bucket_bytes: int) -> None:
+    """Apply each bucket of the stream as soon as it is whole (GRPC) or announced (DISTRIBUTED)."""
+    transport = push.header.transport
+    pending = None  # GRPC: the bucket whose bytes are arriving
+    for message in messages:
+        part = message.WhichOneof("part")
+        if part == "bucket":
+            if transport == "disk":
+                raise _BadStream("the DISK transport sends no buckets")
+            if pending is not None:
+                raise _BadStream(
+                    f"bucket {message.bucket.index} started before the previous one was complete"
+                )
+            tensors = _bucket_tensors(message.bucket)
+            if message.bucket.nbytes > max_bucket_bytes:
+                raise _BadStream(
+                    f"bucket {message.bucket.index} has {message.bucket.nbytes} bytes; weights.max_bucket_bytes "
+                    f"is {max_bucket_bytes}",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                )
+            if transport == "distributed":
+                push.apply_distributed_bucket(tensors, message.bucket.nbytes)
+                continue
+            from atropos_megatron.bridge.tensor_payload import SharedBucket  # torch, only for this path
+
+            pending = SharedBucket(tensors)
+            if pending.nbytes != message.bucket.nbytes:
+                raise _BadStream(
+                    f"bucket {message.bucket.index}: nbytes {message.bucket.nbytes} != {pending.nbytes} implied "
+                    "by its tensors"
+                )
+            if pending.complete:  # only zero-sized tensors: no data messages follow
+                push.apply_tensor_bucket(pending)
+                pending = None
+        elif part == "data":
+            if pending is None:
+                raise _BadStream("bytes arrived outside a GRPC bucket")
+            try:
+                pending.write(message.data)
+            except ValueError as exc:
+                raise _BadStream(str(exc)) from exc
+            if pending.complete:
+                push.apply_tensor_bucket(pending)
+                pending = None
+        else:
+            raise _BadStream("a second header in one push")
+    if pending is not None:
+        raise _BadStream("the stream ended inside a bucket")
+
+
+def _server_to_proto(server: ServerSnapshot) -> bridge_pb2.InferenceServerStatus:
+    return bridge_pb2.InferenceServerStatus(
+        url=server.url,
+        healthy=server.healthy,
+        weight_version=server.weight_version,
+        sglang_version=server.sglang_version,
+        tp_size=server.tp_size,
+        last_error=server.last_error,
+        updated=server.updated,
+    )

@@ -17,6 +17,13 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BOOL: _ClassVar[DType]
     DTYPE_UINT8: _ClassVar[DType]
+
+class WeightTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHT_TRANSPORT_UNSPECIFIED: _ClassVar[WeightTransport]
+    WEIGHT_TRANSPORT_GRPC: _ClassVar[WeightTransport]
+    WEIGHT_TRANSPORT_DISTRIBUTED: _ClassVar[WeightTransport]
+    WEIGHT_TRANSPORT_DISK: _ClassVar[WeightTransport]
 DTYPE_UNSPECIFIED: DType
 DTYPE_INT32: DType
 DTYPE_INT64: DType
@@ -25,6 +32,10 @@ DTYPE_BFLOAT16: DType
 DTYPE_FLOAT16: DType
 DTYPE_BOOL: DType
 DTYPE_UINT8: DType
+WEIGHT_TRANSPORT_UNSPECIFIED: WeightTransport
+WEIGHT_TRANSPORT_GRPC: WeightTransport
+WEIGHT_TRANSPORT_DISTRIBUTED: WeightTransport
+WEIGHT_TRANSPORT_DISK: WeightTransport
 
 class Tensor(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -147,7 +158,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class BridgeStatus(_message.Message):
-    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable")
+    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable", "weight_version", "servers", "weight_pushes", "mode")
     class RejectedGroupsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +176,10 @@ class BridgeStatus(_message.Message):
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     ATROPOS_URL_FIELD_NUMBER: _ClassVar[int]
     ATROPOS_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     registered: bool
     queue_depth: int
     unacked: int
@@ -175,4 +190,104 @@ class BridgeStatus(_message.Message):
     next_step: int
     atropos_url: str
     atropos_reachable: bool
-    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ...) -> None: ...
+    weight_version: str
+    servers: _containers.RepeatedCompositeFieldContainer[InferenceServerStatus]
+    weight_pushes: int
+    mode: str
+    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ..., weight_version: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ..., weight_pushes: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("header", "bucket", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: WeightsHeader
+    bucket: WeightBucket
+    data: bytes
+    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., bucket: _Optional[_Union[WeightBucket, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WeightsHeader(_message.Message):
+    __slots__ = ("request_id", "weight_version", "transport", "num_buckets", "total_bytes", "disk_path", "group")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_PATH_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    weight_version: str
+    transport: WeightTransport
+    num_buckets: int
+    total_bytes: int
+    disk_path: str
+    group: DistributedGroup
+    def __init__(self, request_id: _Optional[str] = ..., weight_version: _Optional[str] = ..., transport: _Optional[_Union[WeightTransport, str]] = ..., num_buckets: _Optional[int] = ..., total_bytes: _Optional[int] = ..., disk_path: _Optional[str] = ..., group: _Optional[_Union[DistributedGroup, _Mapping]] = ...) -> None: ...
+
+class DistributedGroup(_message.Message):
+    __slots__ = ("master_address", "master_port", "group_name", "backend", "world_size", "init")
+    MASTER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    master_address: str
+    master_port: int
+    group_name: str
+    backend: str
+    world_size: int
+    init: bool
+    def __init__(self, master_address: _Optional[str] = ..., master_port: _Optional[int] = ..., group_name: _Optional[str] = ..., backend: _Optional[str] = ..., world_size: _Optional[int] = ..., init: _Optional[bool] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class WeightBucket(_message.Message):
+    __slots__ = ("index", "tensors", "nbytes")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    nbytes: int
+    def __init__(self, index: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class PushWeightsResponse(_message.Message):
+    __slots__ = ("weight_version", "buckets", "bytes", "seconds", "servers")
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    weight_version: str
+    buckets: int
+    bytes: int
+    seconds: float
+    servers: _containers.RepeatedCompositeFieldContainer[InferenceServerStatus]
+    def __init__(self, weight_version: _Optional[str] = ..., buckets: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ...) -> None: ...
+
+class InferenceServerStatus(_message.Message):
+    __slots__ = ("url", "healthy", "weight_version", "sglang_version", "tp_size", "last_error", "updated")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SGLANG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    healthy: bool
+    weight_version: str
+    sglang_version: str
+    tp_size: int
+    last_error: str
+    updated: bool
+    def __init__(self, url: _Optional[str] = ..., healthy: _Optional[bool] = ..., weight_version: _Optional[str] = ..., sglang_version: _Optional[str] = ..., tp_size: _Optional[int] = ..., last_error: _Optional[str] = ..., updated: _Optional[bool] = ...) -> None: ...

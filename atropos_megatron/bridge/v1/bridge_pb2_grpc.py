@@ -54,6 +54,11 @@ class BridgeStub:
                 request_serializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.BridgeStatus.FromString,
                 _registered_method=True)
+        self.PushWeights = channel.stream_unary(
+                '/atropos_megatron.bridge.v1.Bridge/PushWeights',
+                request_serializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.WeightsChunk.SerializeToString,
+                response_deserializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.PushWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class BridgeServicer:
@@ -94,6 +99,27 @@ class BridgeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushWeights(self, request_iterator, context):
+        """Client stream. The trainer's new weights (full, unsharded, HF-named tensors; inference servers
+        reshard them), applied to every configured inference server. The stream is one WeightsChunk
+        with a header, then per bucket one WeightsChunk with its WeightBucket (names, dtypes, shapes)
+        followed, for the GRPC transport only, by chunks of its bytes (`data`, in order, summing to
+        WeightBucket.nbytes). DISTRIBUTED sends the bytes by a broadcast on the weight-update group
+        after the WeightBucket; DISK sends no bucket at all (the servers read header.disk_path).
+        The bridge applies a bucket to all servers before it reads the next one, so gRPC flow control
+        keeps at most one bucket in the bridge. When the stream ends it finishes the update on each
+        server (end session, flush cache, set weight_version, continue generation) and answers once.
+        A server that fails is retried, then left behind (paused, marked unhealthy) and brought up to
+        date by the next push; the answer lists every server's state.
+        Errors: INVALID_ARGUMENT (malformed stream: missing header, bytes that do not add up),
+        FAILED_PRECONDITION (a DISTRIBUTED group whose world_size does not match the servers, or another
+        push still running), RESOURCE_EXHAUSTED (a bucket over weights.max_bucket_bytes),
+        UNAVAILABLE (servers are configured but none could be updated).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BridgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +142,11 @@ def add_BridgeServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.GetStatusRequest.FromString,
                     response_serializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.BridgeStatus.SerializeToString,
+            ),
+            'PushWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushWeights,
+                    request_deserializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.WeightsChunk.FromString,
+                    response_serializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.PushWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +257,33 @@ class Bridge:
             '/atropos_megatron.bridge.v1.Bridge/GetStatus',
             atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.GetStatusRequest.SerializeToString,
             atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.BridgeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/atropos_megatron.bridge.v1.Bridge/PushWeights',
+            atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.WeightsChunk.SerializeToString,
+            atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.PushWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,231 @@
+"""HTTP client for one SGLang server's control and weight-update API (or our reference server).
+
+Routes and bodies follow SGLang's ``http_server.py`` (notes/sglang-protocol.md §1). Two protocol
+generations exist: from 0.5.21 on, ``/update_weights_from_tensor`` and ``/update_weights_from_distributed``
+fail unless a session is open (``/begin_weight_update`` ... ``/end_weight_update``); before that the
+session routes do not exist (404). :meth:`SGLangClient.server_info` reads the version from
+``GET /server_info`` and :attr:`SGLangClient.needs_session` decides from it, so the caller never
+guesses.
+
+Every call has a deadline; failures raise :class:`SGLangError` with the route, HTTP status and
+SGLang's message (weight routes answer HTTP 200 with ``success: false`` or HTTP 400 when they refuse).
+The admin API key, when configured, goes on every call as a bearer token: SGLang accepts only the
+admin key on its admin routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+SESSION_VERSION = (0, 5, 21)  # first SGLang release that needs begin/end_weight_update around updates
+
+
+class SGLangError(RuntimeError):
+    """A call to an inference server failed (unreachable, timed out, or refused)."""
+
+    def __init__(self, url: str, route: str, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(f"{url}{route}: {message}")
+        self.url = url
+        self.route = route
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the bridge needs to know about a server before it updates it."""
+
+    version: str  # SGLang's __version__ ("" when the server did not say)
+    tp_size: int
+    weight_version: str
+
+    @property
+    def needs_session(self) -> bool:
+        return parse_version(self.version) >= SESSION_VERSION
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"0.5.21.post1"`` -> ``(0, 5, 21)``; unparseable or empty text is treated as the newest protocol."""
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) if len(parts) == 3 else (999,)
+
+
+class SGLangClient:
+    """Control and weight calls to one server at ``url`` (no retries here: the caller decides)."""
+
+    def __init__(self, url: str, *, admin_api_key: str | None = None, timeout_s: float = 600.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {admin_api_key}"} if admin_api_key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
+        body = self._request("GET", "/server_info", timeout_s=timeout_s)
+        info = body if isinstance(body, dict) else {}
+        version = info.get("weight_version")
+        if version is None:  # SGLang keeps it in /model_info only
+            version = self.weight_version(timeout_s=timeout_s)
+        return ServerInfo(
+            version=str(info.get("version", "")),
+            tp_size=int(info.get("tp_size", 1) or 1),
+            weight_version=str(version),
+        )
+
+    def weight_version(self, *, timeout_s: float | None = None) -> str:
+        body = self._request("GET", "/model_info", timeout_s=timeout_s)
+        return str(body.get("weight_version", "")) if isinstance(body, dict) else ""
+
+    # -- generation control ---------------------------------------------------------------------
+
+    def pause_generation(self, mode: str) -> None:
+        self._request("POST", "/pause_generation", json={"mode": mode})
+
+    def continue_generation(self) -> None:
+        self._request("POST", "/continue_generation", json={})
+
+    def flush_cache(self, *, attempts: int = 60, interval_s: float = 1.0) -> None:
+        """Flush the prefix cache, retrying while requests drain (SGLang answers 400 until they have)."""
+        for attempt in range(attempts):
+            try:
+                self._request("POST", "/flush_cache", expect_json=False)
+                return
+            except SGLangError as exc:
+                if exc.status_code != 400 or attempt == attempts - 1:
+                    raise
+                time.sleep(interval_s)
+
+    def update_weight_version(self, version: str) -> None:
+        self._request(
+            "POST", "/update_weight_version", json={"new_version": version, "abort_all_requests": False}
+        )
+
+    # -- weight sessions and updates ------------------------------------------------------------
+
+    def begin_weight_update(self) -> None:
+        self._weight_call("/begin_weight_update", {})
+
+    def end_weight_update(self) -> None:
+        self._weight_call("/end_weight_update", {})
+
+    def update_weights_from_tensor(
+        self,
+        serialized_named_tensors: list[str],
+        *,
+        load_format: str | None,
+        weight_version: str | None = None,
+    ) -> None:
+        body = {
+            "serialized_named_tensors": serialized_named_tensors,
+            "load_format": load_format,
+            "flush_cache": False,
+        }
+        self._weight_call("/update_weights_from_tensor", _with_version(body, weight_version))
+
+    def init_weights_update_group(
+        self,
+        *,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> None:
+        body = {
+            "master_address": master_address,
+            "master_port": master_port,
+            "rank_offset": rank_offset,
+            "world_size": world_size,
+            "group_name": group_name,
+            "backend": backend,
+        }
+        self._weight_call("/init_weights_update_group", body)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        self._weight_call("/destroy_weights_update_group", {"group_name": group_name})
+
+    def update_weights_from_distributed(
+        self,
+        *,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        load_format: str | None,
+        weight_version: str | None = None,
+    ) -> None:
+        body = {
+            "names": names,
+            "dtypes": dtypes,
+            "shapes": shapes,
+            "group_name": group_name,
+            "load_format": load_format,
+            "flush_cache": False,
+        }
+        self._weight_call("/update_weights_from_distributed", _with_version(body, weight_version))
+
+    def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None) -> None:
+        body = {"model_path": model_path, "flush_cache": False}
+        self._weight_call("/update_weights_from_disk", _with_version(body, weight_version))
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _weight_call(self, route: str, body: dict[str, Any]) -> None:
+        answer = self._request("POST", route, json=body)
+        if isinstance(answer, dict) and answer.get("success") is False:
+            raise SGLangError(self.url, route, str(answer.get("message", "refused without a message")))
+
+    def _request(
+        self,
+        method: str,
+        route: str,
+        *,
+        json: dict[str, Any] | None = None,
+        expect_json: bool = True,
+        timeout_s: float | None = None,
+    ) -> Any:
+        kwargs: dict[str, Any] = {"json": json} if json is not None else {}
+        if timeout_s is not None:
+            kwargs["timeout"] = timeout_s
+        try:
+            response = self._http.request(method, route, **kwargs)
+        except httpx.HTTPError as exc:
+            raise SGLangError(self.url, route, f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 400:
+            raise SGLangError(self.url, route, _error_text(response), status_code=response.status_code)
+        if not expect_json or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            return response.text
+
+
+def _with_version(body: dict[str, Any], weight_version: str | None) -> dict[str, Any]:
+    return {**body, "weight_version": weight_version} if weight_version is not None else body
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+    if isinstance(body, dict):
+        detail = body.get("message") or body.get("detail") or body.get("error") or body
+        return f"HTTP {response.status_code}: {detail}"
+    return f"HTTP {response.status_code}: {body}"

@@ -1,0 +1,509 @@
+"""Keep every inference server on the trainer's newest weights: one push at a time, all servers at once.
+
+A push (one ``PushWeights`` stream) runs SGLang's recommended sequence on every reachable server in
+parallel (notes/sglang-protocol.md §1.9): ``pause_generation`` -> ``begin_weight_update`` (0.5.21+)
+-> one update call per bucket -> ``end_weight_update`` -> ``flush_cache`` -> ``update_weight_version``
+-> ``continue_generation``. Each call is retried with backoff; a server that still fails drops out of
+the push, stays paused (it may hold a mix of old and new tensors, and must not serve that) and is
+reported unhealthy. Every push carries the full weights, so the next one brings it up to date.
+
+Between pushes a monitor thread checks each server. One that comes back behind the current
+``weight_version`` (restarted with its initial weights, say) is paused at once, so environments
+never sample from a stale policy; the next push updates it and lets it continue.
+
+Per-node agents (``weights.bridge_agents``) receive ``grpc`` pushes as a forwarded stream and apply
+them to their own node's servers: tensors travel through shared memory, which only works on one host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from atropos_megatron.bridge.client import weight_nbytes
+from atropos_megatron.bridge.sglang_client import ServerInfo, SGLangClient, SGLangError
+from atropos_megatron.config import WeightsConfig
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0
+FLATTENED_BUCKET = "flattened_bucket"
+
+
+class PushRefused(RuntimeError):
+    """The push cannot start (another is running, or a distributed group no longer matches the servers)."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """The ``distributed`` transport's broadcast group, as the trainer (rank 0) created it."""
+
+    master_address: str
+    master_port: int
+    group_name: str
+    backend: str
+    world_size: int
+    init: bool
+
+
+@dataclass(frozen=True)
+class PushHeader:
+    weight_version: str
+    transport: str  # "grpc" | "distributed" | "disk"
+    disk_path: str = ""
+    group: GroupSpec | None = None
+
+
+@dataclass(frozen=True)
+class BucketTensor:
+    """One tensor of a bucket: HF name, SGLang dtype name (``"bfloat16"``), shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return weight_nbytes(self.dtype, self.shape)
+
+
+@dataclass
+class ServerState:
+    """What the bridge knows about one inference server."""
+
+    url: str
+    client: SGLangClient
+    info: ServerInfo | None = None
+    reachable: bool = False
+    weight_version: str = ""
+    last_error: str = ""
+    held: bool = False  # paused by the bridge because it is behind; released by the next push
+
+    def snapshot(self, *, updated: bool = False) -> ServerSnapshot:
+        return ServerSnapshot(
+            url=self.url,
+            healthy=self.reachable,
+            weight_version=self.weight_version,
+            sglang_version=self.info.version if self.info else "",
+            tp_size=self.info.tp_size if self.info else 0,
+            last_error=self.last_error,
+            updated=updated,
+        )
+
+
+@dataclass(frozen=True)
+class ServerSnapshot:
+    url: str
+    healthy: bool
+    weight_version: str
+    sglang_version: str
+    tp_size: int
+    last_error: str
+    updated: bool = False
+
+
+@dataclass
+class PushResult:
+    weight_version: str
+    buckets: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    servers: list[ServerSnapshot] = field(default_factory=list)
+
+
+class WeightSync:
+    """Every configured server and agent, the current weight version, and the one running push."""
+
+    def __init__(
+        self,
+        cfg: WeightsConfig,
+        *,
+        open_agent_stream: Callable[[str, PushHeader], Any] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.servers = [
+            ServerState(
+                url, SGLangClient(url, admin_api_key=cfg.admin_api_key, timeout_s=cfg.request_timeout_s)
+            )
+            for url in cfg.inference_servers
+        ]
+        self.current_version = ""
+        self.pushes = 0
+        self._open_agent_stream = open_agent_stream
+        self._push_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._group_members: tuple[str, ...] = ()
+        self._last_check = float("-inf")
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(4, 2 * len(self.servers)), thread_name_prefix="weights"
+        )
+
+    # -- monitoring -----------------------------------------------------------------------------
+
+    def start_monitor(self) -> None:
+        if self.cfg.health_interval_s > 0 and self.servers and self._monitor is None:
+            self._monitor = threading.Thread(target=self._monitor_loop, name="weights-monitor", daemon=True)
+            self._monitor.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=HEALTH_TIMEOUT_S + 1)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for server in self.servers:
+            server.client.close()
+
+    def check_servers(self) -> None:
+        """One health round: refresh each server's reachability and version; hold the ones behind."""
+        if self._push_lock.locked():
+            return  # a push is talking to the servers; its own results are fresher
+        list(self._pool.map(self._check, self.servers))
+        self._last_check = time.monotonic()
+
+    def refresh(self) -> None:
+        """Check the servers unless the monitor did within its interval (GetStatus must not be stale:
+        the trainer sizes the ``distributed`` group from it)."""
+        interval = self.cfg.health_interval_s
+        if interval <= 0 or time.monotonic() - self._last_check > interval:
+            self.check_servers()
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(self.cfg.health_interval_s):
+            try:
+                self.check_servers()
+            except Exception:  # noqa: BLE001 - the monitor must never die
+                logger.exception("weight-server health check failed")
+
+    def _check(self, server: ServerState) -> None:
+        try:
+            info = server.client.server_info(timeout_s=HEALTH_TIMEOUT_S)
+        except SGLangError as exc:
+            if server.reachable:
+                logger.warning("inference server %s is unreachable: %s", server.url, exc)
+            server.reachable, server.last_error = False, str(exc)
+            return
+        if not server.reachable:
+            logger.info(
+                "inference server %s is reachable (weight_version %r)", server.url, info.weight_version
+            )
+            server.held = False  # possibly a new process: whatever paused the old one is gone
+        server.info, server.reachable, server.weight_version = info, True, info.weight_version
+        if not self.current_version or info.weight_version == self.current_version:
+            return
+        try:  # behind: pausing again is harmless, and covers a restart between two checks
+            server.client.pause_generation(self.cfg.pause_mode)
+        except SGLangError as exc:
+            server.last_error = str(exc)
+            return
+        server.last_error = f"behind: serves {info.weight_version!r}, current is {self.current_version!r}"
+        if not server.held:
+            logger.warning("%s: %s; paused until the next push", server.url, server.last_error)
+        server.held = True
+
+    def snapshot(self) -> list[ServerSnapshot]:
+        return [server.snapshot() for server in self.servers]
+
+    # -- pushes ---------------------------------------------------------------------------------
+
+    def begin_push(self, header: PushHeader) -> WeightPush:
+        """Start a push: pause and open a session on every reachable server. Raises PushRefused."""
+        if not self._push_lock.acquire(blocking=False):
+            raise PushRefused("another weight push is still running")
+        try:
+            push = WeightPush(self, header)
+            push.start()
+        except BaseException:
+            self._push_lock.release()
+            raise
+        return push
+
+    def _push_done(self, push: WeightPush, *, succeeded: bool) -> None:
+        if succeeded:
+            self.current_version = push.header.weight_version
+            self.pushes += 1
+        self._push_lock.release()
+
+
+class WeightPush:
+    """One weight update across servers (and agents). Use through :meth:`WeightSync.begin_push`."""
+
+    def __init__(self, sync: WeightSync, header: PushHeader) -> None:
+        self.sync = sync
+        self.cfg = sync.cfg
+        self.header = header
+        self.result = PushResult(weight_version=header.weight_version)
+        self._started = time.monotonic()
+        self._active: list[ServerState] = []
+        self._agents: list[tuple[str, Any]] = []
+        self._group_inits: list = []
+        self._closed = False
+
+    # -- start ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        sync = self.sync
+        probed = list(sync._pool.map(self._probe, sync.servers))
+        self._active = [server for server, ok in zip(sync.servers, probed, strict=True) if ok]
+        if self.header.transport == "distributed":
+            self._check_group()
+        if self.header.transport == "grpc":
+            for address in self.cfg.bridge_agents:
+                self._agents.append((address, sync._open_agent_stream(address, self.header)))
+        self._each(self._prepare)
+        if self.header.transport == "distributed" and self.header.group.init:
+            self._start_group_init()
+        logger.info(
+            "weight push %r (%s) to %d server(s)%s",
+            self.header.weight_version,
+            self.header.transport,
+            len(self._active),
+            f" and {len(self._agents)} agent(s)" if self._agents else "",
+        )
+
+    def _probe(self, server: ServerState) -> bool:
+        try:
+            server.info = server.client.server_info(timeout_s=HEALTH_TIMEOUT_S)
+        except SGLangError as exc:
+            server.reachable, server.last_error = False, str(exc)
+            logger.warning("weight push %r skips %s: %s", self.header.weight_version, server.url, exc)
+            return False
+        server.reachable, server.weight_version = True, server.info.weight_version
+        return True
+
+    def _check_group(self) -> None:
+        group = self.header.group
+        if group is None:
+            raise PushRefused("the distributed transport needs a group in the header")
+        members = tuple(server.url for server in self._active)
+        expected = 1 + sum(server.info.tp_size for server in self._active)
+        if group.init and group.world_size != expected:
+            raise PushRefused(
+                f"group world_size {group.world_size} != 1 + the TP ranks of the {len(members)} reachable "
+                f"server(s) ({expected}); read GetStatus and create the group again"
+            )
+        if not group.init and members != self.sync._group_members:
+            raise PushRefused("the servers changed since the group was created; push again with init=true")
+
+    def _prepare(self, server: ServerState) -> None:
+        self._retrying(
+            server, "pause_generation", lambda: server.client.pause_generation(self.cfg.pause_mode)
+        )
+        server.held = True
+        if server.info.needs_session:
+            self._retrying(server, "begin_weight_update", server.client.begin_weight_update)
+
+    def _start_group_init(self) -> None:
+        group = self.header.group
+        for server in self._active:  # drop any previous group of this name; a fresh server has none
+            with contextlib.suppress(SGLangError):
+                server.client.destroy_weights_update_group(group.group_name)
+        offset = 1
+        for server in list(self._active):
+            kwargs = dict(
+                master_address=group.master_address,
+                master_port=group.master_port,
+                rank_offset=offset,
+                world_size=group.world_size,
+                group_name=group.group_name,
+                backend=group.backend,
+            )
+            # Returns only once the trainer has joined the rendezvous, so it runs in the background.
+            self._group_inits.append(
+                (server, self.sync._pool.submit(server.client.init_weights_update_group, **kwargs))
+            )
+            offset += server.info.tp_size
+        self.sync._group_members = tuple(server.url for server in self._active)
+
+    def _await_group(self) -> None:
+        for server, future in self._group_inits:
+            try:
+                future.result()
+            except SGLangError as exc:
+                self._drop(server, f"init_weights_update_group: {exc}")
+        self._group_inits = []
+
+    # -- buckets --------------------------------------------------------------------------------
+
+    def apply_tensor_bucket(self, bucket) -> None:
+        """``grpc`` transport: ``bucket`` is a complete ``tensor_payload.SharedBucket``."""
+
+        def update(server: ServerState) -> None:
+            self._retrying(
+                server,
+                "update_weights_from_tensor",
+                lambda: server.client.update_weights_from_tensor(
+                    [bucket.payload() for _ in range(server.info.tp_size)], load_format=FLATTENED_BUCKET
+                ),
+            )
+
+        futures = [self.sync._pool.submit(self._each, update)]
+        for address, stream in list(self._agents):
+            try:
+                stream.send_bucket(
+                    self.result.buckets,
+                    [(t.name, t.dtype, t.shape) for t in bucket.tensors],
+                    bucket.chunks(4 * 1024 * 1024),
+                )
+            except Exception as exc:  # noqa: BLE001 - one agent failing must not stop the others
+                logger.warning("agent %s dropped from push %r: %s", address, self.header.weight_version, exc)
+                self._agents.remove((address, stream))
+        for future in futures:
+            future.result()
+        self._count(bucket.nbytes)
+
+    def apply_distributed_bucket(self, tensors: Sequence[BucketTensor], nbytes: int) -> None:
+        """``distributed`` transport: announce the bucket; the trainer's broadcast carries the bytes.
+
+        No retries: a broadcast happens once. A server that fails leaves the group; the trainer must
+        create a new group for the next push (GetStatus shows who is left).
+        """
+        self._await_group()
+        body = dict(
+            names=[t.name for t in tensors],
+            dtypes=[t.dtype for t in tensors],
+            shapes=[list(t.shape) for t in tensors],
+            group_name=self.header.group.group_name,
+            load_format=FLATTENED_BUCKET,
+        )
+
+        def update(server: ServerState) -> None:
+            try:
+                server.client.update_weights_from_distributed(**body)
+            except SGLangError as exc:
+                self._drop(server, f"update_weights_from_distributed: {exc}")
+                self.sync._group_members = ()  # the group lost a member: it must be created again
+
+        self._each(update, drop_on_error=False)
+        self._count(nbytes)
+
+    def _count(self, nbytes: int) -> None:
+        self.result.buckets += 1
+        self.result.bytes += nbytes
+
+    # -- end ------------------------------------------------------------------------------------
+
+    def finish(self) -> PushResult:
+        """Load from disk (``disk``), then end, flush, version and continue every server."""
+        if self.header.transport == "distributed":
+            self._await_group()
+        if self.header.transport == "disk":
+            path = self.header.disk_path
+            self._each(
+                lambda s: self._retrying(
+                    s, "update_weights_from_disk", lambda: s.client.update_weights_from_disk(path)
+                )
+            )
+        self._each(self._complete)
+        agent_servers: list[ServerSnapshot] = []
+        for address, stream in self._agents:
+            try:
+                agent_servers.extend(stream.finish())
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("agent %s failed push %r: %s", address, self.header.weight_version, exc)
+                agent_servers.append(
+                    ServerSnapshot(address, False, "", "", 0, f"bridge agent: {exc}", updated=False)
+                )
+        updated = {server.url for server in self._active}
+        self.result.servers = [
+            s.snapshot(updated=s.url in updated) for s in self.sync.servers
+        ] + agent_servers
+        self.result.seconds = time.monotonic() - self._started
+        succeeded = bool(updated) or not self.sync.servers
+        logger.info(
+            "weight push %r done: %d bucket(s), %.1f MB in %.2f s; %d/%d server(s) updated",
+            self.header.weight_version,
+            self.result.buckets,
+            self.result.bytes / 1e6,
+            self.result.seconds,
+            len(updated),
+            len(self.sync.servers),
+        )
+        self._close(succeeded=succeeded)
+        return self.result
+
+    def _complete(self, server: ServerState) -> None:
+        version = self.header.weight_version
+        if server.info.needs_session:
+            self._retrying(server, "end_weight_update", server.client.end_weight_update)
+        try:  # best effort: the weights are in; a cache SGLang will not flush yet must not strand them
+            server.client.flush_cache(attempts=self.cfg.flush_cache_attempts)
+            flushed = ""
+        except SGLangError as exc:
+            flushed = f"cache not flushed after the update: {exc}"
+            logger.warning("%s: %s", server.url, flushed)
+        self._retrying(server, "update_weight_version", lambda: server.client.update_weight_version(version))
+        self._retrying(server, "continue_generation", server.client.continue_generation)
+        server.held, server.weight_version, server.last_error = False, version, flushed
+
+    def abort(self, reason: str) -> None:
+        """The stream broke: close sessions, keep servers paused (they may hold a mix of versions)."""
+        if self._closed:
+            return
+        logger.error("weight push %r aborted: %s; servers stay paused", self.header.weight_version, reason)
+        for _, future in self._group_inits:
+            future.cancel()
+        for server in self._active:
+            if server.info.needs_session:
+                with contextlib.suppress(SGLangError):
+                    server.client.end_weight_update()
+            server.last_error = (
+                f"push {self.header.weight_version!r} aborted ({reason}); paused until the next push"
+            )
+        for _, stream in self._agents:
+            stream.cancel()
+        if self.header.transport == "distributed":
+            self.sync._group_members = ()
+        self._close(succeeded=False)
+
+    def _close(self, *, succeeded: bool) -> None:
+        self._closed = True
+        self.sync._push_done(self, succeeded=succeeded)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _each(self, call: Callable[[ServerState], None], *, drop_on_error: bool = True) -> None:
+        """Run ``call`` on every active server in parallel; a server whose call raises drops out."""
+        servers = list(self._active)
+        futures = [self.sync._pool.submit(call, server) for server in servers]
+        for server, future in zip(servers, futures, strict=True):
+            try:
+                future.result()
+            except SGLangError as exc:
+                if drop_on_error:
+                    self._drop(server, str(exc))
+
+    def _retrying(self, server: ServerState, what: str, call: Callable[[], None]) -> None:
+        delay = self.cfg.retry_backoff_s
+        for attempt in range(self.cfg.update_retries + 1):
+            try:
+                call()
+                return
+            except SGLangError as exc:
+                if attempt == self.cfg.update_retries:
+                    raise
+                logger.warning(
+                    "%s %s failed (%s); retry %d in %.1f s", server.url, what, exc, attempt + 1, delay
+                )
+                time.sleep(delay)
+                delay *= 2
+
+    def _drop(self, server: ServerState, error: str) -> None:
+        with self.sync._state_lock:
+            if server in self._active:
+                self._active.remove(server)
+        server.last_error = error
+        server.reachable = False
+        logger.error(
+            "%s dropped from weight push %r: %s (it stays paused until a push reaches it)",
+            server.url,
+            self.header.weight_version,
+            error,
+        )
