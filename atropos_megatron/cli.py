@@ -64,14 +64,20 @@ def _build_parser() -> argparse.ArgumentParser:
     bridge = commands.add_parser(
         "bridge",
         help="run the gRPC bridge between the Atropos API, the trainer and inference servers",
-        description="Serve the bridge (config section `bridge`) until SIGTERM/SIGINT. Batches handed out "
-        "and not acknowledged stay in bridge.spool_dir and are served again after a restart.",
+        description="Serve the bridge (config sections `bridge` and `weights`) until SIGTERM/SIGINT. Batches "
+        "handed out and not acknowledged stay in bridge.spool_dir and are served again after a restart. "
+        "Weight pushes from the trainer go to weights.inference_servers; bridge.mode=agent runs a per-node "
+        "bridge that only applies weights to its node's servers.",
     )
     _add_config_arguments(bridge, example="bridge.atropos_url=http://127.0.0.1:8000")
     bridge.set_defaults(handler=_cmd_bridge)
 
     for name, help_text in (
-        ("bridge-status", "print a running bridge's status as JSON (queue, served/acked, rejections)"),
+        (
+            "bridge-status",
+            "print a running bridge's status as JSON (queue, served/acked, rejections, each inference "
+            "server's weight_version)",
+        ),
         (
             "bridge-peek",
             "write the oldest waiting batch of a bridge as JSON, leaving it queued for the trainer",

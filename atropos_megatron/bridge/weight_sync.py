@@ -344,20 +344,23 @@ class WeightPush:
                 ),
             )
 
-        futures = [self.sync._pool.submit(self._each, update)]
-        for address, stream in list(self._agents):
+        forwards = [
+            (address, stream, self.sync._pool.submit(self._forward, stream, bucket))
+            for address, stream in self._agents
+        ]
+        self._each(update)
+        for address, stream, future in forwards:
             try:
-                stream.send_bucket(
-                    self.result.buckets,
-                    [(t.name, t.dtype, t.shape) for t in bucket.tensors],
-                    bucket.chunks(4 * 1024 * 1024),
-                )
+                future.result()
             except Exception as exc:  # noqa: BLE001 - one agent failing must not stop the others
                 logger.warning("agent %s dropped from push %r: %s", address, self.header.weight_version, exc)
+                stream.cancel()
                 self._agents.remove((address, stream))
-        for future in futures:
-            future.result()
         self._count(bucket.nbytes)
+
+    def _forward(self, stream, bucket) -> None:
+        tensors = [(t.name, t.dtype, t.shape) for t in bucket.tensors]
+        stream.send_bucket(self.result.buckets, tensors, bucket.chunks(4 * 1024 * 1024))
 
     def apply_distributed_bucket(self, tensors: Sequence[BucketTensor], nbytes: int) -> None:
         """``distributed`` transport: announce the bucket; the trainer's broadcast carries the bytes.
