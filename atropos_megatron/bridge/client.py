@@ -23,6 +23,7 @@ import grpc
 
 from atropos_megatron.bridge import codec
 from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
+from atropos_megatron.bridge.weight_wire import DataChunk, encode_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,12 @@ class BridgeClient:
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._stub = bridge_pb2_grpc.BridgeStub(self._channel)
+        # PushWeights with our own encoder (weight_wire): bucket bytes go out without protobuf copies.
+        self._push_weights = self._channel.stream_unary(
+            "/atropos_megatron.bridge.v1.Bridge/PushWeights",
+            request_serializer=encode_chunk,
+            response_deserializer=bridge_pb2.PushWeightsResponse.FromString,
+        )
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout_s = timeout_s
 
@@ -162,7 +169,7 @@ class BridgeClient:
             num_buckets=num_buckets,
             total_bytes=total_bytes,
         )
-        return WeightPushStream(self._stub, header, metadata=self._metadata, timeout_s=timeout_s)
+        return WeightPushStream(self._push_weights, header, metadata=self._metadata, timeout_s=timeout_s)
 
     def close(self) -> None:
         self._channel.close()
@@ -190,10 +197,10 @@ class BridgeClient:
 class WeightPushStream:
     """One open ``PushWeights`` call (see the module docstring). Not thread-safe: one sender."""
 
-    def __init__(self, stub, header: bridge_pb2.WeightsHeader, *, metadata, timeout_s: float | None) -> None:
+    def __init__(self, call, header: bridge_pb2.WeightsHeader, *, metadata, timeout_s: float | None) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._queue.put(bridge_pb2.WeightsChunk(header=header))
-        self._future = stub.PushWeights.future(self._messages(), timeout=timeout_s, metadata=metadata)
+        self._future = call.future(self._messages(), timeout=timeout_s, metadata=metadata)
         self._finished = False
 
     def send_bucket(
@@ -207,7 +214,9 @@ class WeightPushStream:
         """Announce bucket ``index`` (``(hf_name, sglang_dtype_name, shape)`` per tensor) and send its bytes.
 
         ``data`` is the bucket's bytes (any buffer, cut into ``chunk_bytes`` messages) or an iterable of
-        byte chunks; None for the ``distributed`` transport, whose bytes go by broadcast.
+        byte chunks; None for the ``distributed`` transport, whose bytes go by broadcast. The bytes
+        are read when gRPC sends them, after this returns: leave the buffer untouched until
+        :meth:`finish` (the exporter's buckets are fresh buffers, so this holds for them).
         """
         specs = [
             bridge_pb2.TensorSpec(name=name, dtype=WEIGHT_DTYPES[dtype], shape=list(shape))
@@ -221,9 +230,9 @@ class WeightPushStream:
             return
         if isinstance(data, bytes | bytearray | memoryview):
             view = memoryview(data).cast("B")
-            data = (bytes(view[start : start + chunk_bytes]) for start in range(0, len(view), chunk_bytes))
+            data = (view[start : start + chunk_bytes] for start in range(0, len(view), chunk_bytes))
         for chunk in data:
-            self._put(bridge_pb2.WeightsChunk(data=chunk))
+            self._put(DataChunk(chunk))  # encoded straight from the caller's memory (weight_wire)
 
     def finish(self) -> bridge_pb2.PushWeightsResponse:
         """End the stream and wait for the bridge's answer (raises ``grpc.RpcError`` on failure)."""

@@ -21,8 +21,9 @@ from atropos_megatron.bridge.client import BridgeClient
 from atropos_megatron.bridge.pipeline import BatchPipeline
 from atropos_megatron.bridge.service import BridgeService
 from atropos_megatron.bridge.spool import BatchSpool
-from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
+from atropos_megatron.bridge.v1 import bridge_pb2
 from atropos_megatron.bridge.weight_sync import PushHeader, ServerSnapshot, WeightSync
+from atropos_megatron.bridge.weight_wire import decode_chunk
 from atropos_megatron.config import BridgeConfig, WeightsConfig
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=_WORKERS), interceptors=interceptors, options=options
     )
-    bridge_pb2_grpc.add_BridgeServicer_to_server(service, server)
+    _add_bridge_service(service, server)
     health_servicer = health.HealthServicer()
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -132,6 +133,28 @@ def create_server(
         raise OSError(f"cannot bind the bridge to {address}")
     server.start()
     return server, port
+
+
+def _add_bridge_service(service: BridgeService, server: grpc.Server) -> None:
+    """Register the servicer like the generated ``add_BridgeServicer_to_server``, except PushWeights
+    decodes its data messages with ``weight_wire`` (zero-copy) instead of protobuf."""
+    handlers = {}
+    for method in bridge_pb2.DESCRIPTOR.services_by_name["Bridge"].methods:
+        request = getattr(bridge_pb2, method.input_type.name)
+        response = getattr(bridge_pb2, method.output_type.name)
+        make = (
+            grpc.stream_unary_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        decode = decode_chunk if method.name == "PushWeights" else request.FromString
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=decode,
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def serve(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> None:

@@ -26,6 +26,7 @@ from atropos_megatron.bridge.weight_sync import (
     WeightPush,
     WeightSync,
 )
+from atropos_megatron.bridge.weight_wire import DataChunk
 from atropos_megatron.config import BridgeConfig
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
         self.atropos = atropos
         self.pipeline = pipeline
         self.weights = weights
+        self._shared_buffer = None  # grpc transport: one bucket of shared memory, made on first use
         self._registered: tuple[str, bridge_pb2.RegisterRunResponse] | None = None
         self._lock = threading.Lock()
 
@@ -141,7 +143,13 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
         except PushRefused as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         try:
-            _feed_push(push, messages, max_bucket_bytes=self.weights.cfg.max_bucket_bytes)
+            if header.transport == "grpc" and self._shared_buffer is None:
+                from atropos_megatron.bridge.tensor_payload import SharedBuffer  # torch: grpc transport only
+
+                self._shared_buffer = SharedBuffer()
+            _feed_push(
+                push, messages, self._shared_buffer, max_bucket_bytes=self.weights.cfg.max_bucket_bytes
+            )
         except _BadStream as exc:
             push.abort(str(exc))
             context.abort(exc.code, str(exc))
@@ -213,12 +221,15 @@ def _bucket_tensors(bucket: bridge_pb2.WeightBucket) -> list[BucketTensor]:
     return tensors
 
 
-def _feed_push(push: WeightPush, messages, *, max_bucket_bytes: int) -> None:
-    """Apply each bucket of the stream as soon as it is whole (GRPC) or announced (DISTRIBUTED)."""
+def _feed_push(push: WeightPush, messages, shared, *, max_bucket_bytes: int) -> None:
+    """Apply each bucket of the stream as soon as it is whole (GRPC) or announced (DISTRIBUTED).
+
+    ``messages`` are ``WeightsChunk`` protos, or ``weight_wire.DataChunk`` for data (our own decoder).
+    """
     transport = push.header.transport
     pending = None  # GRPC: the bucket whose bytes are arriving
     for message in messages:
-        part = message.WhichOneof("part")
+        part = "data" if isinstance(message, DataChunk) else message.WhichOneof("part")
         if part == "bucket":
             if transport == "disk":
                 raise _BadStream("the DISK transport sends no buckets")
@@ -238,7 +249,7 @@ def _feed_push(push: WeightPush, messages, *, max_bucket_bytes: int) -> None:
                 continue
             from atropos_megatron.bridge.tensor_payload import SharedBucket  # torch, only for this path
 
-            pending = SharedBucket(tensors)
+            pending = SharedBucket(tensors, shared)
             if pending.nbytes != message.bucket.nbytes:
                 raise _BadStream(
                     f"bucket {message.bucket.index}: nbytes {message.bucket.nbytes} != {pending.nbytes} implied "

@@ -5,6 +5,11 @@ The ``grpc`` transport hands buckets to same-host servers through ``/update_weig
 bytes (notes/sglang-protocol.md §1.3). The buffer is allocated in shared memory from the start, so the
 bytes arriving from the trainer are written exactly once and every server maps the same pages.
 
+One shared buffer (:class:`SharedBuffer`) is reused for every bucket: buckets are applied one at a
+time and every server has copied a bucket into its weights before it answers, and fresh shared
+memory costs ~0.6 s per GB in page faults. So the bridge keeps one bucket's worth (the largest seen)
+of shared memory for its lifetime.
+
 This is the only bridge module that needs torch (SGLang's payload is a torch ``ForkingPickler``
 pickle); it is imported when the first bucket of a ``grpc`` push arrives, so a bridge that serves only
 batches, or the ``distributed``/``disk`` transports, never loads torch.
@@ -20,30 +25,45 @@ from atropos_megatron import sglang_wire
 from atropos_megatron.bridge.weight_sync import BucketTensor
 
 
-class SharedBucket:
-    """A bucket's bytes in shared memory, filled chunk by chunk, then encoded once for every server.
+class SharedBuffer:
+    """Shared memory for one bucket at a time, grown to the largest bucket seen and then reused."""
 
-    Keep the object alive until every server has answered: the servers map its pages while loading.
+    def __init__(self) -> None:
+        self._storage: torch.Tensor | None = None
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 view of ``nbytes`` shared bytes (valid until the next ``take``)."""
+        if self._storage is None or self._storage.numel() < nbytes:
+            sglang_wire.use_file_system_sharing()
+            self._storage = None  # release the smaller one first
+            self._storage = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+        return self._storage[:nbytes]
+
+
+class SharedBucket:
+    """A bucket's bytes in shared memory, filled chunk by chunk, then encoded for every server.
+
+    The buffer is ``shared``'s until the next bucket: finish with this one (every server answered)
+    before starting another.
     """
 
-    def __init__(self, tensors: Sequence[BucketTensor]) -> None:
-        sglang_wire.use_file_system_sharing()
+    def __init__(self, tensors: Sequence[BucketTensor], shared: SharedBuffer) -> None:
         self.tensors = list(tensors)
         self.nbytes = sum(t.nbytes for t in self.tensors)
-        self._buffer = torch.empty(self.nbytes, dtype=torch.uint8).share_memory_()
+        self._buffer = shared.take(self.nbytes)
+        self._view = memoryview(self._buffer.numpy())
         self._filled = 0
 
     @property
     def complete(self) -> bool:
         return self._filled == self.nbytes
 
-    def write(self, chunk: bytes) -> None:
-        """Append the next bytes; raises ValueError when they would overflow the bucket."""
+    def write(self, chunk: bytes | memoryview) -> None:
+        """Append the next bytes (one copy); raises ValueError when they would overflow the bucket."""
         end = self._filled + len(chunk)
         if end > self.nbytes:
             raise ValueError(f"bucket holds {self.nbytes} bytes; {end} arrived")
-        if chunk:
-            self._buffer[self._filled : end] = torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
+        self._view[self._filled : end] = chunk
         self._filled = end
 
     def payload(self) -> str:
@@ -61,6 +81,5 @@ class SharedBucket:
 
     def chunks(self, chunk_bytes: int):
         """The bucket's bytes as ``bytes`` pieces of at most ``chunk_bytes`` (to forward it on)."""
-        view = memoryview(self._buffer.numpy())
         for start in range(0, self.nbytes, chunk_bytes):
-            yield bytes(view[start : start + chunk_bytes])
+            yield self._view[start : start + chunk_bytes]

@@ -360,7 +360,9 @@ class WeightPush:
 
     def _forward(self, stream, bucket) -> None:
         tensors = [(t.name, t.dtype, t.shape) for t in bucket.tensors]
-        stream.send_bucket(self.result.buckets, tensors, bucket.chunks(4 * 1024 * 1024))
+        # Copied: the stream encodes queued chunks later, and the next bucket reuses the shared buffer.
+        chunks = (bytes(chunk) for chunk in bucket.chunks(4 * 1024 * 1024))
+        stream.send_bucket(self.result.buckets, tensors, chunks)
 
     def apply_distributed_bucket(self, tensors: Sequence[BucketTensor], nbytes: int) -> None:
         """``distributed`` transport: announce the bucket; the trainer's broadcast carries the bytes.
