@@ -28,5 +28,11 @@ def test_stubs_import_and_describe_the_service():
     from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
 
     service = bridge_pb2.DESCRIPTOR.services_by_name["Bridge"]
-    assert [m.name for m in service.methods] == ["RegisterRun", "GetBatch", "AckBatch", "GetStatus", "PushWeights"]
+    assert [m.name for m in service.methods] == [
+        "RegisterRun",
+        "GetBatch",
+        "AckBatch",
+        "GetStatus",
+        "PushWeights",
+    ]
     assert hasattr(bridge_pb2_grpc, "BridgeServicer")

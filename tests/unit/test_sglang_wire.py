@@ -45,7 +45,8 @@ def test_flatten_is_bytes_back_to_back_with_running_offsets():
     assert [m.start_idx for m in meta] == [0, 60, 74, 80]
     assert [m.end_idx - m.start_idx for m in meta] == sizes
     assert [(m.name, tuple(m.shape), m.dtype, m.numel) for m in meta] == [
-        (n, tuple(t.shape), t.dtype, t.numel() * t.element_size()) for n, t in named  # bytes, as SGLang
+        (n, tuple(t.shape), t.dtype, t.numel() * t.element_size())
+        for n, t in named  # bytes, as SGLang
     ]
     for (name, got), (_, want) in zip(sglang_wire.unflatten_tensors(flat, meta), named, strict=True):
         assert torch.equal(got, want), name
