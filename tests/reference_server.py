@@ -9,76 +9,43 @@ so the protocol (routes, JSON, status codes, pickled payloads crossing processes
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import httpx
 
-from tests.atropos_api import free_port
+from tests.subprocess_server import SubprocessServer
 
 
-class ReferenceServer:
+class ReferenceServer(SubprocessServer):
     """One ``serve`` process on ``127.0.0.1:port``; keyword options become ``--flag value`` arguments."""
 
+    name = "reference-server"
+
     def __init__(self, model_dir, *, startup_timeout_s: float = 60.0, **cli_options: object) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.startup_timeout_s = startup_timeout_s
+        super().__init__(startup_timeout_s=startup_timeout_s)
         self._args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in cli_options.items():
             if value is not None:
                 self._args += [f"--{key.replace('_', '-')}", str(value)]
-        self._proc: subprocess.Popen[bytes] | None = None
-        fd, log_path = tempfile.mkstemp(prefix="reference-server-", suffix=".log")
-        os.close(fd)
-        self._log_path = Path(log_path)
 
-    def start(self) -> ReferenceServer:
-        cmd = [sys.executable, "-m", "atropos_megatron.cli", "serve", *self._args]
-        with self._log_path.open("wb") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        self._wait_ready()
-        return self
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "atropos_megatron.cli", "serve", *self._args]
 
-    def output(self) -> str:
-        """What the server printed so far (its log: weight updates, errors)."""
-        return self._log_path.read_bytes().decode(errors="replace") if self._log_path.exists() else ""
-
-    def close(self) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait(timeout=10)
-            self._proc = None
-        self._log_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> ReferenceServer:
+    def ready(self) -> bool:
         try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
+            return httpx.get(self.url + "/health", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
 
-    def __exit__(self, *exc_info: object) -> None:
-        if exc_info[0] is not None and self._proc is not None and self._proc.poll() is not None:
-            print(f"reference server died (code {self._proc.returncode}):\n{self.output()}", file=sys.stderr)
-        self.close()
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"serve exited with code {self._proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.close()
-        raise TimeoutError(f"serve did not answer at {self.url} within {self.startup_timeout_s} s")
+def served_logprobs(url: str, tokens: Sequence[int]) -> tuple[list[float], str]:
+    """The server's log-prob of each token of ``tokens`` after the first, and its ``weight_version``."""
+    body = {
+        "input_ids": list(tokens),
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    }
+    meta = httpx.post(url + "/generate", json=body, timeout=60).json()["meta_info"]
+    return [item[0] for item in meta["input_token_logprobs"][1:]], meta["weight_version"]

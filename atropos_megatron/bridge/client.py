@@ -55,6 +55,7 @@ TRANSPORTS = {
     "distributed": bridge_pb2.WEIGHT_TRANSPORT_DISTRIBUTED,
     "disk": bridge_pb2.WEIGHT_TRANSPORT_DISK,
 }
+TRANSPORT_NAMES = {value: name for name, value in TRANSPORTS.items()}
 
 
 class BridgeClient:

@@ -14,7 +14,7 @@ import threading
 import grpc
 
 from atropos_megatron.bridge.atropos_client import AtroposClient, AtroposUnavailable, Registration
-from atropos_megatron.bridge.client import TRANSPORTS, WEIGHT_DTYPE_NAMES
+from atropos_megatron.bridge.client import TRANSPORT_NAMES, WEIGHT_DTYPE_NAMES
 from atropos_megatron.bridge.pipeline import BatchPipeline, Limits
 from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
 from atropos_megatron.bridge.weight_sync import (
@@ -186,12 +186,11 @@ class _BadStream(ValueError):
 
 def _push_header(header: bridge_pb2.WeightsHeader) -> PushHeader:
     """The push header in the bridge's terms; ValueError names what is missing."""
-    transports = {value: name for name, value in TRANSPORTS.items()}
-    if header.transport not in transports:
+    if header.transport not in TRANSPORT_NAMES:
         raise ValueError("header.transport must be GRPC, DISTRIBUTED or DISK")
     if not header.weight_version:
         raise ValueError("header.weight_version is empty")
-    transport = transports[header.transport]
+    transport = TRANSPORT_NAMES[header.transport]
     if transport == "disk" and not header.disk_path:
         raise ValueError("the DISK transport needs header.disk_path")
     group = None

@@ -33,7 +33,7 @@ from atropos_megatron.config import WeightsConfig
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
-FLATTENED_BUCKET = "flattened_bucket"
+FLATTENED_BUCKET = "flattened_bucket"  # = sglang_wire.FLATTENED_BUCKET (not imported: it loads torch)
 
 
 class PushRefused(RuntimeError):

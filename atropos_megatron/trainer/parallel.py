@@ -173,10 +173,11 @@ def _int_var(env: Mapping[str, str], name: str, default: int | None = None) -> i
         raise LayoutError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def free_port() -> int:
-    """A TCP port that is free on loopback right now (for single-process and test jobs)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (loopback: single-process and test jobs; ``""``:
+    every interface, for a rendezvous that other machines join)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 

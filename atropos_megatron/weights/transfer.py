@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from atropos_megatron.config import ModelConfig, WeightsConfig
+from atropos_megatron.trainer import parallel
 from atropos_megatron.weights import sync_group
 from atropos_megatron.weights.export import WeightBucket, export_hf_buckets, is_export_sender
 from atropos_megatron.weights.safetensors_io import ShardedSafetensorsWriter
@@ -149,7 +150,7 @@ class WeightPusher:
             self.close()
             group_fields.update(
                 master_address=_master_address(members),
-                master_port=self.cfg.master_port or _free_port(),
+                master_port=self.cfg.master_port or parallel.free_port(""),
                 backend=self._backend(),
                 world_size=1 + sum(max(s.tp_size, 1) for s in servers),
             )
@@ -237,12 +238,6 @@ def _master_address(server_urls: tuple[str, ...]) -> str:
     """This host as the servers should reach it: loopback when they all run here, else its FQDN."""
     hosts = {urlparse(url).hostname for url in server_urls}
     return "127.0.0.1" if hosts <= set(_LOOPBACK) else socket.getfqdn()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _prune_versions(root: Path, *, keep: Path) -> None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.harness import run_ranks
 from tests.hf_models import save_tiny_checkpoint
-from tests.reference_server import ReferenceServer
+from tests.reference_server import ReferenceServer, served_logprobs
 
 pytestmark = pytest.mark.distributed
 
@@ -90,7 +89,7 @@ def _sync_body(rank, world_size, hf_dir, server_url, disk_dir):
             pusher.close()
             expected = trainer_logprobs()
             if rank == 0:
-                served, version = _served_logprobs(server_url)
+                served, version = served_logprobs(server_url, PROBE)
                 results[transport] = (
                     version,
                     (torch.tensor(served) - expected).abs().max().item(),
@@ -107,22 +106,11 @@ def _sync_body(rank, world_size, hf_dir, server_url, disk_dir):
     return results
 
 
-def _served_logprobs(url: str) -> tuple[list[float], str]:
-    body = {
-        "input_ids": PROBE,
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-        "return_logprob": True,
-        "logprob_start_len": 0,
-    }
-    meta = httpx.post(url + "/generate", json=body, timeout=60).json()["meta_info"]
-    return [item[0] for item in meta["input_token_logprobs"][1:]], meta["weight_version"]
-
-
 def test_trained_tp2_weights_reach_the_server_by_every_transport(tmp_path: Path, report):
     hf_dir = tmp_path / "hf"
     save_tiny_checkpoint("qwen2", hf_dir)
     with ReferenceServer(hf_dir, weight_version="0") as server:
-        before, _ = _served_logprobs(server.url)
+        before, _ = served_logprobs(server.url, PROBE)
         (results, _) = run_ranks(
             _sync_body, 2, str(hf_dir), server.url, str(tmp_path / "pushed"), timeout_s=240
         )

@@ -21,7 +21,7 @@ from atropos_megatron.config import BridgeConfig, ModelConfig, WeightsConfig
 from atropos_megatron.weights.export import pack_buckets
 from atropos_megatron.weights.transfer import WeightPusher
 from tests.hf_models import hf_state, save_tiny_checkpoint
-from tests.reference_server import ReferenceServer
+from tests.reference_server import ReferenceServer, served_logprobs
 
 ADMIN_KEY = "admin-secret"
 TOKEN = "bridge-secret"
@@ -84,18 +84,6 @@ def _buckets(model, dtype=torch.float32):
     return pack_buckets(((n, t.to(dtype)) for n, t in hf_state(model).items()), bucket_bytes=BUCKET_BYTES)
 
 
-def _server_logprobs(url: str) -> tuple[list[float], str]:
-    body = {
-        "input_ids": PROBE,
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-        "return_logprob": True,
-        "logprob_start_len": 0,
-    }
-    answer = httpx.post(url + "/generate", json=body, timeout=30).json()
-    meta = answer["meta_info"]
-    return [item[0] for item in meta["input_token_logprobs"][1:]], meta["weight_version"]
-
-
 @torch.no_grad()
 def _model_logprobs(model) -> list[float]:
     tokens = torch.tensor([PROBE])
@@ -104,7 +92,7 @@ def _model_logprobs(model) -> list[float]:
 
 
 def _assert_serves(url: str, model, version: str, report=None) -> None:
-    got, served_version = _server_logprobs(url)
+    got, served_version = served_logprobs(url, PROBE)
     diff = max(abs(a - b) for a, b in zip(got, _model_logprobs(model), strict=True))
     if report is not None:
         report(f"{url} v{version}: max |logprob diff| = {diff:.2e}")
@@ -156,7 +144,7 @@ def test_a_server_that_dies_is_skipped_held_when_it_returns_and_caught_up(models
     new, old = servers
     try:
         _push(bridge, cfg, models["base"], "10")
-        old.close()  # killed: the next push goes on without it
+        old.stop()  # killed: the next push goes on without it
         response = _push(bridge, cfg, models["other"], "11")
         by_url = {s.url: s for s in response.servers}
         assert by_url[new.url].updated and not by_url[old.url].updated
