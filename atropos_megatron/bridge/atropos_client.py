@@ -128,6 +128,7 @@ class AtroposClient:
         limits = httpx.Limits(max_keepalive_connections=0)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, limits=limits)
         self._registration: Registration | None = None
+        self._reregistered = False  # the last /batch answer led to a re-registration
         self._reachable = False
         self._outage_since: float | None = None  # monotonic time of the first failure of an outage
         self._lock = threading.Lock()
@@ -245,13 +246,35 @@ class AtroposClient:
         except httpx.HTTPStatusError as exc:
             self._note_failure(f"GET /batch: {exc}")
             return None
+        if isinstance(result, str) and _NOT_REGISTERED in result.lower():
+            if self._reregistered:
+                self._reset_stuck_api()
+            self._reregister(f"the API says: {result}")
+            self._reregistered = True
+            return None
+        self._reregistered = False
         if isinstance(result, str):
-            if _NOT_REGISTERED in result.lower():
-                self._reregister(f"the API says: {result}")
-            else:
-                self._note_failure(f"GET /batch: {result}")
+            self._note_failure(f"GET /batch: {result}")
             return None
         return result
+
+    def _reset_stuck_api(self) -> None:
+        """Unstick an API where re-registration did not take.
+
+        After a restart, environments may post groups before the trainer re-registers. Atropos then
+        holds a queue but no trainer state, ``/register`` skips its set-up whenever a queue exists, and
+        ``/batch`` says "not registered" forever. Only ``/reset_data`` clears that queue, so those
+        groups are lost, inside Atropos, before any batch was formed from them.
+        """
+        log.warning(
+            "Atropos API at %s stays unregistered: groups posted after its restart but before the "
+            "trainer re-registered block registration; resetting it (those groups are dropped)",
+            self.base_url,
+        )
+        try:  # answers plain text, not JSON
+            self._http.get("/reset_data").raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("GET /reset_data on the Atropos API at %s failed: %s", self.base_url, exc)
 
     def _reregister(self, reason: str) -> None:
         """One re-registration attempt with ``starting_step = resume_step``; failures are left to the poll."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import grpc
 import httpx
@@ -168,10 +169,18 @@ def test_atropos_restart_mid_run(api, bridge):
     batch = bridge.client.next_batch(wait_s=15)
     bridge.client.ack(batch.batch_id)
     api.restart()  # all Atropos state lost; the bridge must re-register by itself
+    _wait_for_registration(api)  # (groups posted before that are dropped: see test_atropos_client)
     _post(api, [_group(22), _group(23)])  # queued after the restart
     batch = bridge.client.next_batch(wait_s=30)
     assert batch is not None and [g.env_id for g in batch.groups] == [22, 23]
     assert httpx.get(f"{api.url}/info", timeout=10).json()["batch_size"] == BATCH_SIZE
+
+
+def _wait_for_registration(api, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{api.url}/info", timeout=10).json()["batch_size"] != BATCH_SIZE:
+        assert time.monotonic() < deadline, "the bridge did not re-register"
+        time.sleep(0.05)
 
 
 def test_status_and_peek_commands(api, bridge, tmp_path):

@@ -234,6 +234,19 @@ def test_reset_data_then_fetch_reregisters_after_http_500(fresh_api: AtroposAPI,
     assert client.fetch_batch(wait_s=5.0) is not None
 
 
+def test_groups_posted_before_reregistration_cannot_block_it(fresh_api: AtroposAPI, client, caplog):
+    client.register(registration(batch_size=4))
+    assert client.fetch_batch(wait_s=0.2) is None
+    fresh_api.restart()
+    client.post_json("/scored_data_list", [group(1), group(2)])  # an env, faster than the trainer
+    assert client.fetch_batch(wait_s=2.0) is None  # Atropos drops those groups in the reset
+    assert client.info()["batch_size"] == 4
+    assert warnings_matching(caplog, "stays unregistered")
+    client.post_json("/scored_data_list", [group(3), group(4)])
+    batch = client.fetch_batch(wait_s=5.0)
+    assert batch is not None and sorted(g["tokens"][0][0] for g in batch) == [300, 400]
+
+
 def test_stop_event_ends_fetch_batch_promptly(fresh_api: AtroposAPI):
     slow = {**FAST, "poll_interval_s": 30.0, "poll_max_interval_s": 30.0}  # only `stop` can end the wait
     with AtroposClient(fresh_api.url, **slow) as client:
