@@ -53,6 +53,27 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(config, example="parallel.tensor_parallel_size=2")
     config.set_defaults(handler=_cmd_config)
 
+    train = commands.add_parser(
+        "train",
+        help="train with GRPO on batches from the bridge (launch with torchrun or srun for >1 rank)",
+        description=_TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_arguments(train, example="optimizer.lr=1e-6 parallel.tensor_parallel_size=2")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and layout, print per-rank parameters and a per-GPU memory estimate, "
+        "and exit without starting anything heavy",
+    )
+    train.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks the job will have (--dry-run only; default: the launcher's, else one model replica)",
+    )
+    train.set_defaults(handler=_cmd_train)
+
     info = commands.add_parser(
         "info",
         help="what this machine offers: versions, CUDA, Transformer Engine, launcher environment",
@@ -161,6 +182,49 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args)
+
+
+_TRAIN_DESCRIPTION = """\
+Run the GRPO trainer: batches come from the bridge (bridge.address), weights go back to the inference
+servers after every step (weights.*), metrics go to <logging.run_dir>/metrics.jsonl, checkpoints to
+<logging.run_dir>/checkpoints every checkpoint.save_interval_steps and on SIGTERM (exit status 143).
+
+  atropos-megatron train --config examples/configs/debug_tiny.yaml model.hf_path=./tiny-qwen2
+  torchrun --nproc_per_node 2 -m atropos_megatron.cli train --config my.yaml parallel.tensor_parallel_size=2
+  atropos-megatron train --config my.yaml checkpoint.load=latest       # resume the run in logging.run_dir
+  atropos-megatron train --config recipe.yaml --dry-run --world-size 64  # layout + memory per GPU
+"""
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from atropos_megatron.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from atropos_megatron.trainer.dry_run import dry_run
+
+        try:
+            print(dry_run(cfg, world_size=args.world_size))
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    from atropos_megatron.trainer.parallel import detect_dist_env
+
+    rank = detect_dist_env().rank
+    logging.basicConfig(
+        level=cfg.logging.level if rank == 0 else "WARNING",
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    from atropos_megatron.trainer.loop import train
+
+    return train(cfg)
 
 
 def _add_config_arguments(command: argparse.ArgumentParser, *, example: str) -> None:

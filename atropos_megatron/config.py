@@ -49,7 +49,12 @@ class ModelConfig:
 
     hf_path: str | None = None
     """HuggingFace checkpoint directory; when set, the architecture comes from its config.json and the
-    architecture fields below are ignored (`weights/hf_architectures.resolve_architecture`)."""
+    architecture fields below are ignored (`weights/hf_architectures.resolve_architecture`). The trainer
+    also takes its initial weights from here (unless `dist_checkpoint` is set)."""
+    dist_checkpoint: str | None = None
+    """Megatron distributed checkpoint to start from (e.g. written by `atropos-megatron convert
+    hf-to-mcore`, or a training checkpoint); its sidecar supplies the architecture when `hf_path` is
+    null. Loads at any TP/PP. Resuming a run is `checkpoint.load`, not this."""
     num_layers: int = 2
     """Transformer blocks."""
     hidden_size: int = 64
@@ -218,6 +223,12 @@ class GRPOConfig:
     """Optimizer steps taken on each Atropos batch (mini-batches); 1 is strictly on-policy."""
     kernel: str = "auto"
     """GRPO loss implementation: `triton` (fused), `torch` (chunked reference) or `auto`."""
+    env_ref_logprobs: bool = False
+    """Use the `ref_logprobs` an environment sends instead of the reference model's, for the groups
+    that carry them (the others are still computed). Only when the env's reference is the run's."""
+    reference_offload: bool = False
+    """Keep the frozen reference model in CPU memory between its forward passes (GPU runs: frees its
+    weights' GPU memory for the actor at the cost of a host-to-device copy per step)."""
 
     def __post_init__(self) -> None:
         _require_choice(
@@ -279,6 +290,12 @@ class OptimizerConfig:
             _require(0 <= getattr(self, name) < 1, f"optimizer.{name}", "must be in [0, 1)")
         _require(self.adam_eps > 0, "optimizer.adam_eps", "must be > 0")
         _require(self.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0")
+        _require(
+            self.name == "adam" or not self.use_distributed_optimizer,
+            "optimizer.use_distributed_optimizer",
+            "sgd needs use_distributed_optimizer: false (Megatron's distributed optimizer checkpoints "
+            "Adam state only)",
+        )
 
 
 @dataclass(kw_only=True)
@@ -293,11 +310,18 @@ class DataConfig:
     """Token budget of one micro-batch (padded tokens count)."""
     pad_to_multiple_of: int = 8
     """Sequence-length padding multiple (keeps shapes friendly to kernels and TP/SP splits)."""
+    packing: bool = True
+    """Pack several sequences into one row of `micro_batch_tokens` under a block-diagonal causal mask
+    (no padding between them); false pads each sequence to the longest of its micro-batch instead."""
+    batch_wait_s: float = 5.0
+    """How long one request for a batch waits at the bridge (seconds); the trainer asks again until a
+    batch comes, checking for SIGTERM in between."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", "must be > 0")
         _require(self.max_token_len > 0, "data.max_token_len", "must be > 0")
         _require(self.pad_to_multiple_of > 0, "data.pad_to_multiple_of", "must be > 0")
+        _require(self.batch_wait_s > 0, "data.batch_wait_s", "must be > 0")
         _require(
             self.micro_batch_tokens >= self.max_token_len,
             "data.micro_batch_tokens",
@@ -508,7 +532,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "steps", "must be > 0")
-        if self.model.hf_path is None:
+        # With an HF or Megatron checkpoint the architecture is read from it later (the fields here are
+        # then placeholders), so these checks run again on the resolved architecture.
+        explicit = self.model.hf_path is None and self.model.dist_checkpoint is None
+        if explicit:
             _require(
                 self.data.max_token_len <= self.model.max_position_embeddings,
                 "data.max_token_len",
@@ -516,8 +543,7 @@ class TrainConfig:
                 f"{self.model.max_position_embeddings}",
             )
         _require(
-            self.model.query_groups % self.parallel.tensor_parallel_size == 0
-            or self.model.hf_path is not None,
+            self.model.query_groups % self.parallel.tensor_parallel_size == 0 or not explicit,
             "parallel.tensor_parallel_size",
             f"{self.parallel.tensor_parallel_size} does not divide the {self.model.query_groups} "
             "key/value heads",

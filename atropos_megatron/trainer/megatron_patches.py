@@ -12,6 +12,10 @@ Two groups, each applied only where it is needed (both are idempotent):
   GPUs without TE such as the lent H200). Megatron then falls back to ``WrappedTorchNorm``, which
   refuses sequence parallelism although plain torch norms work with it.
 
+* :func:`apply_distopt_checkpoint_patches` — whenever neither Apex nor Transformer Engine provides
+  the fused Adam (CPU, and GPUs without them). Megatron's distributed optimizer then wraps
+  ``torch.optim.AdamW``, and its checkpoint code has three bugs on that path (see the function).
+
 What this module deliberately does not do: enable anything that needs Transformer Engine (packed
 THD sequences, context parallelism, FP8). Those fail with Megatron's own error, and
 ``trainer/parallel.py`` rejects such layouts up front with a clearer one.
@@ -180,6 +184,83 @@ def apply_torch_norm_patches() -> bool:
     torch_norm.WrappedTorchNorm.__new__ = new
     _state["norm"] = True
     return True
+
+
+def apply_distopt_checkpoint_patches() -> bool:
+    """Make ``DistributedOptimizer`` checkpoints save and resume exactly with ``torch.optim.AdamW``.
+
+    Returns True if the patches are (or already were) applied; False where Apex or TE is present.
+    Without them, in megatron-core 0.16.1 (facts and ablations: shared notes `megatron-cpu.md` §6):
+
+    1. ``state_dict()`` asserts that every parameter's Adam state has one common ``step``; a fresh
+       optimizer has no state yet, so saving before the first step, and *every* load (which calls
+       ``state_dict()`` first), fails with a bare ``AssertionError``. Fix: give empty Adam states
+       the values AdamW itself would create on its first step (step 0, zero moments).
+    2. ``load_state_dict()`` hands one ``step`` tensor to every parameter; AdamW increments each
+       parameter's step in place, so the shared counter races ahead and the resumed run diverges
+       (1e-3 after one step). Fix: give each parameter its own copy.
+    3. Loading the ``fully_reshardable`` parameter state copies into keys the checkpoint does not
+       hold (``KeyError: 'step'``) and into fp32 main parameters that are leaves requiring grad
+       (``RuntimeError`` on an in-place op). Fix: copy only the saved keys, without autograd.
+    """
+    if _state.get("distopt"):
+        return True
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return False
+    cls = distrib_optimizer.DistributedOptimizer
+    original_state_dict, original_load = cls.state_dict, cls.load_state_dict
+
+    @functools.wraps(original_state_dict)
+    def state_dict(self):
+        _prime_adam_state(self.optimizer)
+        return original_state_dict(self)
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for param_state in self.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].detach().clone()
+
+    def set_main_param_and_optimizer_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        targets = {"param": main_param, **self.optimizer.state[main_param]}
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key in targets and torch.is_tensor(targets[key]):
+                    targets[key].copy_(value)
+
+    original_set = cls._set_main_param_and_optimizer_states
+
+    @functools.wraps(original_set)
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original_set(self, model_param, tensors)
+        return set_main_param_and_optimizer_states(self, model_param, tensors)
+
+    cls.state_dict = state_dict
+    cls.load_state_dict = load_state_dict
+    cls._set_main_param_and_optimizer_states = set_states
+    _state["distopt"] = True
+    return True
+
+
+def _prime_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the state AdamW creates on its first step, for parameters that have none yet."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if optimizer.state.get(param):
+                continue
+            optimizer.state[param] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
 
 
 def _shallow_copy(config, **changes):

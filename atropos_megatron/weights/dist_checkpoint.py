@@ -118,7 +118,7 @@ def save_model(
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     sharded = _sharded_state_dict(chunks)
-    _whole_fc1_where_unsplit(sharded)
+    whole_fc1_where_unsplit(sharded)
     dist_checkpointing.save(sharded, str(path))
     if rank == 0:
         if hf_files:
@@ -150,7 +150,7 @@ def load_model(
 
     info = info or read_checkpoint_info(path)
     sharded = _sharded_state_dict(chunks)
-    _whole_fc1_where_unsplit(sharded)
+    whole_fc1_where_unsplit(sharded)
     _match_keys(sharded, info.keys)
     for chunk_sd in sharded.values():
         embedding = chunk_sd.get(_EMBEDDING_KEY)
@@ -170,7 +170,7 @@ def _sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, dict]:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _whole_fc1_where_unsplit(sharded: dict[str, dict]) -> None:
+def whole_fc1_where_unsplit(sharded: dict[str, dict]) -> None:
     """Hand Megatron each SwiGLU ``linear_fc1`` as one tensor where this rank holds all of it (TP=1).
 
     Megatron stores fc1 as two halves (gate rows, up rows) so that each can be resharded over TP, and

@@ -18,6 +18,9 @@ FRAMEWORKS = ("megatron", "grpc", "transformers")
         ("atropos_megatron.cli", (*FRAMEWORKS, "torch")),
         ("atropos_megatron.algo.grpo", FRAMEWORKS),
         ("atropos_megatron.algo.alignment", FRAMEWORKS),
+        ("atropos_megatron.data.batching", FRAMEWORKS),
+        # The trainer gets its bridge client passed in: the loop itself never loads gRPC.
+        ("atropos_megatron.trainer.loop", ("grpc", "megatron")),
         # The bridge runs beside the trainer, often on a CPU-only head node: no torch, no Megatron.
         ("atropos_megatron.bridge.server", ("torch", "megatron", "transformers")),
         ("atropos_megatron.bridge.client", ("torch", "megatron", "transformers")),

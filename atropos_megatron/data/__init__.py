@@ -1,0 +1,1 @@
+"""Batches: Atropos groups -> per-sequence tensors -> micro-batches (pure torch, no Megatron)."""

@@ -1,0 +1,203 @@
+"""Training checkpoints: model, optimizer, schedule, RNG and progress, written atomically, resharded on load.
+
+Layout under ``checkpoint.dir``::
+
+    step_00000040/        a Megatron torch_dist checkpoint + our sidecar (atropos_megatron.json)
+    step_00000060/
+    latest                the name of the newest complete checkpoint (replaced atomically)
+
+A save writes into ``.tmp_step_N``, and only a complete directory is renamed to ``step_N`` and then
+named in ``latest``: a job killed mid-save leaves the previous checkpoint in charge. The model part
+uses the keys of ``weights/dist_checkpoint.save_model``, so a training checkpoint is also a model
+checkpoint (``convert mcore-to-hf`` and ``model.dist_checkpoint`` read it). Model and optimizer state
+load at any TP/PP/DP (the optimizer's ``fully_reshardable`` format); the per-rank RNG streams only
+when the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from atropos_megatron.config import ModelConfig
+from atropos_megatron.trainer import parallel
+from atropos_megatron.weights import dist_checkpoint
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""The distributed optimizer's reshardable format (the 0.16.1 default cannot be saved)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the run stands; restored on resume."""
+
+    step: int
+    """Optimizer steps taken."""
+    weight_version: str
+    """The version last pushed to the inference servers."""
+    consumed_sequences: int = 0
+    layout: tuple[int, int, int] = (1, 1, 1)
+    """(TP, PP, DP) of the run that wrote the checkpoint."""
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def resolve(root: str | Path, load: str) -> Path | None:
+    """The checkpoint directory that ``checkpoint.load`` names: ``latest`` (None if there is none yet)
+    or an explicit directory."""
+    if load != LATEST:
+        return Path(load)
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    return Path(root) / pointer.read_text().strip()
+
+
+def save(
+    root: str | Path,
+    progress: Progress,
+    *,
+    chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    model: ModelConfig,
+    padded_vocab: int,
+    keep_last: int,
+    hf_files: Sequence[Path] = (),
+) -> Path:
+    """Write a checkpoint of this step (collective). Returns its final directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final, tmp = step_dir(root, progress.step), root / f".tmp_step_{progress.step:08d}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state(chunks, optimizer, is_loading=False, with_rng=True)
+    state["scheduler"] = scheduler.state_dict()
+    state["progress"] = asdict(progress)
+    dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
+    if dist.get_rank() == 0:
+        _write_sidecar(tmp, model, padded_vocab, progress, hf_files)
+        shutil.rmtree(final, ignore_errors=True)  # a retried save of the same step
+        os.replace(tmp, final)
+        _write_atomically(root / LATEST, final.name + "\n")
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def load(path: str | Path, *, chunks: Sequence[torch.nn.Module], optimizer: Any, scheduler: Any) -> Progress:
+    """Restore a checkpoint written by :func:`save` into this run's (possibly different) layout."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    sidecar = json.loads((path / dist_checkpoint.SIDECAR).read_text())
+    saved = sidecar["progress"]
+    layout = parallel.current_layout()
+    same_layout = tuple(saved["layout"]) == (layout.tp, layout.pp, layout.dp)
+    state = _sharded_state(chunks, optimizer, is_loading=True, with_rng=same_layout)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(chunks):
+        _module(chunk).load_state_dict(loaded[f"model{i}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    elif layout.rank == 0:
+        logger.warning(
+            "checkpoint %s was written at TP=%d PP=%d DP=%d; weights and optimizer state are resharded, "
+            "the per-rank RNG streams start afresh",
+            path,
+            *saved["layout"],
+        )
+    progress = loaded["progress"]
+    return Progress(**{**progress, "layout": tuple(progress["layout"])})
+
+
+def _module(chunk: torch.nn.Module) -> torch.nn.Module:
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def _sharded_state(chunks, optimizer, *, is_loading: bool, with_rng: bool) -> dict[str, Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_state = {f"model{i}": _module(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+    dist_checkpoint.whole_fc1_where_unsplit(model_state)
+    state: dict[str, Any] = dict(model_state)
+    state["optimizer"] = optimizer.sharded_state_dict(
+        model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+    )
+    if with_rng:
+        layout = parallel.current_layout()
+        state["rng_state"] = ShardedObject(
+            "rng_state",
+            _rng_state(),
+            (layout.pp, layout.tp, layout.dp),
+            (layout.pp_rank, layout.tp_rank, layout.dp_rank),
+            replica_id=0,
+        )
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _write_sidecar(path: Path, model: ModelConfig, padded_vocab: int, progress: Progress, hf_files) -> None:
+    if hf_files:
+        (path / dist_checkpoint.HF_CONFIG_DIR).mkdir(exist_ok=True)
+        for file in hf_files:
+            shutil.copy2(file, path / dist_checkpoint.HF_CONFIG_DIR / Path(file).name)
+    sidecar = {
+        "format_version": dist_checkpoint.FORMAT_VERSION,
+        "model": asdict(model),
+        "padded_vocab_size": padded_vocab,
+        "progress": asdict(progress),
+    }
+    (path / dist_checkpoint.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    checkpoints = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in checkpoints[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""One GRPO update on Megatron: old and reference log-prob passes, then the loss pass, over micro-batches.
+
+Everything runs through ``step.forward_backward`` (Megatron's pipeline schedules), so the same code
+serves every TP/PP/VPP/DP layout. Log-probs exist only on the last pipeline stage, which is also the
+only stage that computes the loss, so they never travel.
+
+Scaling: Megatron divides each micro-batch's loss by the number of micro-batches, and DDP averages
+gradients over data-parallel ranks. Our per-token weights already make the micro-batch losses of all
+ranks *sum* to the batch loss (``data/batching.py``), so the loss handed to Megatron is multiplied
+by ``micro-batches x DP`` to undo both averages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from atropos_megatron.config import GRPOConfig
+from atropos_megatron.data.batching import MicroBatch
+from atropos_megatron.kernels.grpo_loss import fused_grpo_loss
+from atropos_megatron.kernels.logprobs import VocabShard, fused_token_logprobs
+from atropos_megatron.trainer import parallel
+from atropos_megatron.trainer.step import forward_backward
+
+_SUMMED = ("grpo/pg_loss", "grpo/loss")
+"""Metrics that are already weighted parts of the batch total: they add up across micro-batches."""
+
+
+def vocab_shard(logits: torch.Tensor, vocab_size: int) -> VocabShard:
+    """This rank's slice of the vocabulary for Megatron's vocab-parallel output layer."""
+    layout = parallel.current_layout()
+    group = parallel.tensor_parallel_group() if layout.tp > 1 else None
+    return VocabShard.of_tp_rank(logits.shape[-1], vocab_size, group)
+
+
+@torch.no_grad()
+def token_logprobs_pass(
+    chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], *, vocab_size: int, kernel: str
+) -> list[torch.Tensor] | None:
+    """Log-probs ``[b, s]`` of every micro-batch's labels under ``chunks`` (last stage; None elsewhere)."""
+
+    def loss_fn(batch: MicroBatch, logits: torch.Tensor):
+        logprobs, _ = fused_token_logprobs(
+            logits,
+            batch["labels"],
+            temperature=batch["temperature"],
+            shard=vocab_shard(logits, vocab_size),
+            backend=kernel,
+        )
+        return logits.new_zeros(()), {"logprobs": logprobs}
+
+    results = forward_backward(chunks, micro_batches, loss_fn=loss_fn, forward_only=True)
+    if not parallel.current_layout().is_last_stage:
+        return None
+    return [result["logprobs"] for result in results]
+
+
+def grpo_loss_pass(
+    chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[MicroBatch],
+    *,
+    cfg: GRPOConfig,
+    vocab_size: int,
+) -> list[dict[str, Any]]:
+    """Forward and backward of the GRPO loss; gradients accumulate in the DDP buffers.
+
+    Each micro-batch must carry ``old_logprobs`` (and ``ref_logprobs`` when ``cfg.kl_coef > 0``) on
+    the last stage. Returns each micro-batch's metrics there (``[]`` elsewhere).
+    """
+    scale = len(micro_batches) * parallel.current_layout().dp
+
+    def loss_fn(batch: MicroBatch, logits: torch.Tensor):
+        loss, metrics = fused_grpo_loss(
+            logits,
+            batch["labels"],
+            batch["old_logprobs"],
+            batch["advantages"],
+            batch["loss_mask"],
+            batch["weights"],
+            cfg=cfg,
+            ref_logprobs=batch.get("ref_logprobs"),
+            inference_logprobs=batch.get("inference_logprobs"),
+            temperature=batch["temperature"],
+            shard=vocab_shard(logits, vocab_size),
+            inplace=True,  # the logits are dead after the loss: their storage takes the gradient
+        )
+        metrics = {name: float(value) for name, value in metrics.items()}
+        metrics["grpo/loss"] = float(loss)
+        metrics["tokens"] = batch["trained_tokens"]
+        return loss * scale, metrics
+
+    return forward_backward(chunks, micro_batches, loss_fn=loss_fn)
+
+
+def combine_metrics(per_micro_batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Merge micro-batch metrics into one partial record: ``(sum of value x tokens, tokens)`` for means,
+    sums for batch totals, extremes for ``*_max`` / ``*_min``. Merge records of ranks the same way."""
+    merged: dict[str, Any] = {}
+    for metrics in per_micro_batch:
+        tokens = metrics.get("tokens", 0)
+        for name, value in metrics.items():
+            if name == "tokens":
+                continue
+            if name in _SUMMED:
+                merged[name] = merged.get(name, 0.0) + value
+            elif name.endswith("_max"):
+                merged[name] = max(merged.get(name, value), value) if tokens else merged.get(name, value)
+            elif name.endswith("_min"):
+                merged[name] = min(merged.get(name, value), value) if tokens else merged.get(name, value)
+            else:
+                total, count = merged.get(name, (0.0, 0))
+                merged[name] = (total + value * tokens, count + tokens)
+    return merged
+
+
+def merge_partials(partials: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Reduce :func:`combine_metrics` records (one per rank) to final values."""
+    merged: dict[str, Any] = {}
+    for record in partials:
+        for name, value in record.items():
+            if name not in merged:
+                merged[name] = value
+            elif isinstance(value, tuple):
+                merged[name] = (merged[name][0] + value[0], merged[name][1] + value[1])
+            elif name.endswith("_max"):
+                merged[name] = max(merged[name], value)
+            elif name.endswith("_min"):
+                merged[name] = min(merged[name], value)
+            else:
+                merged[name] = merged[name] + value
+    return {
+        name: (value[0] / value[1] if value[1] else 0.0) if isinstance(value, tuple) else float(value)
+        for name, value in merged.items()
+    }
+
+
+def gather_loss_metrics(per_micro_batch: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    """The step's loss metrics over all data-parallel ranks, on global rank 0 (None elsewhere).
+
+    Only the last pipeline stage's TP-rank-0 ranks hold loss metrics (TP ranks hold equal copies).
+    Collective over the whole job.
+    """
+    layout = parallel.current_layout()
+    record = combine_metrics(per_micro_batch) if layout.is_last_stage and layout.tp_rank == 0 else {}
+    gathered: list[Any] | None = [None] * layout.world_size if layout.rank == 0 else None
+    dist.gather_object(record, gathered, dst=0)
+    if gathered is None:
+        return None
+    return merge_partials([r for r in gathered if r])

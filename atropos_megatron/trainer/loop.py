@@ -1,0 +1,410 @@
+"""The GRPO training loop: batch in, update, weights out, acknowledge, log, checkpoint.
+
+Per step, on every rank of the job (launched by torchrun or srun)::
+
+    rank 0 asks the bridge for a batch ──broadcast──▶ every rank plans its micro-batches
+    old log-probs (recomputed or the inference engine's) + reference log-probs (if KL is on)
+    GRPO loss forward/backward ─▶ optimizer step (Megatron DDP + distributed optimizer)
+    export the weights ─▶ bridge ─▶ inference servers (weight_version = step)
+    rank 0 acknowledges the batch, logs the step; a checkpoint every N steps and on SIGTERM
+
+A batch is acknowledged only after its update is applied and pushed, so a crash never loses a batch
+the bridge handed out: it is served again after a restart. The trainer never imports the bridge: rank
+0 receives a client object with ``register_run`` / ``next_batch`` / ``ack`` / ``open_weight_push``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import types
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from atropos_megatron.config import ModelConfig, TrainConfig, save_config
+from atropos_megatron.data.batching import MicroBatch, build_rollouts, plan_micro_batches
+from atropos_megatron.trainer import checkpoint, parallel
+from atropos_megatron.trainer.grpo_step import gather_loss_metrics, grpo_loss_pass, token_logprobs_pass
+from atropos_megatron.trainer.model import build_model, check_model_layout, padded_vocab_size
+from atropos_megatron.trainer.optimizer import build_train_state, optimizer_step, zero_grads
+
+logger = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 143
+"""Exit status after a SIGTERM/SIGINT stop with its checkpoint written (128 + SIGTERM)."""
+
+_BATCH_FIELDS = (
+    "batch_id", "step", "seq_lens", "input_ids", "labels", "loss_mask", "scores", "group_index",
+    "advantages", "inference_logprobs", "ref_logprobs", "fetched_unix_s",
+)  # fmt: skip
+
+
+def resolve_model(model: ModelConfig) -> tuple[ModelConfig, int | None]:
+    """The architecture to build, from ``model.hf_path``'s config.json or ``model.dist_checkpoint``'s
+    sidecar (else the config itself), and the padded vocabulary a Megatron checkpoint fixes."""
+    from atropos_megatron.weights.hf_architectures import resolve_architecture
+
+    if model.hf_path is not None:
+        return resolve_architecture(model), None
+    if model.dist_checkpoint is not None:
+        from atropos_megatron.weights.dist_checkpoint import read_checkpoint_info
+
+        info = read_checkpoint_info(model.dist_checkpoint)
+        if info.model is None:
+            return model, info.padded_vocab  # another tool's checkpoint: the config's architecture
+        kept = {"dtype": model.dtype, "dist_checkpoint": model.dist_checkpoint}
+        return replace(info.model, **kept), info.padded_vocab
+    return model, None
+
+
+class Trainer:
+    """One rank's part of a GRPO run. ``setup()``, then ``run()`` (or ``train_on(batch)`` per step)."""
+
+    def __init__(self, cfg: TrainConfig, *, bridge: Any | None = None) -> None:
+        """
+        Args:
+            bridge: rank 0's ``BridgeClient`` (None elsewhere, and in tests that feed batches directly).
+        """
+        self.cfg = cfg
+        self.bridge = bridge
+        self._stop_signal: int | None = None
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Join the job, build actor (and reference), load weights or resume (collective)."""
+        cfg = self.cfg
+        self.layout = parallel.init_distributed(cfg.parallel, seed=cfg.seed)
+        self.model, fixed_vocab = resolve_model(cfg.model)
+        check_model_layout(self.model, cfg.parallel)
+        self.padded_vocab = fixed_vocab or padded_vocab_size(
+            self.model.vocab_size, self.model.make_vocab_size_divisible_by, 1
+        )
+        # initialize=True even before loading weights: Megatron marks how each matrix is split over
+        # TP only while initialising, and the weight export needs those marks.
+        chunks = build_model(self.model, cfg.parallel, padded_vocab=self.padded_vocab)
+        self._load_initial_weights(chunks)
+        self.reference = self._build_reference(chunks) if cfg.grpo.kl_coef > 0 else None
+        self.state = build_train_state(chunks, self.model, cfg.optimizer, total_steps=cfg.steps)
+        self.progress = checkpoint.Progress(
+            step=0, weight_version="0", layout=(self.layout.tp, self.layout.pp, self.layout.dp)
+        )
+        self.checkpoint_dir = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+        if cfg.checkpoint.load:
+            path = checkpoint.resolve(self.checkpoint_dir, cfg.checkpoint.load)
+            if path is None:
+                self._log(f"no checkpoint under {self.checkpoint_dir} yet: starting fresh")
+            else:
+                restored = checkpoint.load(
+                    path,
+                    chunks=self.state.chunks,
+                    optimizer=self.state.optimizer,
+                    scheduler=self.state.scheduler,
+                )
+                self.progress = replace(restored, layout=(self.layout.tp, self.layout.pp, self.layout.dp))
+                self._log(f"resumed from {path} at step {self.progress.step}")
+
+    def _load_initial_weights(self, chunks: list[torch.nn.Module]) -> None:
+        if self.model.dist_checkpoint is not None:
+            from atropos_megatron.weights.dist_checkpoint import load_model
+
+            load_model(chunks, self.model.dist_checkpoint)
+        elif self.model.hf_path is not None:
+            from atropos_megatron.weights.hf_checkpoint import load_hf_weights
+            from atropos_megatron.weights.safetensors_io import SafetensorsCheckpoint
+
+            load_hf_weights(
+                chunks,
+                SafetensorsCheckpoint(self.model.hf_path),
+                self.model,
+                padded_vocab=self.padded_vocab,
+                tp_rank=self.layout.tp_rank,
+                tp_size=self.layout.tp,
+            )
+
+    def _build_reference(self, actor: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        """A frozen copy of the actor's initial weights, same layout."""
+        reference = build_model(self.model, self.cfg.parallel, padded_vocab=self.padded_vocab)
+        for ref_chunk, chunk in zip(reference, actor, strict=True):
+            ref_chunk.load_state_dict(chunk.state_dict())
+            ref_chunk.requires_grad_(False)
+            ref_chunk.eval()
+            if self.cfg.grpo.reference_offload and torch.cuda.is_available():
+                ref_chunk.to("cpu")
+        return reference
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def train_on(self, batch: Any) -> dict[str, float]:
+        """One GRPO update on ``batch`` (every rank passes the same batch). Collective.
+
+        Returns the step's metrics on global rank 0 (loss terms over all ranks, optimizer, batch
+        statistics) and the optimizer metrics alone elsewhere.
+        """
+        cfg = self.cfg
+        rollouts, stats = build_rollouts(batch, cfg.grpo)
+        micro_batches = plan_micro_batches(
+            rollouts, data=cfg.data, grpo=cfg.grpo, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp
+        )
+        use_inference = cfg.grpo.old_logprobs == "inference" and all(
+            r.inference_logprobs is not None for r in rollouts
+        )
+        self._attach_old_logprobs(micro_batches, recompute=not use_inference)
+        if self.reference is not None:
+            self._attach_ref_logprobs(micro_batches, rollouts)
+        zero_grads(self.state)
+        per_micro_batch = grpo_loss_pass(
+            self.state.chunks, micro_batches, cfg=cfg.grpo, vocab_size=self.model.vocab_size
+        )
+        metrics = optimizer_step(self.state)
+        loss_metrics = gather_loss_metrics(per_micro_batch)
+        self.progress = replace(
+            self.progress,
+            step=self.progress.step + 1,
+            consumed_sequences=self.progress.consumed_sequences + stats.sequences,
+        )
+        if loss_metrics is None:
+            return metrics
+        metrics.update(loss_metrics)
+        metrics.update(stats.as_metrics())
+        metrics["grpo/old_logprobs_from_inference"] = float(use_inference)
+        return metrics
+
+    def _attach_old_logprobs(self, micro_batches: list[MicroBatch], *, recompute: bool) -> None:
+        if recompute:
+            logprobs = token_logprobs_pass(
+                self.state.chunks,
+                micro_batches,
+                vocab_size=self.model.vocab_size,
+                kernel=self.cfg.grpo.kernel,
+            )
+        else:
+            logprobs = [mb["inference_logprobs"] for mb in micro_batches]
+        if logprobs is None:  # not the last pipeline stage: the loss is not computed here
+            return
+        for mb, old in zip(micro_batches, logprobs, strict=True):
+            mb["old_logprobs"] = old
+            if "inference_logprobs" in mb:
+                # Sequences sent without inference log-probs count as matching (importance weight 1).
+                has = mb["has_inference_logprobs"]
+                mb["inference_logprobs"] = torch.where(has, mb["inference_logprobs"], old)
+
+    def _attach_ref_logprobs(self, micro_batches: list[MicroBatch], rollouts) -> None:
+        from_env = self.cfg.grpo.env_ref_logprobs
+        if from_env and all(r.ref_logprobs is not None for r in rollouts):
+            computed = [mb["env_ref_logprobs"] for mb in micro_batches]
+        else:
+            computed = self._reference_pass(micro_batches)
+        if computed is None:
+            return
+        for mb, ref in zip(micro_batches, computed, strict=True):
+            if from_env and "env_ref_logprobs" in mb:
+                ref = torch.where(mb["has_env_ref_logprobs"], mb["env_ref_logprobs"], ref)
+            mb["ref_logprobs"] = ref
+
+    def _reference_pass(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor] | None:
+        offload = self.cfg.grpo.reference_offload and torch.cuda.is_available()
+        if offload:
+            for chunk in self.reference:
+                chunk.to(torch.cuda.current_device())
+        try:
+            return token_logprobs_pass(
+                self.reference, micro_batches, vocab_size=self.model.vocab_size, kernel=self.cfg.grpo.kernel
+            )
+        finally:
+            if offload:
+                for chunk in self.reference:
+                    chunk.to("cpu")
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step (collective)."""
+        from atropos_megatron.weights.hf_checkpoint import side_files
+
+        started = time.monotonic()
+        path = checkpoint.save(
+            self.checkpoint_dir,
+            self.progress,
+            chunks=self.state.chunks,
+            optimizer=self.state.optimizer,
+            scheduler=self.state.scheduler,
+            model=self.model,
+            padded_vocab=self.padded_vocab,
+            keep_last=self.cfg.checkpoint.keep_last,
+            hf_files=side_files(self.model.hf_path) if self.model.hf_path else (),
+        )
+        self._log(f"checkpoint {path} written in {time.monotonic() - started:.1f} s")
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train until ``cfg.steps`` or a stop signal; returns the process exit status."""
+        from atropos_megatron.trainer.run_output import RunOutput
+        from atropos_megatron.weights.transfer import WeightPusher
+
+        cfg = self.cfg
+        rank0 = self.layout.rank == 0
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        output = RunOutput(cfg, start_step=self.progress.step) if rank0 else None
+        pusher = None
+        if cfg.weights.inference_servers or cfg.weights.bridge_agents:
+            pusher = WeightPusher(cfg.weights, self.model, self.bridge if rank0 else None)
+        last_saved = self.progress.step if cfg.checkpoint.load else -1
+        try:
+            if rank0:
+                save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+                self._register()
+            if pusher is not None:
+                # The servers start from the HF weights; after a resume (or a dtype cast) they must serve ours.
+                self._push(pusher, output)
+            while self.progress.step < cfg.steps and not self._stop_agreed():
+                started = time.monotonic()
+                batch = self._receive_batch()
+                if batch is None:
+                    break
+                waited = time.monotonic()
+                metrics = self.train_on(batch)
+                computed = time.monotonic()
+                self._push(pusher, output)
+                synced = time.monotonic()
+                if rank0:
+                    self.bridge.ack(batch.batch_id, trained_step=self.progress.step)
+                    metrics.update(_timings(batch, metrics, started, waited, computed, synced))
+                    output.log_step(self.progress.step, metrics)
+                interval = cfg.checkpoint.save_interval_steps
+                if interval and self.progress.step % interval == 0:
+                    self.save_checkpoint()
+                    last_saved = self.progress.step
+            if last_saved != self.progress.step:
+                self.save_checkpoint()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if pusher is not None:
+                pusher.close()
+            if output is not None:
+                output.close()
+        if self._stop_signal is not None:
+            self._log(
+                f"stopped by signal {self._stop_signal} at step {self.progress.step}; checkpoint written"
+            )
+            return EXIT_PREEMPTED
+        self._log(f"done: {self.progress.step} steps")
+        return 0
+
+    def _register(self) -> None:
+        cfg = self.cfg
+        self.bridge.register_run(
+            run_name=Path(cfg.logging.run_dir).name,
+            batch_size=cfg.data.batch_size,
+            max_token_len=cfg.data.max_token_len,
+            starting_step=self.progress.step,
+            num_steps=cfg.steps,
+            checkpoint_dir=str(self.checkpoint_dir),
+            save_checkpoint_interval=cfg.checkpoint.save_interval_steps,
+            vocab_size=self.model.vocab_size,
+        )
+
+    def _receive_batch(self) -> Any | None:
+        """Rank 0 polls the bridge until a batch comes (or a stop signal); every rank gets it."""
+        message: list[Any] = [None]
+        if self.layout.rank == 0:
+            while self._stop_signal is None:
+                batch = self.bridge.next_batch(wait_s=self.cfg.data.batch_wait_s)
+                if batch is not None:
+                    message[0] = _to_payload(batch)
+                    break
+        dist.broadcast_object_list(message, src=0)
+        return message[0]
+
+    def _push(self, pusher, output) -> None:
+        if pusher is None:
+            return
+        version = str(self.progress.step)
+        try:
+            pusher.push(self.state.chunks, weight_version=version)
+        except Exception as exc:  # noqa: BLE001 - the next push carries the full weights again
+            logger.error("weight push %s failed: %s (training goes on; the next push retries)", version, exc)
+            if output is not None:
+                output.count("weights/push_failures")
+            return
+        self.progress = replace(self.progress, weight_version=version)
+
+    def _request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self._stop_signal is None:
+            logger.warning("signal %d: finishing this step, writing a checkpoint, then stopping", signum)
+        self._stop_signal = signum
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (collective, so that every rank leaves the loop together)."""
+        flag = torch.tensor([0 if self._stop_signal is None else self._stop_signal], dtype=torch.int64)
+        if torch.cuda.is_available() and dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) and self._stop_signal is None:
+            self._stop_signal = int(flag)
+        return bool(int(flag))
+
+    def _log(self, message: str) -> None:
+        if self.layout.rank == 0:
+            logger.info(message)
+
+
+def _to_payload(batch: Any) -> types.SimpleNamespace:
+    """The batch as plain data, so that other ranks unpickle no bridge class (nor import grpc)."""
+    groups = tuple(
+        types.SimpleNamespace(**{f.name: getattr(g, f.name) for f in fields(g)}) for g in batch.groups
+    )
+    return types.SimpleNamespace(**{name: getattr(batch, name) for name in _BATCH_FIELDS}, groups=groups)
+
+
+def _timings(batch, metrics, started, waited, computed, synced) -> dict[str, float]:
+    tokens = metrics.get("batch/tokens", 0)
+    return {
+        "time/wait_s": waited - started,
+        "time/compute_s": computed - waited,
+        "time/sync_s": synced - computed,
+        "time/step_s": synced - started,
+        "perf/tokens_per_s": tokens / max(computed - waited, 1e-9),
+        "bridge/batch_latency_s": max(0.0, time.time() - batch.fetched_unix_s),
+        "memory/peak_gib": _peak_memory_gib(),
+    }
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train(cfg: TrainConfig) -> int:
+    """``atropos-megatron train``: this rank's whole run, from joining the job to leaving it."""
+    bridge = None
+    if parallel.detect_dist_env().rank == 0:
+        # The CLI's entry point may know the bridge; the loop above only sees the client object.
+        from atropos_megatron.bridge.client import BridgeClient
+
+        bridge = BridgeClient(
+            cfg.bridge.address,
+            token=cfg.bridge.auth_token,
+            tls_ca=cfg.bridge.tls_ca,
+            timeout_s=cfg.bridge.request_timeout_s,
+            max_message_bytes=cfg.bridge.max_message_bytes,
+        )
+    trainer = Trainer(cfg, bridge=bridge)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        if bridge is not None:
+            bridge.close()
+        parallel.shutdown()

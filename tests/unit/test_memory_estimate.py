@@ -1,0 +1,283 @@
+"""The --dry-run arithmetic: parameter counts match real Megatron models exactly, per pipeline rank;
+memory estimates follow their documented formula on a hand-computed case and scale as they should."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from atropos_megatron.config import (
+    DataConfig,
+    GRPOConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainConfig,
+)
+from atropos_megatron.trainer.memory import (
+    CUDA_OVERHEAD_BYTES,
+    GIB,
+    estimate_memory,
+    in_flight_chunk_passes,
+    parameter_counts,
+    params_per_pipeline_rank,
+    total_parameters,
+)
+from tests.harness import run_ranks
+
+# Two small models that between them exercise every optional parameter: GQA + QKV bias + RMSNorm +
+# SwiGLU (Qwen2-like), and LayerNorm (norm biases) + GeLU + qk_layernorm + a head_dim that is not
+# hidden / heads + tied embeddings (with PP=2 Megatron keeps a copy on the last stage).
+MODELS = {
+    "qwen2-like": dict(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=200,
+        add_qkv_bias=True,
+    ),
+    "layernorm-gelu-tied": dict(
+        num_layers=4,
+        hidden_size=48,
+        ffn_hidden_size=80,
+        num_attention_heads=4,
+        head_dim=24,
+        vocab_size=300,
+        normalization="LayerNorm",
+        activation="gelu",
+        qk_layernorm=True,
+        tie_word_embeddings=True,
+    ),
+}
+LAYOUTS = {
+    "TP=1": dict(),
+    "TP=2": dict(tensor_parallel_size=2),
+    "PP=2": dict(pipeline_parallel_size=2),
+    "PP=2xVPP=2": dict(pipeline_parallel_size=2, virtual_pipeline_parallel_size=2),
+}
+
+
+def _count_megatron_params(rank, world_size):
+    """``{(model, layout): (pp_rank, [numel per chunk])}`` of the models Megatron builds on this rank."""
+    from atropos_megatron.trainer import parallel
+    from atropos_megatron.trainer.model import build_model
+
+    parallel.init_distributed(ParallelConfig(), seed=0)
+    counts = {}
+    for layout_name, layout_kwargs in LAYOUTS.items():
+        layout = ParallelConfig(**layout_kwargs)
+        placement = parallel.setup_model_parallel(layout, seed=0)
+        for model_name, model_kwargs in MODELS.items():
+            chunks = build_model(ModelConfig(**model_kwargs), layout, initialize=False)
+            numels = [sum(p.numel() for p in chunk.parameters()) for chunk in chunks]
+            counts[model_name, layout_name] = (placement.pp_rank, numels)
+    return counts
+
+
+@pytest.mark.distributed
+def test_parameter_counts_match_megatron_models_on_every_rank():
+    per_rank = run_ranks(_count_megatron_params, 2, timeout_s=90)
+    checked = 0
+    for (model_name, layout_name), _ in per_rank[0].items():
+        model = ModelConfig(**MODELS[model_name])
+        expected = parameter_counts(model, ParallelConfig(**LAYOUTS[layout_name]))
+        for rank_counts in per_rank:
+            pp_rank, numels = rank_counts[model_name, layout_name]
+            mine = [stage.total for stage in expected if stage.pp_rank == pp_rank]
+            assert mine == numels, (model_name, layout_name, pp_rank)
+            checked += 1
+        if layout_name == "TP=1":
+            assert total_parameters(model) == per_rank[0][model_name, layout_name][1][0]
+    assert checked == 2 * len(MODELS) * len(LAYOUTS)
+
+
+def test_tied_embedding_is_counted_once_with_one_stage_and_twice_with_two():
+    untied = ModelConfig(**{**MODELS["layernorm-gelu-tied"], "tie_word_embeddings": False})
+    tied = dataclasses.replace(untied, tie_word_embeddings=True)
+    embedding = 384 * 48  # vocab 300 padded to 384 rows, hidden 48
+    assert total_parameters(untied) - total_parameters(tied) == embedding
+    pp2 = ParallelConfig(pipeline_parallel_size=2)
+    assert params_per_pipeline_rank(tied, pp2) == params_per_pipeline_rank(untied, pp2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory
+# ------------------------------------------------------------------------------------------------
+
+
+def _small_run(world_size=2, **sections) -> tuple[TrainConfig, int]:
+    defaults = dict(
+        model=ModelConfig(
+            num_layers=2,
+            hidden_size=64,
+            ffn_hidden_size=128,
+            num_attention_heads=4,
+            vocab_size=128,
+            dtype="bf16",
+            max_position_embeddings=128,
+        ),
+        data=DataConfig(batch_size=4, max_token_len=128, micro_batch_tokens=256),
+    )
+    return TrainConfig(**{**defaults, **sections}), world_size
+
+
+def test_small_bf16_case_matches_the_hand_computed_bytes():
+    estimate = estimate_memory(*_small_run())
+    # Parameters, one layer: 2 RMSNorms (2 x 64) + QKV (3*64 x 64) + proj (64 x 64)
+    # + fc1 (2*128 x 64) + fc2 (64 x 128) = 128 + 12288 + 4096 + 16384 + 8192 = 41088.
+    # Model: 2 layers + embedding (128 x 64) + final norm (64) + output layer (128 x 64).
+    params = 2 * 41088 + 8192 + 64 + 8192
+    assert params == 98624
+    assert estimate.total_params == params
+    assert estimate.data_parallel_size == 2
+    (stage,) = estimate.stages
+    assert stage.params == params
+    assert stage.weights_bytes == params * 2  # bf16
+    assert stage.grads_bytes == params * 4  # fp32 grad buffer
+    assert stage.optimizer_bytes == params * 12 // 2  # main params + 2 Adam moments, sharded over DP=2
+    assert stage.reference_bytes == 0
+    # Activations, one packed row of T = s = 256 tokens, bf16 (2 bytes):
+    # residual-stream saves 4*T*h = 65536, Q/K/V/proj input 4*T*heads*head_dim = 65536,
+    # SwiGLU 4*T*f = 131072 elements -> 262144 * 2 bytes; scores heads*T*s = 262144 at 4 + 2 bytes.
+    per_layer = 262144 * 2 + 262144 * 6
+    workspace = 262144 * (2 + 4)  # one layer's transient score buffers
+    head = 2 * 256 * 64 * 2  # final norm + output layer inputs
+    assert stage.activations_bytes == 2 * per_layer + workspace + head
+    assert stage.logits_bytes == 256 * 128 * (2 + 4)  # bf16 logits + fp32 copy/gradient
+    assert stage.overhead_bytes == CUDA_OVERHEAD_BYTES
+    assert (
+        estimate.peak_bytes
+        == stage.total_bytes
+        == sum(
+            (
+                params * (2 + 4 + 6),
+                2 * per_layer + workspace + head,
+                256 * 128 * 6,
+                CUDA_OVERHEAD_BYTES,
+            )
+        )
+    )
+
+
+def test_padded_rows_attend_over_max_token_len_instead_of_the_whole_micro_batch():
+    packed = estimate_memory(*_small_run()).stages[0]
+    padded_data = DataConfig(batch_size=4, max_token_len=128, micro_batch_tokens=256, packing=False)
+    padded = estimate_memory(*_small_run(data=padded_data)).stages[0]
+    # Same 256 tokens (2 rows of 128); scores heads*T*s drop from 4*256*256 to 4*256*128, at 6 bytes,
+    # in 2 layers and the one-layer workspace.
+    assert packed.activations_bytes - padded.activations_bytes == 3 * (262144 - 131072) * 6
+    assert packed.logits_bytes == padded.logits_bytes
+
+
+def test_fused_attention_drops_the_quadratic_score_terms():
+    cfg, world = _small_run()
+    unfused = estimate_memory(cfg, world).stages[0]
+    fused = estimate_memory(cfg, world, fused_attention=True).stages[0]
+    # Unfused minus fused, per layer: the scores (262144 x 6 bytes) and repeated K/V vs. Q, K, V
+    # unrepeated + output (MHA here: the same 4 tensors); plus the one-layer workspace.
+    assert unfused.activations_bytes - fused.activations_bytes == 2 * 262144 * 6 + 262144 * 6
+
+
+def test_distributed_optimizer_divides_optimizer_state_by_data_parallel_size():
+    one = estimate_memory(*_small_run(world_size=1)).stages[0]
+    eight = estimate_memory(*_small_run(world_size=8)).stages[0]
+    assert one.optimizer_bytes == one.params * 12
+    assert eight.optimizer_bytes == one.params * 12 / 8
+    assert eight.weights_bytes == one.weights_bytes and eight.grads_bytes == one.grads_bytes
+    replicated = estimate_memory(
+        *_small_run(world_size=8, optimizer=OptimizerConfig(use_distributed_optimizer=False))
+    )
+    assert replicated.stages[0].optimizer_bytes == one.params * 12
+
+
+def test_optimizer_state_depends_on_dtype_and_optimizer():
+    fp32 = ModelConfig(**{**dataclasses.asdict(_small_run()[0].model), "dtype": "fp32"})
+    params = estimate_memory(*_small_run(world_size=1)).stages[0].params
+    assert estimate_memory(*_small_run(world_size=1, model=fp32)).stages[0].optimizer_bytes == params * 8
+    sgd = OptimizerConfig(name="sgd", use_distributed_optimizer=False)
+    # SGD without momentum (trainer/optimizer.py): only the fp32 main copy of the bf16 weights.
+    assert estimate_memory(*_small_run(world_size=1, optimizer=sgd)).stages[0].optimizer_bytes == params * 4
+
+
+def test_reference_weights_only_with_a_kl_penalty():
+    without = estimate_memory(*_small_run()).stages[0]
+    with_kl = estimate_memory(*_small_run(grpo=GRPOConfig(kl_coef=0.05))).stages[0]
+    assert without.reference_bytes == 0
+    assert with_kl.reference_bytes == with_kl.weights_bytes
+    assert with_kl.total_bytes - without.total_bytes == with_kl.weights_bytes
+
+
+def test_world_size_not_divisible_by_the_model_parallel_size_is_an_error():
+    cfg, _ = _small_run(parallel=ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2))
+    with pytest.raises(ValueError, match="world size 6 is not divisible"):
+        estimate_memory(cfg, 6)
+    assert estimate_memory(cfg, 8).data_parallel_size == 2
+
+
+def test_first_pipeline_stage_holds_the_most_micro_batches():
+    pp4 = ParallelConfig(pipeline_parallel_size=4)
+    assert [in_flight_chunk_passes(pp4, rank, 16) for rank in range(4)] == [4, 3, 2, 1]
+    assert [in_flight_chunk_passes(pp4, rank, 2) for rank in range(4)] == [2, 2, 2, 1]
+    # Interleaved, rank 0: 2*(pp-1) + (vpp-1)*pp + 1 = 6 + 4 + 1 = 11 passes of half a stage each,
+    # i.e. pp * (1 + (pp-1)/(pp*vpp)) = 5.5 stages' worth (Megatron-LM's interleaving penalty).
+    vpp2 = ParallelConfig(pipeline_parallel_size=4, virtual_pipeline_parallel_size=2)
+    assert in_flight_chunk_passes(vpp2, 0, 16) == 11
+    cfg, _ = _small_run(
+        model=dataclasses.replace(_small_run()[0].model, num_layers=4),
+        parallel=pp4,
+        data=DataConfig(batch_size=64, max_token_len=128, micro_batch_tokens=256),
+    )
+    estimate = estimate_memory(cfg, 4)
+    assert estimate.chunk_passes_in_flight == (4, 3, 2, 1)
+    activations = [stage.activations_bytes for stage in estimate.stages]
+    assert activations[0] > activations[1] > activations[2]
+    assert estimate.stages[-1].logits_bytes > 0 and estimate.stages[0].logits_bytes == 0
+
+
+def _qwen25_7b() -> ModelConfig:
+    return ModelConfig(
+        num_layers=28,
+        hidden_size=3584,
+        ffn_hidden_size=18944,
+        num_attention_heads=28,
+        num_query_groups=4,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        add_qkv_bias=True,
+        dtype="bf16",
+    )
+
+
+def test_qwen25_7b_on_eight_gpus_is_sane_and_fits_80_gib(report):
+    cfg = TrainConfig(model=_qwen25_7b(), parallel=ParallelConfig(tensor_parallel_size=4))
+    fused = estimate_memory(cfg, 8, fused_attention=True)
+    assert fused.total_params == 7_615_616_512  # the published Qwen2.5-7B size (7.61 B)
+    assert fused.data_parallel_size == 2
+    (stage,) = fused.stages
+    assert 1.8e9 < stage.params < 2.0e9  # about a quarter, norms replicated
+    assert 20 * GIB < stage.total_bytes < 80 * GIB
+    assert fused.fits(80) and fused.fits(141)
+    table = fused.format_table((80, 141))
+    assert "fits in 80 GiB" in table and "fits in 141 GiB" in table
+    # The local spec materialises 7 heads x 8192^2 scores per layer for a packed 8192-token row;
+    # rows of 2048 tokens bring it back under 80 GiB.
+    unfused = estimate_memory(cfg, 8)
+    short_rows = dataclasses.replace(cfg, data=DataConfig(micro_batch_tokens=2048, max_token_len=2048))
+    assert unfused.peak_bytes > fused.peak_bytes
+    assert estimate_memory(short_rows, 8).fits(80)
+    report(
+        f"Qwen2.5-7B TP=4 DP=2, 8192-token rows: {fused.peak_bytes / GIB:.1f} GiB per GPU with fused "
+        f"attention, {unfused.peak_bytes / GIB:.1f} GiB unfused"
+    )
+
+
+def test_format_table_says_when_a_run_does_not_fit():
+    cfg = TrainConfig(model=_qwen25_7b(), optimizer=OptimizerConfig(use_distributed_optimizer=False))
+    estimate = estimate_memory(cfg, 1)
+    assert not estimate.fits(80)
+    table = estimate.format_table((80,))
+    assert "does NOT fit in 80 GiB" in table
+    assert table.count("\n") == 4  # summary, title, header, one stage, one verdict
