@@ -73,6 +73,9 @@ class Trainer:
         self.cfg = cfg
         self.bridge = bridge
         self._stop_signal: int | None = None
+        # A batch handed out to this run's previous life and never acknowledged (it died mid-step)
+        # is asked for again first, so that no batch the bridge gave out is lost.
+        self._redeliver = True
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -317,8 +320,11 @@ class Trainer:
         message: list[Any] = [None]
         if self.layout.rank == 0:
             while self._stop_signal is None:
-                batch = self.bridge.next_batch(wait_s=self.cfg.data.batch_wait_s)
+                batch = self.bridge.next_batch(
+                    wait_s=self.cfg.data.batch_wait_s, redeliver_unacked=self._redeliver
+                )
                 if batch is not None:
+                    self._redeliver = False
                     message[0] = _to_payload(batch)
                     break
         dist.broadcast_object_list(message, src=0)
