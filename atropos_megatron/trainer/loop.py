@@ -81,7 +81,14 @@ class Trainer:
 
     def setup(self) -> None:
         """Join the job, build actor (and reference), load weights or resume (collective)."""
+        from atropos_megatron.trainer.megatron_patches import te_available
+
         cfg = self.cfg
+        if cfg.data.packing and te_available():
+            # TE's attention takes packed sequences as THD with cu_seqlens, not as a mask; until that
+            # path exists, a block-diagonal mask could be ignored and sequences would see each other.
+            logger.warning("Transformer Engine is present: data.packing is turned off (padded micro-batches)")
+            self.cfg = cfg = replace(cfg, data=replace(cfg.data, packing=False))
         self.layout = parallel.init_distributed(cfg.parallel, seed=cfg.seed)
         self.model, fixed_vocab = resolve_model(cfg.model)
         check_model_layout(self.model, cfg.parallel)
