@@ -8,8 +8,9 @@ to the loss of the batch (`algo/reduce.py`).
 
 Two micro-batch shapes:
 
-- packed (default): sequences laid back to back in rows of ``micro_batch_tokens``; a block-diagonal
-  causal mask keeps them from seeing each other. Position ids restart per sequence; Megatron's RoPE
+- packed (default): sequences laid back to back in rows of up to ``max_token_len`` tokens, as many
+  rows per micro-batch as ``micro_batch_tokens`` allows; a block-diagonal causal mask keeps them from
+  seeing each other. Position ids restart per sequence; Megatron's RoPE
   ignores them and rotates by the row position instead, which changes nothing because attention
   under RoPE depends only on the distance between two tokens of the same sequence.
 - padded: one sequence per row, rows padded to the longest sequence of the rank's share.
@@ -227,21 +228,32 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _packed(share: list[Rollout], weights: list[torch.Tensor], data: DataConfig) -> list[MicroBatch]:
-    """First-fit decreasing into rows of ``micro_batch_tokens``; every row as long as the fullest."""
-    bins: list[list[int]] = []
+    """First-fit decreasing into rows of at most ``max_token_len`` tokens, as many rows per micro-batch
+    as ``micro_batch_tokens`` allows.
+
+    Rows are capped at the longest sequence allowed, not at the whole budget: without a fused
+    attention kernel the cost of a row grows with its length squared, so one row of 8192 tokens
+    would cost 32x the attention of 32 rows of 256 holding the same tokens.
+    """
+    capacity = min(data.micro_batch_tokens, data.max_token_len)
+    rows: list[list[int]] = []
     fill: list[int] = []
     for i in sorted(range(len(share)), key=lambda i: (-share[i].length, i)):
-        target = next(
-            (b for b, used in enumerate(fill) if used + share[i].length <= data.micro_batch_tokens), None
-        )
+        target = next((r for r, used in enumerate(fill) if used + share[i].length <= capacity), None)
         if target is None:
-            bins.append([])
+            rows.append([])
             fill.append(0)
-            target = len(bins) - 1
-        bins[target].append(i)
+            target = len(rows) - 1
+        rows[target].append(i)
         fill[target] += share[i].length
     row_len = _round_up(max(fill), data.pad_to_multiple_of)
-    return [_layout([members], share, weights, row_len, packed=True) for members in bins]
+    rows_per_batch = max(1, data.micro_batch_tokens // row_len)
+    batches = []
+    for start in range(0, len(rows), rows_per_batch):
+        chunk = rows[start : start + rows_per_batch]
+        chunk += [[] for _ in range(rows_per_batch - len(chunk))]  # same shape for every micro-batch
+        batches.append(_layout(chunk, share, weights, row_len, packed=True))
+    return batches
 
 
 def _padded(share: list[Rollout], weights: list[torch.Tensor], data: DataConfig) -> list[MicroBatch]:

@@ -1,0 +1,106 @@
+"""Batch planning: every trained token lands in exactly one micro-batch of one data-parallel rank, with
+the weight that makes all partial losses add up to the batch loss, and packed sequences cannot see
+each other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from atropos_megatron.config import DataConfig, GRPOConfig
+from atropos_megatron.data.batching import (
+    assign_to_ranks,
+    block_causal_mask,
+    build_rollouts,
+    plan_micro_batches,
+)
+from tests.rollouts import synthetic_batch
+
+GRPO = GRPOConfig()
+
+
+def _plans(data: DataConfig, dp_size: int, grpo: GRPOConfig = GRPO):
+    rollouts, _ = build_rollouts(synthetic_batch(3, groups=5, group_size=3), grpo)
+    return rollouts, [
+        plan_micro_batches(rollouts, data=data, grpo=grpo, dp_rank=r, dp_size=dp_size) for r in range(dp_size)
+    ]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("dp_size", [1, 2, 3])
+def test_every_trained_token_is_planned_once_with_weights_summing_to_one(packing, dp_size):
+    data = DataConfig(max_token_len=32, micro_batch_tokens=64, pad_to_multiple_of=8, packing=packing)
+    rollouts, plans = _plans(data, dp_size)
+    planned = sorted(
+        (int(mb["labels"][mask].sum()), int(mask.sum()))
+        for plan in plans
+        for mb in plan
+        for mask in [mb["loss_mask"]]
+    )
+    assert sum(count for _, count in planned) == sum(int(r.loss_mask.sum()) for r in rollouts)
+    # token-mean: every trained token weighs 1/N of the whole batch, whichever rank holds it.
+    total_weight = sum(float(mb["weights"].sum()) for plan in plans for mb in plan)
+    assert total_weight == pytest.approx(1.0, abs=1e-6)
+    for plan in plans:
+        assert len({tuple(mb["tokens"].shape) for mb in plan}) == 1, (
+            "one shape per rank (pipeline parallelism)"
+        )
+        for mb in plan:
+            assert mb["tokens"].numel() <= max(data.micro_batch_tokens, mb["tokens"].shape[1])
+            assert mb["trained_tokens"] == int(mb["loss_mask"].sum())
+
+
+def test_packed_sequences_restart_positions_and_cannot_see_each_other():
+    data = DataConfig(max_token_len=64, micro_batch_tokens=64, pad_to_multiple_of=8)
+    rollouts, (plan,) = _plans(data, 1)
+    mb = plan[0]
+    row = mb["position_ids"][0]
+    starts = (row == 0).nonzero().flatten().tolist()
+    assert len(starts) > 1, "the test needs a row holding several sequences"
+    second = starts[1]
+    mask = mb["attention_mask"][0, 0]
+    assert mask[second, second - 1], "a sequence sees the one before it"
+    assert not mask[second + 1, second], "a token does not see an earlier token of its own sequence"
+    assert mask[second, second + 1], "a token sees the future"
+
+
+def test_block_causal_mask_never_masks_a_whole_row():
+    segments = torch.tensor([[0, 0, 1, 1, -1, -1]])
+    mask = block_causal_mask(segments)
+    assert mask.shape == (1, 1, 6, 6)
+    assert not mask.all(dim=-1).any()
+
+
+def test_rank_shares_are_balanced_and_deterministic():
+    lengths = [9, 1, 7, 3, 5, 5, 2, 8]
+    shares = assign_to_ranks(lengths, 3)
+    assert sorted(i for share in shares for i in share) == list(range(len(lengths)))
+    loads = [sum(lengths[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(lengths)
+    assert shares == assign_to_ranks(lengths, 3)
+
+
+def test_a_rank_without_sequences_gets_one_untrained_micro_batch():
+    rollouts, _ = build_rollouts(synthetic_batch(1, groups=1, group_size=2), GRPO)
+    (empty,) = plan_micro_batches(
+        rollouts, data=DataConfig(max_token_len=32), grpo=GRPO, dp_rank=2, dp_size=3
+    )
+    assert empty["trained_tokens"] == 0 and not empty["loss_mask"].any()
+
+
+def test_rollouts_take_group_advantages_temperatures_and_zeroed_sequences_from_the_batch():
+    batch = synthetic_batch(2, groups=2, group_size=3)
+    overrides = {"overrides": [{"temperature": 0.5}, {"set_advantage_to_zero": True}, None]}
+    batch.groups[1].overrides_json = json.dumps(overrides)
+    rollouts, stats = build_rollouts(batch, GRPO)
+    scores = torch.as_tensor(batch.scores)
+    first = (scores[:3] - scores[:3].mean()) / (scores[:3].std() + GRPO.advantage_eps)
+    for j in range(3):
+        trained = rollouts[j].advantages[rollouts[j].loss_mask]
+        assert torch.allclose(trained, first[j].expand_as(trained), atol=1e-6)
+    assert [r.temperature for r in rollouts[3:]] == [0.5, 1.0, 1.0]
+    assert not rollouts[4].advantages.any(), "set_advantage_to_zero was ignored"
+    assert stats.sequences == 6 and stats.groups == 2
+    assert stats.reward_mean == pytest.approx(float(scores.mean()))
