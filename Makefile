@@ -3,8 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: help install test test-fast lint format protos clean
+.PHONY: help install demo test test-fast lint format protos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -14,6 +15,9 @@ install: $(STAMP)  ## create/refresh .venv (CPU torch 2.13.0 without CUDA; your 
 $(STAMP): pyproject.toml tools/bootstrap_venv.sh
 	VENV=$(VENV) bash tools/bootstrap_venv.sh
 	@touch $@
+
+demo: install  ## the one-command demo: a tiny model learns a toy Atropos task on CPU (~1 min; runs/demo)
+	$(VENV)/bin/atropos-megatron demo $(DEMO_ARGS)
 
 test: install  ## run every test that can run on this machine (GPU tests skip without CUDA)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -26,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from atropos_megatron.weights.convert import main as convert_main
 
         return convert_main(argv[1:])
+    if argv[:1] == ["demo"]:  # its own parser (run dir, steps, overrides for the demo's config)
+        from atropos_megatron.demo.run import main as demo_main
+
+        return demo_main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -120,6 +124,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(commands)
 
     commands.add_parser(
+        "demo",
+        help="the whole loop on this machine: a tiny model learns a toy Atropos task in minutes on CPU "
+        "(see demo --help)",
+        add_help=False,
+    )
+    commands.add_parser(
         "convert",
         help="convert checkpoints HuggingFace <-> Megatron (hf-to-mcore, mcore-to-hf; see convert --help)",
         add_help=False,
@@ -199,12 +209,8 @@ servers after every step (weights.*), metrics go to <logging.run_dir>/metrics.js
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from atropos_megatron.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = _load_config(args)
+    if cfg is None:
         return 2
     if args.dry_run:
         from atropos_megatron.trainer.dry_run import dry_run
@@ -232,13 +238,22 @@ def _add_config_arguments(command: argparse.ArgumentParser, *, example: str) -> 
     command.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"e.g. {example}")
 
 
-def _cmd_config(args: argparse.Namespace) -> int:
-    from atropos_megatron.config import ConfigError, config_to_yaml, load_config
+def _load_config(args: argparse.Namespace):
+    """The validated config of ``--config`` + overrides, or None after printing what is wrong."""
+    from atropos_megatron.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from atropos_megatron.config import config_to_yaml
+
+    cfg = _load_config(args)
+    if cfg is None:
         return 2
     sys.stdout.write(config_to_yaml(cfg))
     return 0
@@ -248,12 +263,9 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     import logging
 
     from atropos_megatron.bridge.server import serve
-    from atropos_megatron.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = _load_config(args)
+    if cfg is None:
         return 2
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(cfg.bridge, cfg.weights)

@@ -431,7 +431,9 @@ class WeightsConfig:
     request_timeout_s: float = 600.0
     """Deadline of one HTTP call to an inference server (seconds); weight loads of big buckets are slow."""
     flush_cache_attempts: int = 60
-    """How often `/flush_cache` is tried, a second apart, while requests are still draining."""
+    """How often `/flush_cache` is tried, a second apart, while aborted requests drain (`pause_mode:
+    abort`). With `retract`/`in_place` paused requests cannot drain, so it is tried once: a refused
+    flush is logged and the update stands."""
     health_interval_s: float = 5.0
     """Seconds between the bridge's health checks of each server; a server that comes back behind the
     current weight_version is paused until the next push brings it up to date (0: no checks)."""

@@ -438,8 +438,11 @@ class WeightPush:
         version = self.header.weight_version
         if server.info.needs_session:
             self._retrying(server, "end_weight_update", server.client.end_weight_update)
+        # Only aborted requests drain while the server is paused; retracted or frozen ones stay until
+        # continue_generation, so retrying the flush then would only stall the push (a minute by default).
+        attempts = self.cfg.flush_cache_attempts if self.cfg.pause_mode == "abort" else 1
         try:  # best effort: the weights are in; a cache SGLang will not flush yet must not strand them
-            server.client.flush_cache(attempts=self.cfg.flush_cache_attempts)
+            server.client.flush_cache(attempts=attempts)
             flushed = ""
         except SGLangError as exc:
             flushed = f"cache not flushed after the update: {exc}"

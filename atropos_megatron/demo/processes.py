@@ -1,0 +1,284 @@
+"""A small supervisor for the processes of one run: start them, wait until they answer, watch them, and
+always stop every one of them.
+
+Each role runs in its own process group (so a signal reaches its children too, e.g. torchrun's ranks)
+with its output in ``<log_dir>/<role>.log``. A role that exits when it should not stops the whole run
+with :class:`RoleFailed`, which names the role and quotes the end of its log. Stopping sends SIGTERM
+to every group (newest first), waits a grace period, then SIGKILLs what is left. On Linux each child
+also gets SIGTERM if the supervisor itself dies (``PR_SET_PDEATHSIG``), so even ``kill -9`` of the
+supervisor leaves no orphans behind.
+
+Deliberately small: no restarts, no resource limits, no remote hosts. The demo uses it; a launcher
+that starts the same roles inside a Slurm allocation can reuse it unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+Probe = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class Role:
+    """One process of the run."""
+
+    name: str
+    """Short name used in logs and errors (``trainer``, ``bridge``, ...); also the log file's stem."""
+    command: Sequence[str]
+    ready: Probe | None = None
+    """Returns True once the process serves (called while it runs); None: ready once started."""
+    ready_timeout_s: float = 120.0
+    """How long :meth:`Supervisor.start` waits for ``ready``."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Added to (and overriding) the supervisor's environment."""
+    cwd: Path | None = None
+    exits_when_done: bool = False
+    """True for a role whose exit status 0 means "finished" (the trainer); any other exit of any role
+    before :meth:`Supervisor.stop_all` is a failure."""
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """How one role ended."""
+
+    name: str
+    returncode: int
+    how: str
+    """``finished`` (a role allowed to exit did, with status 0), ``failed`` (exited by itself when it
+    should not have), ``stopped`` (exited after SIGTERM within the grace period) or ``killed`` (still
+    running after the grace period: SIGKILL)."""
+
+    @property
+    def clean(self) -> bool:
+        return self.how in ("finished", "stopped")
+
+
+class RoleFailed(RuntimeError):
+    """A role exited when it should not have, or never became ready."""
+
+    def __init__(self, name: str, problem: str, log_path: Path, log_tail: str) -> None:
+        super().__init__(f"{name} {problem} (log: {log_path}); its last lines:\n{log_tail}")
+        self.name = name
+        self.log_path = log_path
+
+
+@dataclass
+class _Running:
+    role: Role
+    proc: subprocess.Popen
+    log_path: Path
+
+
+class Supervisor:
+    """Starts roles in order and stops them all on exit (use it as a context manager)."""
+
+    def __init__(self, log_dir: str | Path, *, grace_s: float = 15.0, poll_s: float = 0.2) -> None:
+        self.log_dir = Path(log_dir)
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self._running: dict[str, _Running] = {}
+        self.exits: dict[str, ExitRecord] = {}
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()
+
+    # -- starting and watching --------------------------------------------------------------------
+
+    def start(self, role: Role) -> None:
+        """Launch ``role`` and wait until its probe answers; raises :class:`RoleFailed` if it (or an
+        earlier role) exits meanwhile or the probe does not answer within ``role.ready_timeout_s``."""
+        if role.name in self._running:
+            raise ValueError(f"role {role.name!r} already started")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{role.name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **role.env}
+        with log_path.open("wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                list(role.command),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=role.cwd,
+                env=env,
+                start_new_session=True,  # own process group: signals reach the role's children too
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        self._running[role.name] = _Running(role, proc, log_path)
+        if role.ready is None:
+            return
+        deadline = time.monotonic() + role.ready_timeout_s
+        while not _probe(role.ready):
+            self.check()
+            if time.monotonic() > deadline:
+                raise self._failure(role.name, f"did not become ready within {role.ready_timeout_s:.0f} s")
+            time.sleep(self.poll_s)
+
+    def check(self) -> None:
+        """Raise :class:`RoleFailed` for the first role that exited without being allowed to."""
+        for name, running in self._running.items():
+            code = running.proc.poll()
+            if code is None or name in self.exits:
+                continue
+            if running.role.exits_when_done and code == 0:
+                self.exits[name] = ExitRecord(name, code, "finished")
+                continue
+            raise self._failure(name, _describe_exit(code))
+
+    def finished(self, name: str) -> bool:
+        """True once ``name`` (a role with ``exits_when_done``) has exited with status 0."""
+        self.check()
+        return name in self.exits
+
+    def log_path(self, name: str) -> Path:
+        return self._running[name].log_path
+
+    def tail(self, name: str, *, lines: int = 30) -> str:
+        """The last ``lines`` lines of a role's log."""
+        return _tail(self._running[name].log_path, lines)
+
+    # -- stopping ---------------------------------------------------------------------------------
+
+    def stop_all(self) -> dict[str, ExitRecord]:
+        """SIGTERM every running role (newest first), SIGKILL what is left after ``grace_s``; idempotent.
+
+        Returns every role's :class:`ExitRecord`.
+        """
+        pending = []
+        for name, running in reversed(self._running.items()):
+            code = running.proc.poll()
+            if name in self.exits:
+                continue
+            if code is None:
+                _signal_group(running.proc, signal.SIGTERM)
+                pending.append(running)
+            elif running.role.exits_when_done and code == 0:
+                self.exits[name] = ExitRecord(name, code, "finished")
+            else:
+                self.exits[name] = ExitRecord(name, code, "failed")
+        deadline = time.monotonic() + self.grace_s
+        for running in pending:
+            name = running.role.name
+            try:
+                code = running.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                how = "stopped"
+            except subprocess.TimeoutExpired:
+                _signal_group(running.proc, signal.SIGKILL)
+                code = running.proc.wait()
+                how = "killed"
+            self.exits.setdefault(name, ExitRecord(name, code, how))
+        for running in self._running.values():
+            # Whatever the leader left behind in its group (a worker that ignored SIGTERM) goes too.
+            _signal_group(running.proc, signal.SIGKILL)
+        return dict(self.exits)
+
+    def _failure(self, name: str, problem: str) -> RoleFailed:
+        running = self._running[name]
+        return RoleFailed(name, problem, running.log_path, _tail(running.log_path, 30))
+
+
+# ------------------------------------------------------------------------------------------------
+# Probes and helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def http_probe(url: str, *, timeout_s: float = 2.0) -> Probe:
+    """Ready when ``GET url`` answers 200."""
+
+    def probe() -> bool:
+        return httpx.get(url, timeout=timeout_s).status_code == 200
+
+    return probe
+
+
+def port_probe(host: str, port: int, *, timeout_s: float = 1.0) -> Probe:
+    """Ready when a TCP connection to ``host:port`` succeeds (for servers without an HTTP route)."""
+
+    def probe() -> bool:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+
+    return probe
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports nothing listens on right now (all held open until chosen, so they
+    differ; another program may still take one before our child binds it)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@contextlib.contextmanager
+def sigterm_as_keyboard_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises KeyboardInterrupt, so ``finally`` clauses (and the
+    supervisor's ``__exit__``) run as they do for Ctrl-C. Main thread only."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _probe(probe: Probe) -> bool:
+    try:
+        return bool(probe())
+    except (OSError, httpx.HTTPError):
+        return False
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)  # the leader's pid is the group id (start_new_session)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - 64 * 1024))
+            text = file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)

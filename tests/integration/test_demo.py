@@ -1,0 +1,181 @@
+"""The demo end to end (slow), and the process supervisor it runs on (fast, with real child processes).
+
+The end-to-end test runs ``atropos_megatron.demo.run.run_demo`` with every real process (Atropos API,
+reference server, bridge, trainer, environment) and checks that the reward rises and that every
+process ended cleanly. The supervisor tests use small Python children to check the failure paths a
+demo run should never hit: a role dying, a probe never answering, a child ignoring SIGTERM, the
+supervisor itself being killed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from atropos_megatron.demo.processes import (
+    Role,
+    RoleFailed,
+    Supervisor,
+    free_ports,
+    http_probe,
+    port_probe,
+)
+
+PY = sys.executable
+SLEEP = [PY, "-c", "import time; time.sleep(600)"]
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_dead(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_reward_rises_and_every_process_exits_cleanly(tmp_path, report):
+    from atropos_megatron.demo.run import run_demo
+
+    result = run_demo(tmp_path / "demo", steps=40, progress=False, timeout_s=900)
+    summary = result.summary
+    report(
+        f"reward {summary.first_mean:.3f} -> {summary.last_mean:.3f} ({summary.gain:+.3f}) in "
+        f"{summary.last_step} steps, {result.wall_s:.0f} s"
+    )
+    assert summary.last_step == 40
+    assert summary.gain >= 0.4, f"reward rose only {summary.gain:+.3f}"
+    assert set(result.exits) == {"atropos-api", "inference", "bridge", "trainer", "env"}
+    assert result.exits["trainer"].how == "finished"
+    assert all(e.clean for e in result.exits.values()), result.exits
+    assert result.plot_path.read_bytes().startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------------------------------------
+# The supervisor
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_role_that_dies_is_named_with_its_log_and_the_others_are_stopped(tmp_path):
+    supervisor = Supervisor(tmp_path, grace_s=5)
+    with pytest.raises(RoleFailed) as failure, supervisor:
+        supervisor.start(Role("server", SLEEP))
+        supervisor.start(Role("worker", [PY, "-c", "print('cannot open the widget'); raise SystemExit(3)"]))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            supervisor.check()
+            time.sleep(0.05)
+    message = str(failure.value)
+    assert failure.value.name == "worker"
+    assert "worker exited with status 3" in message and "cannot open the widget" in message
+    assert str(tmp_path / "worker.log") in message
+    assert supervisor.exits["worker"].how == "failed"
+    assert supervisor.exits["server"].how == "stopped"
+
+
+def test_roles_wait_for_their_probe_and_a_finished_role_is_clean(tmp_path):
+    (port,) = free_ports(1)
+    http = Role(
+        "http",
+        [
+            PY,
+            "-c",
+            f"import time, http.server as h; time.sleep(0.5); h.test(h.SimpleHTTPRequestHandler, port={port}, bind='127.0.0.1')",
+        ],  # fmt: skip
+        ready=http_probe(f"http://127.0.0.1:{port}/"),
+        ready_timeout_s=30,
+        cwd=tmp_path,
+    )
+    with Supervisor(tmp_path / "logs", grace_s=5) as supervisor:
+        supervisor.start(http)  # returns only once the server answers
+        assert port_probe("127.0.0.1", port)()
+        supervisor.start(Role("job", [PY, "-c", "print('done')"], exits_when_done=True))
+        deadline = time.monotonic() + 20
+        while not supervisor.finished("job"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    exits = supervisor.stop_all()  # idempotent
+    assert exits["job"].how == "finished" and exits["http"].how == "stopped"
+    assert all(e.clean for e in exits.values())
+    assert supervisor.tail("job") == "done"
+
+
+def test_a_probe_that_never_answers_fails_with_the_roles_name(tmp_path):
+    (port,) = free_ports(1)
+    role = Role("mute", SLEEP, ready=port_probe("127.0.0.1", port), ready_timeout_s=1)
+    with pytest.raises(RoleFailed, match="mute did not become ready within 1 s"), Supervisor(tmp_path) as s:
+        s.start(role)
+    assert s.exits["mute"].how == "stopped"
+
+
+def test_a_role_ignoring_sigterm_is_killed_with_its_children(tmp_path):
+    stubborn = textwrap.dedent(
+        """
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        print(child.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    with Supervisor(tmp_path, grace_s=1) as supervisor:
+        supervisor.start(Role("stubborn", [PY, "-c", stubborn]))
+        deadline = time.monotonic() + 20
+        while not supervisor.tail("stubborn").strip().isdigit():
+            assert time.monotonic() < deadline, supervisor.tail("stubborn")
+            time.sleep(0.05)
+        grandchild = int(supervisor.tail("stubborn"))
+    assert supervisor.exits["stubborn"].how == "killed"
+    assert not supervisor.exits["stubborn"].clean
+    assert _wait_dead(grandchild), "the role's own child outlived it"
+
+
+def test_children_stop_when_the_supervisor_is_killed_or_terminated(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from atropos_megatron.demo.processes import Role, Supervisor, sigterm_as_keyboard_interrupt
+        with sigterm_as_keyboard_interrupt(), Supervisor({str(tmp_path)!r}, grace_s=5) as s:
+            s.start(Role("sleeper", {SLEEP!r}))
+            print(s._running["sleeper"].proc.pid, flush=True)
+            try:
+                time.sleep(600)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+                raise SystemExit(130)
+        """
+    )
+    for how in ("SIGTERM", "SIGKILL"):
+        parent = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            sleeper = int(parent.stdout.readline())
+            assert _alive(sleeper)
+            parent.terminate() if how == "SIGTERM" else parent.kill()
+            code = parent.wait(timeout=20)
+            assert _wait_dead(sleeper), f"the child outlived its supervisor ({how})"
+            if how == "SIGTERM":  # an orderly stop: the finally clauses ran
+                assert code == 130 and parent.stdout.read().strip() == "interrupted"
+        finally:
+            parent.kill()
+            parent.wait()
