@@ -220,7 +220,8 @@ class GRPOConfig:
     importance_cap: float = 2.0
     """Upper truncation of the rollout/train importance weight."""
     updates_per_batch: int = 1
-    """Optimizer steps taken on each Atropos batch (mini-batches); 1 is strictly on-policy."""
+    """Optimizer updates per Atropos batch, each on a mini-batch of whole groups and all measured
+    against the policy from before the first (PPO style); 1 is strictly on-policy."""
     kernel: str = "auto"
     """GRPO loss implementation: `triton` (fused), `torch` (chunked reference) or `auto`."""
     env_ref_logprobs: bool = False
@@ -519,7 +520,7 @@ class TrainConfig:
     """The whole run. Each component receives only its own section."""
 
     steps: int = 100
-    """Optimizer steps to train for."""
+    """Training steps: one Atropos batch each (and `grpo.updates_per_batch` optimizer updates)."""
     seed: int = 1234
     """Seed for model init and every random stream (per-rank streams derive from it)."""
     model: ModelConfig = field(default_factory=ModelConfig)

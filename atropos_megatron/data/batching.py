@@ -56,6 +56,8 @@ class Rollout:
     """The temperature the sequence was sampled at (its log-probs are computed at it)."""
     inference_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
+    group: int = 0
+    """Index of the sequence's group in the batch."""
 
     @property
     def length(self) -> int:
@@ -153,6 +155,7 @@ def build_rollouts(batch: Any, cfg: GRPOConfig) -> tuple[list[Rollout], BatchSta
                     ref_logprobs=tokens_of("ref_logprobs", i, torch.float32)
                     if info.has_ref_logprobs
                     else None,
+                    group=g,
                 )
             )
         zero_groups += not group_has_signal
@@ -173,6 +176,18 @@ def _stats(rollouts: list[Rollout], scores: torch.Tensor, groups: int, zero_grou
         advantage_abs_mean=float(trained.abs().mean()) if trained.numel() else 0.0,
         zero_advantage_groups=zero_groups,
     )
+
+
+def split_into_updates(rollouts: Sequence[Rollout], updates: int) -> list[list[Rollout]]:
+    """Whole groups in ``updates`` consecutive mini-batches (as even as the group count allows; none
+    empty unless there are fewer groups than updates). GRPO compares a group's sequences with each
+    other, so a group is never split."""
+    groups = sorted({r.group for r in rollouts})
+    position = {g: i * updates // max(len(groups), 1) for i, g in enumerate(groups)}
+    minis: list[list[Rollout]] = [[] for _ in range(updates)]
+    for rollout in rollouts:
+        minis[position[rollout.group]].append(rollout)
+    return [mini for mini in minis if mini]
 
 
 def assign_to_ranks(lengths: Sequence[int], num_ranks: int) -> list[list[int]]:

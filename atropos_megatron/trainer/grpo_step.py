@@ -25,7 +25,7 @@ from atropos_megatron.kernels.logprobs import VocabShard, fused_token_logprobs
 from atropos_megatron.trainer import parallel
 from atropos_megatron.trainer.step import forward_backward
 
-_SUMMED = ("grpo/pg_loss", "grpo/loss")
+SUMMED_METRICS = ("grpo/pg_loss", "grpo/loss")
 """Metrics that are already weighted parts of the batch total: they add up across micro-batches."""
 
 
@@ -104,7 +104,7 @@ def combine_metrics(per_micro_batch: Sequence[dict[str, Any]]) -> dict[str, Any]
         for name, value in metrics.items():
             if name == "tokens":
                 continue
-            if name in _SUMMED:
+            if name in SUMMED_METRICS:
                 merged[name] = merged.get(name, 0.0) + value
             elif name.endswith("_max"):
                 merged[name] = max(merged.get(name, value), value) if tokens else merged.get(name, value)

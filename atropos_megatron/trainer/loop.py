@@ -27,9 +27,14 @@ import torch
 import torch.distributed as dist
 
 from atropos_megatron.config import ModelConfig, TrainConfig, save_config
-from atropos_megatron.data.batching import MicroBatch, build_rollouts, plan_micro_batches
+from atropos_megatron.data.batching import MicroBatch, build_rollouts, plan_micro_batches, split_into_updates
 from atropos_megatron.trainer import checkpoint, parallel
-from atropos_megatron.trainer.grpo_step import gather_loss_metrics, grpo_loss_pass, token_logprobs_pass
+from atropos_megatron.trainer.grpo_step import (
+    SUMMED_METRICS,
+    gather_loss_metrics,
+    grpo_loss_pass,
+    token_logprobs_pass,
+)
 from atropos_megatron.trainer.model import build_model, check_model_layout, padded_vocab_size
 from atropos_megatron.trainer.optimizer import build_train_state, optimizer_step, zero_grads
 
@@ -57,7 +62,7 @@ def resolve_model(model: ModelConfig) -> tuple[ModelConfig, int | None]:
         info = read_checkpoint_info(model.dist_checkpoint)
         if info.model is None:
             return model, info.padded_vocab  # another tool's checkpoint: the config's architecture
-        kept = {"dtype": model.dtype, "dist_checkpoint": model.dist_checkpoint}
+        kept = {"dtype": model.dtype, "dist_checkpoint": model.dist_checkpoint, "hf_path": None}
         return replace(info.model, **kept), info.padded_vocab
     return model, None
 
@@ -100,7 +105,9 @@ class Trainer:
         chunks = build_model(self.model, cfg.parallel, padded_vocab=self.padded_vocab)
         self._load_initial_weights(chunks)
         self.reference = self._build_reference(chunks) if cfg.grpo.kl_coef > 0 else None
-        self.state = build_train_state(chunks, self.model, cfg.optimizer, total_steps=cfg.steps)
+        self.state = build_train_state(
+            chunks, self.model, cfg.optimizer, total_steps=cfg.steps * cfg.grpo.updates_per_batch
+        )
         self.progress = checkpoint.Progress(
             step=0, weight_version="0", layout=(self.layout.tp, self.layout.pp, self.layout.dp)
         )
@@ -151,27 +158,37 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------------
 
     def train_on(self, batch: Any) -> dict[str, float]:
-        """One GRPO update on ``batch`` (every rank passes the same batch). Collective.
+        """One training step on ``batch`` (every rank passes the same batch). Collective.
 
-        Returns the step's metrics on global rank 0 (loss terms over all ranks, optimizer, batch
-        statistics) and the optimizer metrics alone elsewhere.
+        The batch is one optimizer update, or ``grpo.updates_per_batch`` updates on consecutive
+        mini-batches of whole groups, each measured against the policy from before the first
+        (PPO's pi_old). Returns the step's metrics on global rank 0 (loss terms over all ranks and
+        updates, the last update's optimizer metrics, batch statistics) and the optimizer metrics
+        alone elsewhere.
         """
         cfg = self.cfg
         rollouts, stats = build_rollouts(batch, cfg.grpo)
-        micro_batches = plan_micro_batches(
-            rollouts, data=cfg.data, grpo=cfg.grpo, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp
-        )
+        minis = split_into_updates(rollouts, cfg.grpo.updates_per_batch)
+        plans = [
+            plan_micro_batches(
+                mini, data=cfg.data, grpo=cfg.grpo, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp
+            )
+            for mini in minis
+        ]
         use_inference = cfg.grpo.old_logprobs == "inference" and all(
             r.inference_logprobs is not None for r in rollouts
         )
-        self._attach_old_logprobs(micro_batches, recompute=not use_inference)
-        if self.reference is not None:
-            self._attach_ref_logprobs(micro_batches, rollouts)
-        zero_grads(self.state)
-        per_micro_batch = grpo_loss_pass(
-            self.state.chunks, micro_batches, cfg=cfg.grpo, vocab_size=self.model.vocab_size
-        )
-        metrics = optimizer_step(self.state)
+        for plan, mini in zip(plans, minis, strict=True):  # all before the first update
+            self._attach_old_logprobs(plan, recompute=not use_inference)
+            if self.reference is not None:
+                self._attach_ref_logprobs(plan, mini)
+        per_micro_batch: list[dict[str, Any]] = []
+        for plan in plans:
+            zero_grads(self.state)
+            per_micro_batch += grpo_loss_pass(
+                self.state.chunks, plan, cfg=cfg.grpo, vocab_size=self.model.vocab_size
+            )
+            metrics = optimizer_step(self.state)
         loss_metrics = gather_loss_metrics(per_micro_batch)
         self.progress = replace(
             self.progress,
@@ -180,8 +197,12 @@ class Trainer:
         )
         if loss_metrics is None:
             return metrics
+        for name in SUMMED_METRICS:  # each update's loss is a whole mini-batch's: report their mean
+            if name in loss_metrics:
+                loss_metrics[name] /= len(plans)
         metrics.update(loss_metrics)
         metrics.update(stats.as_metrics())
+        metrics["grpo/updates"] = len(plans)
         metrics["grpo/old_logprobs_from_inference"] = float(use_inference)
         return metrics
 
@@ -235,8 +256,6 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current step (collective)."""
-        from atropos_megatron.weights.hf_checkpoint import side_files
-
         started = time.monotonic()
         path = checkpoint.save(
             self.checkpoint_dir,
@@ -247,10 +266,21 @@ class Trainer:
             model=self.model,
             padded_vocab=self.padded_vocab,
             keep_last=self.cfg.checkpoint.keep_last,
-            hf_files=side_files(self.model.hf_path) if self.model.hf_path else (),
+            hf_files=self._hf_side_files(),
         )
         self._log(f"checkpoint {path} written in {time.monotonic() - started:.1f} s")
         return path
+
+    def _hf_side_files(self) -> list[Path]:
+        """HF config + tokenizer to keep in each checkpoint (from the HF model or the seed checkpoint)."""
+        from atropos_megatron.weights.dist_checkpoint import HF_CONFIG_DIR
+        from atropos_megatron.weights.hf_checkpoint import side_files
+
+        if self.model.hf_path:
+            return side_files(self.model.hf_path)
+        if self.model.dist_checkpoint and (Path(self.model.dist_checkpoint) / HF_CONFIG_DIR).is_dir():
+            return side_files(Path(self.model.dist_checkpoint) / HF_CONFIG_DIR)
+        return []
 
     # -- the loop ------------------------------------------------------------------------------------
 

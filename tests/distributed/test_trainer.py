@@ -80,7 +80,9 @@ def _losses(metrics: list[dict]) -> list[dict]:
 
 def _reference_body(rank, world_size, hf_dir, run_dir):
     trainer, metrics = _train(_config(hf_dir, run_dir, []), range(STEPS))
-    return _losses(metrics), _hf_weights(trainer), metrics[0]["grpo/approx_kl_old"]
+    # Two updates on one batch: the second mini-batch is measured against the policy before the first.
+    _, (two_updates,) = _train(_config(hf_dir, f"{run_dir}-2", ["grpo.updates_per_batch=2"]), range(1))
+    return _losses(metrics), _hf_weights(trainer), metrics[0]["grpo/approx_kl_old"], two_updates
 
 
 def _layouts_body(rank, world_size, hf_dir, tmp):
@@ -95,11 +97,19 @@ def _resume_body(rank, world_size, hf_dir, tmp):
     """DP=2: steps 0-1, checkpoint, step 2; then resume from the checkpoint (DP=2 and TP=2) and redo step 2."""
     run = f"{tmp}/resume"
     _, uninterrupted = _train(_config(hf_dir, run, []), range(STEPS), save_after=1)
+    # A training checkpoint is also a model checkpoint: a new run can start from its weights.
+    checkpoint = f"{run}/checkpoints/step_00000002"
+    restored, _ = _train(_config(hf_dir, run, ["checkpoint.load=latest"]), range(0))
+    started, _ = _train(_config("null", f"{tmp}/fresh", [f"model.dist_checkpoint={checkpoint}"]), range(0))
+    restored_weights, started_weights = _hf_weights(restored), _hf_weights(started)
+    same_start = restored_weights is None or all(
+        restored_weights[k].equal(started_weights[k]) for k in restored_weights
+    )
     resumed = {}
     for name, extra in (("dp2", []), ("tp2", ["parallel.tensor_parallel_size=2"])):
         trainer, metrics = _train(_config(hf_dir, run, ["checkpoint.load=latest", *extra]), range(2, STEPS))
         resumed[name] = (trainer.progress.step, _losses(metrics))
-    return _losses(uninterrupted)[2], resumed
+    return _losses(uninterrupted)[2], resumed, same_start
 
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "trainer_tiny_qwen2.json"
@@ -132,7 +142,7 @@ def hf_dir(tmp_path_factory) -> str:
 
 
 def test_every_layout_takes_the_same_steps_as_tp1(hf_dir, tmp_path: Path, report):
-    (reference_losses, reference_weights, reference_kl) = run_ranks(
+    (reference_losses, reference_weights, reference_kl, two_updates) = run_ranks(
         _reference_body, 1, hf_dir, str(tmp_path / "tp1"), timeout_s=120
     )[0]
     # The first step is on-policy: the recomputed old log-probs are the current ones, bit for bit.
@@ -141,6 +151,8 @@ def test_every_layout_takes_the_same_steps_as_tp1(hf_dir, tmp_path: Path, report
     assert reference_losses[0]["grpo/kl_ref"] == 0.0  # the reference model starts as the actor
     assert reference_losses[-1]["grpo/kl_ref"] > 0.0, "three steps did not move the actor: the test is void"
     _check_golden(reference_losses)
+    assert two_updates["grpo/updates"] == 2 and two_updates["grpo/approx_kl_old"] > 0.0
+    assert two_updates["grpo/ratio_max"] > 1.0 or two_updates["grpo/ratio_min"] < 1.0
 
     results = run_ranks(_layouts_body, 2, hf_dir, str(tmp_path), timeout_s=240)[0]
     initial = load_file(Path(hf_dir) / "model.safetensors")
@@ -158,8 +170,9 @@ def test_every_layout_takes_the_same_steps_as_tp1(hf_dir, tmp_path: Path, report
         assert gap / update <= UPDATE_TOLERANCE, f"{name}: the weights moved differently from TP=1's"
 
 
-def test_resume_reproduces_the_next_step_at_the_same_and_another_layout(hf_dir, tmp_path: Path, report):
-    expected, resumed = run_ranks(_resume_body, 2, hf_dir, str(tmp_path), timeout_s=240)[0]
+def test_resume_reproduces_the_next_step_and_a_checkpoint_seeds_a_new_run(hf_dir, tmp_path: Path, report):
+    expected, resumed, same_start = run_ranks(_resume_body, 2, hf_dir, str(tmp_path), timeout_s=240)[0]
+    assert same_start, "model.dist_checkpoint did not start from the checkpoint's weights"
     for name, (step, losses) in resumed.items():
         assert step == STEPS, f"{name}: resumed run ended at step {step}"
         report(f"resumed at {name}: step-3 loss {losses[0]['grpo/loss']:.8f} vs {expected['grpo/loss']:.8f}")

@@ -15,6 +15,7 @@ from atropos_megatron.data.batching import (
     block_causal_mask,
     build_rollouts,
     plan_micro_batches,
+    split_into_updates,
 )
 from tests.rollouts import synthetic_batch
 
@@ -104,3 +105,11 @@ def test_rollouts_take_group_advantages_temperatures_and_zeroed_sequences_from_t
     assert not rollouts[4].advantages.any(), "set_advantage_to_zero was ignored"
     assert stats.sequences == 6 and stats.groups == 2
     assert stats.reward_mean == pytest.approx(float(scores.mean()))
+
+
+def test_updates_take_whole_groups_in_order():
+    rollouts, _ = build_rollouts(synthetic_batch(4, groups=5, group_size=2), GRPO)
+    minis = split_into_updates(rollouts, 2)
+    assert [sorted({r.group for r in mini}) for mini in minis] == [[0, 1, 2], [3, 4]]
+    assert sum(len(m) for m in minis) == len(rollouts)
+    assert len(split_into_updates(rollouts, 8)) == 5, "more updates than groups: one group each"
