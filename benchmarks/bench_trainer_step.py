@@ -48,37 +48,17 @@ def build_checkpoint(args, directory: Path) -> None:
 
 
 def make_batch(args, seed: int):
-    """A bridge-style batch (``tests.rollouts`` layout): groups of random prompts and completions."""
-    import types
+    """A bridge-style batch: groups of random prompts and completions (``tests.rollouts``)."""
+    from tests.rollouts import synthetic_batch
 
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    seq_lens, ids, labels, mask, scores, group_index = [], [], [], [], [], []
-    groups = args.sequences // args.group_size
-    for g in range(groups):
-        prompt = rng.integers(0, args.vocab, rng.integers(args.prompt_len // 2, args.prompt_len + 1))
-        for _ in range(args.group_size):
-            completion = rng.integers(
-                0, args.vocab, rng.integers(args.completion_len // 2, args.completion_len + 1)
-            )
-            tokens = np.concatenate([prompt, completion])
-            ids.append(tokens[:-1])
-            labels.append(tokens[1:])
-            mask.append(np.concatenate([np.zeros(len(prompt) - 1, bool), np.ones(len(completion), bool)]))
-            seq_lens.append(len(tokens) - 1)
-            scores.append(float(rng.random()))
-            group_index.append(g)
-    info = dict(env_id=0, overrides_json="{}", has_advantages=False, has_inference_logprobs=False,
-                has_ref_logprobs=False)  # fmt: skip
-    return types.SimpleNamespace(
-        batch_id=str(seed), step=seed, seq_lens=np.array(seq_lens, np.int32),
-        input_ids=np.concatenate(ids).astype(np.int32), labels=np.concatenate(labels).astype(np.int32),
-        loss_mask=np.concatenate(mask), scores=np.array(scores, np.float32),
-        group_index=np.array(group_index, np.int32), advantages=None, inference_logprobs=None,
-        ref_logprobs=None, groups=tuple(types.SimpleNamespace(**info) for _ in range(groups)),
-        fetched_unix_s=time.time(),
-    )  # fmt: skip
+    return synthetic_batch(
+        seed,
+        groups=args.sequences // args.group_size,
+        group_size=args.group_size,
+        vocab=args.vocab,
+        prompt_lens=(args.prompt_len // 2, args.prompt_len + 1),
+        completion_lens=(args.completion_len // 2, args.completion_len + 1),
+    )
 
 
 def hf_batch(batch, cfg, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,19 +12,25 @@ import types
 
 import numpy as np
 
+PROMPT_LENS = (3, 8)
+COMPLETION_LENS = (2, 12)
+"""Default length ranges (low inclusive, high exclusive) of prompts and completions."""
 
-def _sequences(seed: int, groups: int, group_size: int, vocab: int):
+
+def _sequences(seed: int, groups: int, group_size: int, vocab: int, prompt_lens, completion_lens):
     rng = np.random.default_rng(seed)
     for g in range(groups):
-        prompt = rng.integers(0, vocab, rng.integers(3, 8))
+        prompt = rng.integers(0, vocab, rng.integers(*prompt_lens))
         for _ in range(group_size):
-            completion = rng.integers(0, vocab, rng.integers(2, 12))
+            completion = rng.integers(0, vocab, rng.integers(*completion_lens))
             yield g, prompt, completion, float(rng.random())
 
 
 def atropos_groups(seed: int, *, groups: int = 2, group_size: int = 4, vocab: int = 250) -> list[dict]:
     out: dict[int, dict] = {}
-    for g, prompt, completion, score in _sequences(seed, groups, group_size, vocab):
+    for g, prompt, completion, score in _sequences(
+        seed, groups, group_size, vocab, PROMPT_LENS, COMPLETION_LENS
+    ):
         group = out.setdefault(g, {"tokens": [], "masks": [], "scores": []})
         group["tokens"].append([*map(int, prompt), *map(int, completion)])
         group["masks"].append([-100] * len(prompt) + [int(t) for t in completion])
@@ -32,9 +38,19 @@ def atropos_groups(seed: int, *, groups: int = 2, group_size: int = 4, vocab: in
     return list(out.values())
 
 
-def synthetic_batch(seed: int, *, groups: int = 4, group_size: int = 4, vocab: int = 250):
+def synthetic_batch(
+    seed: int,
+    *,
+    groups: int = 4,
+    group_size: int = 4,
+    vocab: int = 250,
+    prompt_lens: tuple[int, int] = PROMPT_LENS,
+    completion_lens: tuple[int, int] = COMPLETION_LENS,
+):
     seq_lens, ids, labels, mask, scores, group_index = [], [], [], [], [], []
-    for g, prompt, completion, score in _sequences(seed, groups, group_size, vocab):
+    for g, prompt, completion, score in _sequences(
+        seed, groups, group_size, vocab, prompt_lens, completion_lens
+    ):
         tokens = np.concatenate([prompt, completion])
         trained = np.concatenate([np.zeros(len(prompt), bool), np.ones(len(completion), bool)])
         ids.append(tokens[:-1])

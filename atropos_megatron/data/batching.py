@@ -262,25 +262,27 @@ def _packed(share: list[Rollout], weights: list[torch.Tensor], data: DataConfig)
         rows[target].append(i)
         fill[target] += share[i].length
     row_len = _round_up(max(fill), data.pad_to_multiple_of)
+    return _micro_batches(rows, share, weights, row_len, data, packed=True)
+
+
+def _padded(share: list[Rollout], weights: list[torch.Tensor], data: DataConfig) -> list[MicroBatch]:
+    """One sequence per row, rows as long as the longest sequence of the share."""
+    row_len = _round_up(max(r.length for r in share), data.pad_to_multiple_of)
+    rows = [[i] for i in sorted(range(len(share)), key=lambda i: (-share[i].length, i))]
+    return _micro_batches(rows, share, weights, row_len, data, packed=False)
+
+
+def _micro_batches(
+    rows: list[list[int]], share, weights, row_len: int, data: DataConfig, *, packed: bool
+) -> list[MicroBatch]:
+    """Rows (sequence indices into ``share``) grouped into micro-batches of ``micro_batch_tokens``;
+    the last one is filled with empty rows so that every micro-batch has the same shape."""
     rows_per_batch = max(1, data.micro_batch_tokens // row_len)
     batches = []
     for start in range(0, len(rows), rows_per_batch):
         chunk = rows[start : start + rows_per_batch]
-        chunk += [[] for _ in range(rows_per_batch - len(chunk))]  # same shape for every micro-batch
-        batches.append(_layout(chunk, share, weights, row_len, packed=True))
-    return batches
-
-
-def _padded(share: list[Rollout], weights: list[torch.Tensor], data: DataConfig) -> list[MicroBatch]:
-    """One sequence per row; as many rows per micro-batch as the token budget allows."""
-    row_len = _round_up(max(r.length for r in share), data.pad_to_multiple_of)
-    rows_per_batch = max(1, data.micro_batch_tokens // row_len)
-    order = sorted(range(len(share)), key=lambda i: (-share[i].length, i))
-    batches = []
-    for start in range(0, len(order), rows_per_batch):
-        rows = [[i] for i in order[start : start + rows_per_batch]]
-        rows += [[] for _ in range(rows_per_batch - len(rows))]  # same shape for every micro-batch
-        batches.append(_layout(rows, share, weights, row_len, packed=False))
+        chunk += [[] for _ in range(rows_per_batch - len(chunk))]
+        batches.append(_layout(chunk, share, weights, row_len, packed=packed))
     return batches
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from atropos_megatron.config import ModelConfig
 from atropos_megatron.trainer import parallel
 from atropos_megatron.weights import dist_checkpoint
+from atropos_megatron.weights.export import unwrap_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ def save(
     state["progress"] = asdict(progress)
     dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
     if dist.get_rank() == 0:
-        _write_sidecar(tmp, model, padded_vocab, progress, hf_files)
+        dist_checkpoint.write_sidecar(
+            tmp, model=model, padded_vocab=padded_vocab, hf_files=hf_files, extra={"progress": asdict(progress)}
+        )
         shutil.rmtree(final, ignore_errors=True)  # a retried save of the same step
         os.replace(tmp, final)
         _write_atomically(root / LATEST, final.name + "\n")
@@ -115,7 +118,7 @@ def load(path: str | Path, *, chunks: Sequence[torch.nn.Module], optimizer: Any,
     state = _sharded_state(chunks, optimizer, is_loading=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(chunks):
-        _module(chunk).load_state_dict(loaded[f"model{i}"])
+        unwrap_chunk(chunk).load_state_dict(loaded[f"model{i}"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
@@ -131,15 +134,10 @@ def load(path: str | Path, *, chunks: Sequence[torch.nn.Module], optimizer: Any,
     return Progress(**{**progress, "layout": tuple(progress["layout"])})
 
 
-def _module(chunk: torch.nn.Module) -> torch.nn.Module:
-    return chunk.module if hasattr(chunk, "module") else chunk
-
-
 def _sharded_state(chunks, optimizer, *, is_loading: bool, with_rng: bool) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model_state = {f"model{i}": _module(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
-    dist_checkpoint.whole_fc1_where_unsplit(model_state)
+    model_state = dist_checkpoint.model_sharded_state_dict([unwrap_chunk(chunk) for chunk in chunks])
     state: dict[str, Any] = dict(model_state)
     state["optimizer"] = optimizer.sharded_state_dict(
         model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
@@ -175,20 +173,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _write_sidecar(path: Path, model: ModelConfig, padded_vocab: int, progress: Progress, hf_files) -> None:
-    if hf_files:
-        (path / dist_checkpoint.HF_CONFIG_DIR).mkdir(exist_ok=True)
-        for file in hf_files:
-            shutil.copy2(file, path / dist_checkpoint.HF_CONFIG_DIR / Path(file).name)
-    sidecar = {
-        "format_version": dist_checkpoint.FORMAT_VERSION,
-        "model": asdict(model),
-        "padded_vocab_size": padded_vocab,
-        "progress": asdict(progress),
-    }
-    (path / dist_checkpoint.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -97,29 +97,36 @@ def grpo_loss_pass(
 
 def combine_metrics(per_micro_batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Merge micro-batch metrics into one partial record: ``(sum of value x tokens, tokens)`` for means,
-    sums for batch totals, extremes for ``*_max`` / ``*_min``. Merge records of ranks the same way."""
-    merged: dict[str, Any] = {}
-    for metrics in per_micro_batch:
-        tokens = metrics.get("tokens", 0)
-        for name, value in metrics.items():
-            if name == "tokens":
-                continue
-            if name in SUMMED_METRICS:
-                merged[name] = merged.get(name, 0.0) + value
-            elif name.endswith("_max"):
-                merged[name] = max(merged.get(name, value), value) if tokens else merged.get(name, value)
-            elif name.endswith("_min"):
-                merged[name] = min(merged.get(name, value), value) if tokens else merged.get(name, value)
-            else:
-                total, count = merged.get(name, (0.0, 0))
-                merged[name] = (total + value * tokens, count + tokens)
-    return merged
+    sums for batch totals, extremes for ``*_max`` / ``*_min``. Merge records of ranks the same way
+    (:func:`merge_partials`)."""
+    return _merge(_partial(metrics) for metrics in per_micro_batch)
 
 
 def merge_partials(partials: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Reduce :func:`combine_metrics` records (one per rank) to final values."""
+    return {
+        name: (value[0] / value[1] if value[1] else 0.0) if isinstance(value, tuple) else float(value)
+        for name, value in _merge(partials).items()
+    }
+
+
+def _partial(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One micro-batch's metrics as a mergeable record (extremes of a micro-batch that trains nothing
+    are placeholders and left out)."""
+    tokens = metrics.get("tokens", 0)
+    record: dict[str, Any] = {}
+    for name, value in metrics.items():
+        if name == "tokens" or (not tokens and name.endswith(("_max", "_min"))):
+            continue
+        record[name] = (
+            value if name in SUMMED_METRICS or name.endswith(("_max", "_min")) else (value * tokens, tokens)
+        )
+    return record
+
+
+def _merge(records) -> dict[str, Any]:
     merged: dict[str, Any] = {}
-    for record in partials:
+    for record in records:
         for name, value in record.items():
             if name not in merged:
                 merged[name] = value
@@ -131,10 +138,7 @@ def merge_partials(partials: Sequence[dict[str, Any]]) -> dict[str, float]:
                 merged[name] = min(merged[name], value)
             else:
                 merged[name] = merged[name] + value
-    return {
-        name: (value[0] / value[1] if value[1] else 0.0) if isinstance(value, tuple) else float(value)
-        for name, value in merged.items()
-    }
+    return merged
 
 
 def gather_loss_metrics(per_micro_batch: Sequence[dict[str, Any]]) -> dict[str, float] | None:

@@ -424,9 +424,9 @@ def _timings(batch, metrics, started, waited, computed, synced) -> dict[str, flo
 def _peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
+    from atropos_megatron.weights.convert import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_bytes() / 2**30
 
 
 def train(cfg: TrainConfig) -> int:

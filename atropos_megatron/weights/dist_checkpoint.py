@@ -117,22 +117,32 @@ def save_model(
             raise FileExistsError(f"{path} exists and is not empty")
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    sharded = _sharded_state_dict(chunks)
-    whole_fc1_where_unsplit(sharded)
-    dist_checkpointing.save(sharded, str(path))
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(path))
     if rank == 0:
-        if hf_files:
-            (path / HF_CONFIG_DIR).mkdir()
-            for file in hf_files:
-                shutil.copy2(file, path / HF_CONFIG_DIR / file.name)
-        sidecar = {
-            "format_version": FORMAT_VERSION,
-            "model": asdict(model),
-            "padded_vocab_size": padded_vocab,
-            **(extra or {}),
-        }
-        (path / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        write_sidecar(path, model=model, padded_vocab=padded_vocab, hf_files=hf_files, extra=extra)
     dist.barrier()
+
+
+def write_sidecar(
+    path: Path,
+    *,
+    model: ModelConfig,
+    padded_vocab: int,
+    hf_files: Sequence[Path] = (),
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """What the torch_dist format does not carry: our model config (JSON) and the HF config/tokenizer."""
+    if hf_files:
+        (path / HF_CONFIG_DIR).mkdir(exist_ok=True)
+        for file in hf_files:
+            shutil.copy2(file, path / HF_CONFIG_DIR / Path(file).name)
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        "model": asdict(model),
+        "padded_vocab_size": padded_vocab,
+        **(extra or {}),
+    }
+    (path / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
 def load_model(
@@ -149,8 +159,7 @@ def load_model(
     from megatron.core import dist_checkpointing
 
     info = info or read_checkpoint_info(path)
-    sharded = _sharded_state_dict(chunks)
-    whole_fc1_where_unsplit(sharded)
+    sharded = model_sharded_state_dict(chunks)
     _match_keys(sharded, info.keys)
     for chunk_sd in sharded.values():
         embedding = chunk_sd.get(_EMBEDDING_KEY)
@@ -164,10 +173,14 @@ def load_model(
         chunk.load_state_dict(loaded[f"model{i}"])
 
 
-def _sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, dict]:
+def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, dict]:
+    """The chunks' Megatron sharded state dicts under ``model0``, ``model1``, ... (the keys of every
+    checkpoint we write, model-only or training)."""
     # One sub-dict per virtual stage, as Megatron-LM nests them; ShardedTensor keys are global
     # either way (layer offsets come from each chunk's own layer numbers).
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    sharded = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    whole_fc1_where_unsplit(sharded)
+    return sharded
 
 
 def whole_fc1_where_unsplit(sharded: dict[str, dict]) -> None:
