@@ -96,7 +96,11 @@ def save(
     dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
     if dist.get_rank() == 0:
         dist_checkpoint.write_sidecar(
-            tmp, model=model, padded_vocab=padded_vocab, hf_files=hf_files, extra={"progress": asdict(progress)}
+            tmp,
+            model=model,
+            padded_vocab=padded_vocab,
+            hf_files=hf_files,
+            extra={"progress": asdict(progress)},
         )
         shutil.rmtree(final, ignore_errors=True)  # a retried save of the same step
         os.replace(tmp, final)
