@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml tools/bootstrap_venv.sh
 demo: install  ## the one-command demo: a tiny model learns a toy Atropos task on CPU (~1 min; runs/demo)
 	$(VENV)/bin/atropos-megatron demo $(DEMO_ARGS)
 
-test: install  ## run every test that can run on this machine (GPU tests skip without CUDA)
+test: install  ## run every test that can run on this machine (GPU tests skip without CUDA; Slurm is installed if root)
+	bash tools/slurm/install_slurm.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only: no multi-process or slow tests

@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from atropos_megatron.demo.run import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["launch"]:  # its own parser: plan / run / stop
+        from atropos_megatron.launch.cli import main as launch_main
+
+        return launch_main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -127,6 +131,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole loop on this machine: a tiny model learns a toy Atropos task in minutes on CPU "
         "(see demo --help)",
+        add_help=False,
+    )
+    commands.add_parser(
+        "launch",
+        help="start a run's processes on the nodes of a Slurm allocation: launch plan / run / stop "
+        "(see launch --help and examples/slurm/)",
         add_help=False,
     )
     commands.add_parser(

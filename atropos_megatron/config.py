@@ -515,6 +515,143 @@ class LoggingConfig:
         _require(self.log_interval_steps >= 1, "logging.log_interval_steps", "must be >= 1")
 
 
+INFERENCE_BACKENDS = ("sglang", "reference")
+HEAD_PLACEMENTS = ("first", "dedicated")
+
+
+@dataclass(kw_only=True)
+class InferenceLaunchConfig:
+    """The inference servers `atropos-megatron launch` starts (the trainer and bridge ignore it)."""
+
+    backend: str = "sglang"
+    """`sglang` (`python -m sglang.launch_server`) or `reference` (`atropos-megatron serve`: HF
+    transformers, for CPU runs and tests)."""
+    gpus_per_server: int = 1
+    """GPUs of one server (SGLang `--tp-size`)."""
+    servers_per_node: int | None = None
+    """Servers on each inference node (null: as many as fit, `gpus_per_node // gpus_per_server`, or 1
+    without GPUs)."""
+    colocated_servers: int | None = None
+    """Servers on the first training node, next to the trainer (single-node runs): they take that
+    node's first `colocated_servers x gpus_per_server` GPUs and the trainer the rest (null: 1 when
+    there are no inference nodes, else 0)."""
+    port: int = 30000
+    """Port of a node's first server; the next ones count up."""
+    model_path: str | None = None
+    """What the servers load (null: `model.hf_path`)."""
+    python: str | None = None
+    """Interpreter that runs SGLang (null: this one); SGLang often lives in its own virtualenv."""
+    extra_args: list[str] = field(default_factory=list)
+    """Appended to each server's command, e.g. `["--mem-fraction-static", "0.85"]`."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self.backend, "launch.inference.backend", INFERENCE_BACKENDS)
+        _require(self.gpus_per_server >= 1, "launch.inference.gpus_per_server", "must be >= 1")
+        _require(
+            self.servers_per_node is None or self.servers_per_node >= 1,
+            "launch.inference.servers_per_node",
+            "must be >= 1 (or null)",
+        )
+        _require(
+            self.colocated_servers is None or self.colocated_servers >= 0,
+            "launch.inference.colocated_servers",
+            "must be >= 0 (or null)",
+        )
+        _require(0 < self.port < 65536, "launch.inference.port", "must be a TCP port")
+
+
+@dataclass(kw_only=True)
+class EnvironmentLaunchConfig:
+    """One Atropos environment process, started on the head node."""
+
+    name: str
+    """Role name: its log is `<name>.log`."""
+    command: str
+    """Command line (split like a shell would, never run by one). Placeholders: `{api_url}`,
+    `{inference_url}` (the first server), `{inference_urls}` (comma-separated), `{model_path}`,
+    `{run_dir}`, `{seed}`, `{python}` (the launcher's interpreter). The same values are in the environment variables ATROPOS_API_URL,
+    INFERENCE_URLS and MODEL_PATH."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "launch.environments.name", "must not be empty")
+        _require(bool(self.command.strip()), f"launch.environments[{self.name}].command", "must not be empty")
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    """Which process runs on which node of a Slurm allocation (`atropos-megatron launch`).
+
+    The allocation's nodes are used in order: the head services (Atropos API, bridge, environments)
+    on the first node (or a node of their own), then `train_nodes` training nodes, then
+    `inference_nodes` inference nodes."""
+
+    train_nodes: int = 1
+    """Nodes that run trainer ranks (torchrun, one per node, static rendezvous)."""
+    inference_nodes: int = 0
+    """Nodes that run only inference servers."""
+    head: str = "first"
+    """`first`: the head services share the first training node; `dedicated`: they get a node of
+    their own (the allocation then needs one more node)."""
+    gpus_per_node: int = 8
+    """GPUs per node (0: a CPU run)."""
+    trainer_procs_per_node: int | None = None
+    """Trainer ranks per training node (null: the node's GPUs left to the trainer; 1 without GPUs)."""
+    api_url: str | None = None
+    """An Atropos API that already runs elsewhere (null: start `run-api` on the head node)."""
+    api_port: int = 8000
+    """Port of the Atropos API started on the head node."""
+    bridge_port: int = 50051
+    """Port of the bridge on the head node (and of the per-node bridge agents)."""
+    master_port: int = 0
+    """Rendezvous port of the trainer's first node (0: 20000 + Slurm job id % 10000)."""
+    startup_timeout_s: float = 1800.0
+    """How long a role waits for the services it needs (a 70B SGLang server loads for minutes)."""
+    trainer_stop_grace_s: float = 600.0
+    """After SIGTERM, how long the trainer may take to write its checkpoint before it is killed
+    (Slurm's own KillWait must allow as much: `#SBATCH --signal` or a site's GraceTime)."""
+    stop_grace_s: float = 30.0
+    """How long the other roles get between SIGTERM and SIGKILL."""
+    inference: InferenceLaunchConfig = field(default_factory=InferenceLaunchConfig)
+    environments: list[EnvironmentLaunchConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.train_nodes >= 1, "launch.train_nodes", "must be >= 1")
+        _require(self.inference_nodes >= 0, "launch.inference_nodes", "must be >= 0")
+        _require_choice(self.head, "launch.head", HEAD_PLACEMENTS)
+        _require(self.gpus_per_node >= 0, "launch.gpus_per_node", "must be >= 0")
+        _require(
+            self.trainer_procs_per_node is None or self.trainer_procs_per_node >= 1,
+            "launch.trainer_procs_per_node",
+            "must be >= 1 (or null)",
+        )
+        for name in ("api_port", "bridge_port"):
+            _require(0 < getattr(self, name) < 65536, f"launch.{name}", "must be a TCP port")
+        _require(0 <= self.master_port < 65536, "launch.master_port", "must be a TCP port or 0")
+        _require(self.startup_timeout_s > 0, "launch.startup_timeout_s", "must be > 0")
+        _require(self.trainer_stop_grace_s > 0, "launch.trainer_stop_grace_s", "must be > 0")
+        _require(self.stop_grace_s > 0, "launch.stop_grace_s", "must be > 0")
+        names = [env.name for env in self.environments]
+        _require(len(set(names)) == len(names), "launch.environments", f"duplicate names in {names}")
+        _require(
+            self.inference_nodes > 0 or self.colocated_servers > 0,
+            "launch.inference.colocated_servers",
+            "no inference server anywhere: set launch.inference_nodes >= 1 or colocated_servers >= 1",
+        )
+
+    @property
+    def colocated_servers(self) -> int:
+        """Inference servers on the first training node (`inference.colocated_servers` resolved)."""
+        configured = self.inference.colocated_servers
+        if configured is not None:
+            return configured
+        return 1 if self.inference_nodes == 0 else 0
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes the allocation must have."""
+        return self.train_nodes + self.inference_nodes + (1 if self.head == "dedicated" else 0)
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """The whole run. Each component receives only its own section."""
@@ -532,6 +669,8 @@ class TrainConfig:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Read only by `atropos-megatron launch`."""
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "steps", "must be > 0")

@@ -156,3 +156,10 @@ def build_assets(directory: str | Path, *, seed: int = 0) -> DemoAssets:
         if bar_was_enabled:
             hf_logging.enable_progress_bar()
     return assets
+
+
+if __name__ == "__main__":  # python -m atropos_megatron.demo.assets DIR: the tiny model + tokenizer alone
+    import sys
+
+    built = build_assets(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
+    print(f"model:     {built.model_dir}\ntokenizer: {built.tokenizer_dir}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atropos_megatron.demo.processes import (
+from atropos_megatron.launch.supervisor import (
     ExitRecord,
     Role,
     RoleFailed,

@@ -52,6 +52,9 @@ class Progress:
     consumed_sequences: int = 0
     layout: tuple[int, int, int] = (1, 1, 1)
     """(TP, PP, DP) of the run that wrote the checkpoint."""
+    last_batch_id: str = ""
+    """The bridge's id of the last batch trained: if its acknowledgement was lost (the bridge went
+    down with the job), the resumed run recognises the redelivered batch and does not train it twice."""
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -83,6 +86,10 @@ def save(
 ) -> Path:
     """Write a checkpoint of this step (collective). Returns its final directory."""
     from megatron.core import dist_checkpointing
+
+    from atropos_megatron.trainer.megatron_patches import shield_checkpoint_writer
+
+    shield_checkpoint_writer()  # the save on SIGTERM must survive Slurm signalling every process
 
     root = Path(root)
     final, tmp = step_dir(root, progress.step), root / f".tmp_step_{progress.step:08d}"

@@ -2,34 +2,57 @@
 
 Reads only the config (and an HF ``config.json`` or a checkpoint's sidecar for the architecture), so
 it runs on a laptop for a 70B recipe: the layout is validated, each pipeline rank's parameters are
-counted exactly, and the per-GPU memory is estimated (`trainer/memory.py` says how).
+counted exactly, and the per-GPU memory is estimated (`trainer/memory.py` says how). When
+``model.hf_path`` names a checkpoint that is not on this machine (a cluster path), the architecture
+fields of the config's ``model`` section stand in for its config.json. The world size is the one the
+job will have: ``--world-size``, else the launcher's variables, else the ``launch`` section's trainer
+ranks, else one model replica.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
-from atropos_megatron.config import TrainConfig
+from atropos_megatron.config import LaunchConfig, ModelConfig, TrainConfig
+from atropos_megatron.launch.topology import check_topology, trainer_procs_per_node, trainer_world_size
 from atropos_megatron.trainer.memory import estimate_memory, parameter_counts
 from atropos_megatron.trainer.model import check_model_layout
 
 
 def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
     """The report as text. Raises ValueError (naming the problem) when the layout cannot work."""
-    from atropos_megatron.trainer.loop import resolve_model
     from atropos_megatron.trainer.megatron_patches import te_available
 
-    model, _ = resolve_model(cfg.model)
+    try:
+        check_topology(cfg.launch)
+    except ValueError as exc:  # TopologyError: the launch section cannot be laid out
+        raise ValueError(f"launch section: {exc}") from None
+    model, note = _architecture(cfg.model)
     check_model_layout(model, cfg.parallel)
-    world = world_size or _launcher_world_size() or cfg.parallel.model_parallel_size
-    cfg = replace(cfg, model=model)
-    estimate = estimate_memory(cfg, world, fused_attention=te_available())
+    if cfg.data.max_token_len > model.max_position_embeddings:
+        raise ValueError(
+            f"data.max_token_len={cfg.data.max_token_len} exceeds the model's max_position_embeddings="
+            f"{model.max_position_embeddings}"
+        )
+    world, source = _world_size(cfg, world_size)
     layout = cfg.parallel
-    lines = [
+    if world % layout.model_parallel_size:
+        raise ValueError(
+            f"world size {world} ({source}) is not divisible by tensor_parallel_size x "
+            f"pipeline_parallel_size x context_parallel_size = {layout.tensor_parallel_size} x "
+            f"{layout.pipeline_parallel_size} x {layout.context_parallel_size}"
+        )
+    # The estimate reads hf_path itself; hand it the architecture resolved here instead.
+    cfg = replace(cfg, model=replace(model, hf_path=None, dist_checkpoint=None))
+    estimate = estimate_memory(cfg, world, fused_attention=te_available())
+    lines = [note] if note else []
+    lines += [
         f"model: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads "
         f"({model.query_groups} kv), ffn {model.ffn_hidden_size}, vocab {model.vocab_size}, {model.dtype}",
-        f"layout: world {world} = TP {layout.tensor_parallel_size} x PP {layout.pipeline_parallel_size}"
+        f"layout: world {world} ({source}) = TP {layout.tensor_parallel_size} x PP "
+        f"{layout.pipeline_parallel_size}"
         f"{f' (VPP {layout.virtual_pipeline_parallel_size})' if layout.virtual_pipeline_parallel_size else ''}"
         f" x CP {layout.context_parallel_size} x DP {estimate.data_parallel_size}",
         "parameters per tensor-parallel rank:",
@@ -47,8 +70,42 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _launcher_world_size() -> int | None:
+def _architecture(model: ModelConfig) -> tuple[ModelConfig, str | None]:
+    """The architecture to count, and a note when the config's own fields stand in for a checkpoint.
+
+    A recipe names its checkpoint by a cluster path (``/shared/models/...``) that a laptop does not
+    have; the recipe's explicit architecture fields then describe the model instead. A real run always
+    reads config.json.
+    """
+    from atropos_megatron.trainer.loop import resolve_model
+
+    if model.hf_path is not None:
+        path = Path(model.hf_path)
+        config_json = path / "config.json" if path.is_dir() else path
+        if not config_json.is_file():
+            note = (
+                f"note: {model.hf_path} is not on this machine; using the architecture in the config's "
+                "model section"
+            )
+            return replace(model, hf_path=None, dist_checkpoint=None), note
+    resolved, _ = resolve_model(model)
+    return resolved, None
+
+
+def _world_size(cfg: TrainConfig, world_size: int | None) -> tuple[int, str]:
+    """The trainer's world size and where it came from (for the report's layout line)."""
+    if world_size is not None:
+        return world_size, "--world-size"
     for name in ("WORLD_SIZE", "SLURM_NTASKS"):
         if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return None
+            return int(os.environ[name]), f"launcher environment {name}"
+    launch = cfg.launch
+    # A config without a launch section has the defaults, which describe no particular job.
+    if launch != LaunchConfig() and trainer_world_size(launch) > 1:
+        nodes, procs = launch.train_nodes, trainer_procs_per_node(launch)
+        return (
+            trainer_world_size(launch),
+            f"launch section: {nodes} training node{'s' if nodes > 1 else ''} x "
+            f"{procs} trainer rank{'s' if procs > 1 else ''}",
+        )
+    return cfg.parallel.model_parallel_size, "one model replica"

@@ -16,6 +16,7 @@ the bridge handed out: it is served again after a restart. The trainer never imp
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import types
@@ -78,6 +79,7 @@ class Trainer:
         self.cfg = cfg
         self.bridge = bridge
         self._stop_signal: int | None = None
+        self._pid = os.getpid()  # forked helpers inherit the signal handler; only this process stops
         # A batch handed out to this run's previous life and never acknowledged (it died mid-step)
         # is asked for again first, so that no batch the bridge gave out is lost.
         self._redeliver = True
@@ -314,8 +316,9 @@ class Trainer:
                 computed = time.monotonic()
                 self._push(pusher, output)
                 synced = time.monotonic()
+                self.progress = replace(self.progress, last_batch_id=batch.batch_id)
                 if rank0:
-                    self.bridge.ack(batch.batch_id, trained_step=self.progress.step)
+                    self._ack(batch.batch_id)
                     metrics.update(_timings(batch, metrics, started, waited, computed, synced))
                     output.log_step(self.progress.step, metrics)
                 interval = cfg.checkpoint.save_interval_steps
@@ -357,15 +360,39 @@ class Trainer:
         message: list[Any] = [None]
         if self.layout.rank == 0:
             while self._stop_signal is None:
-                batch = self.bridge.next_batch(
-                    wait_s=self.cfg.data.batch_wait_s, redeliver_unacked=self._redeliver
-                )
-                if batch is not None:
-                    self._redeliver = False
-                    message[0] = _to_payload(batch)
-                    break
+                try:
+                    batch = self.bridge.next_batch(
+                        wait_s=self.cfg.data.batch_wait_s, redeliver_unacked=self._redeliver
+                    )
+                except Exception:
+                    if self._stop_signal is None:
+                        raise
+                    break  # Slurm stops the whole job at once: the bridge may be gone already
+                if batch is None:
+                    continue
+                self._redeliver = False
+                if batch.batch_id == self.progress.last_batch_id:
+                    logger.warning(
+                        "batch %s was trained before the restart but never acknowledged; acknowledging "
+                        "it now instead of training it again",
+                        batch.batch_id,
+                    )
+                    self.bridge.ack(batch.batch_id, trained_step=self.progress.step)
+                    continue
+                message[0] = _to_payload(batch)
+                break
         dist.broadcast_object_list(message, src=0)
         return message[0]
+
+    def _ack(self, batch_id: str) -> None:
+        try:
+            self.bridge.ack(batch_id, trained_step=self.progress.step)
+        except Exception as exc:
+            if self._stop_signal is None:
+                raise
+            # The checkpoint written next records the batch as trained (progress.last_batch_id): the
+            # bridge redelivers it after the restart and the resumed run acknowledges it unseen.
+            logger.warning("could not acknowledge batch %s while stopping: %s", batch_id, exc)
 
     def _push(self, pusher, output) -> None:
         if pusher is None:
@@ -381,6 +408,10 @@ class Trainer:
         self.progress = replace(self.progress, weight_version=version)
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if os.getpid() != self._pid:  # a forked helper (Slurm signals every process): die as it would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self._stop_signal is None:
             logger.warning("signal %d: finishing this step, writing a checkpoint, then stopping", signum)
         self._stop_signal = signum

@@ -16,6 +16,11 @@ Two groups, each applied only where it is needed (both are idempotent):
   the fused Adam (CPU, and GPUs without them). Megatron's distributed optimizer then wraps
   ``torch.optim.AdamW``, and its checkpoint code has three bugs on that path (see the function).
 
+* :func:`shield_checkpoint_writer` — always. Megatron's checkpoint writer reports its results through
+  a ``multiprocessing`` manager process that it starts at the first save and keeps. Slurm signals
+  every process of a job step at once (scancel, requeue, preemption), so that helper died of the
+  same SIGTERM that asked the trainer to checkpoint, and the final save failed with BrokenPipeError.
+
 What this module deliberately does not do: enable anything that needs Transformer Engine (packed
 THD sequences, context parallelism, FP8). Those fail with Megatron's own error, and
 ``trainer/parallel.py`` rejects such layouts up front with a clearer one.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -278,3 +284,35 @@ def te_available() -> bool:
     except Exception:  # noqa: BLE001 - any failure means "not usable"
         return False
     return True
+
+
+_SHIELDED_MANAGER = None
+
+
+def shield_checkpoint_writer() -> None:
+    """Start the results queue of Megatron's checkpoint writer in a manager process that ignores
+    SIGTERM/SIGINT (and dies with its parent), before Megatron starts its own default one. Idempotent."""
+    global _SHIELDED_MANAGER
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _SHIELDED_MANAGER is not None or filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # Megatron's context
+    manager.start(initializer=_outlive_stop_signals)
+    _SHIELDED_MANAGER = manager
+    filesystem_async._results_queue = manager.Queue()
+
+
+def _outlive_stop_signals() -> None:
+    """In the manager process: ignore the job's stop signals, but die when the trainer does."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from atropos_megatron.config import ParallelConfig
+from atropos_megatron.hostlist import expand_hostlist
 
 logger = logging.getLogger(__name__)
 
@@ -134,31 +134,10 @@ def first_slurm_host(nodelist: str) -> str:
     Handles ranges with zero padding and several bracket groups: ``gpu-[007-009,12],cpu1`` ->
     ``gpu-007``; ``rack[1-2]-n[3-4]`` -> ``rack1-n3``.
     """
-    first = _split_top_level(nodelist.strip())[0]
-    if not first:
-        raise LayoutError(f"empty Slurm node list: {nodelist!r}")
-
-    def first_of_group(match: re.Match[str]) -> str:
-        return match.group(1).split(",")[0].split("-")[0]
-
-    host = re.sub(r"\[([^\]]*)\]", first_of_group, first)
-    if "[" in host or "]" in host or not host:
-        raise LayoutError(f"cannot parse Slurm node list {nodelist!r}")
-    return host
-
-
-def _split_top_level(hostlist: str) -> list[str]:
-    """Split on commas that are not inside brackets."""
-    items, depth, current = [], 0, []
-    for char in hostlist:
-        depth += (char == "[") - (char == "]")
-        if char == "," and depth == 0:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    items.append("".join(current))
-    return items
+    try:
+        return expand_hostlist(nodelist)[0]
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from None
 
 
 def _int_var(env: Mapping[str, str], name: str, default: int | None = None) -> int:

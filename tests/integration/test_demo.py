@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from atropos_megatron.demo.processes import (
+from atropos_megatron.launch.supervisor import (
     Role,
     RoleFailed,
     Supervisor,
@@ -155,7 +155,7 @@ def test_children_stop_when_the_supervisor_is_killed_or_terminated(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, time
-        from atropos_megatron.demo.processes import Role, Supervisor, sigterm_as_keyboard_interrupt
+        from atropos_megatron.launch.supervisor import Role, Supervisor, sigterm_as_keyboard_interrupt
         with sigterm_as_keyboard_interrupt(), Supervisor({str(tmp_path)!r}, grace_s=5) as s:
             s.start(Role("sleeper", {SLEEP!r}))
             print(s._running["sleeper"].proc.pid, flush=True)

@@ -8,8 +8,8 @@ to every group (newest first), waits a grace period, then SIGKILLs what is left.
 also gets SIGTERM if the supervisor itself dies (``PR_SET_PDEATHSIG``), so even ``kill -9`` of the
 supervisor leaves no orphans behind.
 
-Deliberately small: no restarts, no resource limits, no remote hosts. The demo uses it; a launcher
-that starts the same roles inside a Slurm allocation can reuse it unchanged.
+Deliberately small: no restarts, no resource limits, no remote hosts. The demo runs its five roles
+with it; ``atropos-megatron launch`` runs each Slurm node's roles with it (one supervisor per node).
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class _Running:
     role: Role
     proc: subprocess.Popen
     log_path: Path
+    started: float
 
 
 class Supervisor:
@@ -100,9 +101,11 @@ class Supervisor:
 
     # -- starting and watching --------------------------------------------------------------------
 
-    def start(self, role: Role) -> None:
-        """Launch ``role`` and wait until its probe answers; raises :class:`RoleFailed` if it (or an
-        earlier role) exits meanwhile or the probe does not answer within ``role.ready_timeout_s``."""
+    def start(self, role: Role, *, wait: bool = True) -> None:
+        """Launch ``role`` and (with ``wait``) wait until its probe answers; raises :class:`RoleFailed`
+        if it (or an earlier role) exits meanwhile or the probe does not answer within
+        ``role.ready_timeout_s``. Without ``wait``, call :meth:`wait_ready` later: roles that load for
+        minutes (inference servers) can then load side by side."""
         if role.name in self._running:
             raise ValueError(f"role {role.name!r} already started")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -119,15 +122,23 @@ class Supervisor:
                 start_new_session=True,  # own process group: signals reach the role's children too
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
-        self._running[role.name] = _Running(role, proc, log_path)
-        if role.ready is None:
-            return
-        deadline = time.monotonic() + role.ready_timeout_s
-        while not _probe(role.ready):
+        self._running[role.name] = _Running(role, proc, log_path, time.monotonic())
+        if wait:
+            self.wait_ready(role.name)
+
+    def wait_ready(self, *names: str) -> None:
+        """Wait until every named role's probe answers (each within its ``ready_timeout_s`` since it
+        started); raises :class:`RoleFailed` as :meth:`start` does."""
+        pending = [self._running[name] for name in names if self._running[name].role.ready is not None]
+        while pending:
             self.check()
-            if time.monotonic() > deadline:
-                raise self._failure(role.name, f"did not become ready within {role.ready_timeout_s:.0f} s")
-            time.sleep(self.poll_s)
+            pending = [running for running in pending if not _probe(running.role.ready)]
+            for running in pending:
+                if time.monotonic() - running.started > running.role.ready_timeout_s:
+                    timeout = running.role.ready_timeout_s
+                    raise self._failure(running.role.name, f"did not become ready within {timeout:.0f} s")
+            if pending:
+                time.sleep(self.poll_s)
 
     def check(self) -> None:
         """Raise :class:`RoleFailed` for the first role that exited without being allowed to."""
@@ -154,13 +165,33 @@ class Supervisor:
 
     # -- stopping ---------------------------------------------------------------------------------
 
+    def running(self, name: str) -> bool:
+        """True while ``name`` has been started and has not exited."""
+        return name in self._running and self._running[name].proc.poll() is None
+
+    def stop(self, *names: str, grace_s: float | None = None) -> dict[str, ExitRecord]:
+        """Stop these roles together (SIGTERM, SIGKILL after ``grace_s``, default the supervisor's) and
+        return how they ended: the launcher stops the trainer ranks first and gives them time to
+        write their checkpoint."""
+        return self._stop(
+            [self._running[name] for name in names], self.grace_s if grace_s is None else grace_s
+        )
+
     def stop_all(self) -> dict[str, ExitRecord]:
         """SIGTERM every running role (newest first), SIGKILL what is left after ``grace_s``; idempotent.
 
         Returns every role's :class:`ExitRecord`.
         """
+        self._stop(list(reversed(self._running.values())), self.grace_s)
+        for running in self._running.values():
+            # Whatever the leader left behind in its group (a worker that ignored SIGTERM) goes too.
+            _signal_group(running.proc, signal.SIGKILL)
+        return dict(self.exits)
+
+    def _stop(self, roles: list[_Running], grace_s: float) -> dict[str, ExitRecord]:
         pending = []
-        for name, running in reversed(self._running.items()):
+        for running in roles:
+            name = running.role.name
             code = running.proc.poll()
             if name in self.exits:
                 continue
@@ -171,7 +202,7 @@ class Supervisor:
                 self.exits[name] = ExitRecord(name, code, "finished")
             else:
                 self.exits[name] = ExitRecord(name, code, "failed")
-        deadline = time.monotonic() + self.grace_s
+        deadline = time.monotonic() + grace_s
         for running in pending:
             name = running.role.name
             try:
@@ -182,10 +213,7 @@ class Supervisor:
                 code = running.proc.wait()
                 how = "killed"
             self.exits.setdefault(name, ExitRecord(name, code, how))
-        for running in self._running.values():
-            # Whatever the leader left behind in its group (a worker that ignored SIGTERM) goes too.
-            _signal_group(running.proc, signal.SIGKILL)
-        return dict(self.exits)
+        return {running.role.name: self.exits[running.role.name] for running in roles}
 
     def _failure(self, name: str, problem: str) -> RoleFailed:
         running = self._running[name]

@@ -1,0 +1,442 @@
+"""Which role runs on which node, with its command line, ports, GPUs and readiness probes.
+
+Built once per job (``atropos-megatron launch plan``, in the batch step) from the config and the
+allocation, written as JSON next to the resolved config, and read by every node's launcher: host
+names are resolved once and every node agrees on ports and addresses without talking to the others.
+Pure: nothing here starts a process or contacts a server.
+
+Node order in the allocation: the head (Atropos API, bridge, environments) on the first node, then
+the training nodes (the head shares the first unless ``launch.head: dedicated``), then the inference
+nodes. Per node, roles are listed in start order; a role's ``needs`` are probes (of roles on any node)
+that must answer before it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from atropos_megatron.config import BridgeConfig, TrainConfig
+from atropos_megatron.launch.allocation import Allocation, Node
+from atropos_megatron.launch.topology import (
+    check_topology,
+    colocated_gpus,
+    servers_per_inference_node,
+    trainer_procs_per_node,
+)
+
+logger = logging.getLogger(__name__)
+
+MASTER_PORT_BASE = 20000
+MASTER_PORT_RANGE = 10000
+"""Without ``launch.master_port`` the trainer's rendezvous port is derived from the job id (the same
+scheme the trainer uses under plain srun), so a requeued job gets the same port."""
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+TRAINER = "trainer"
+BRIDGE = "bridge"
+BRIDGE_AGENT = "bridge-agent"
+ATROPOS_API = "atropos-api"
+
+
+class PlanError(ValueError):
+    """The config cannot be laid out on this allocation."""
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """A readiness check another node can run: ``http`` (GET answers 200) or ``tcp`` (connects)."""
+
+    kind: str
+    target: str
+    """A URL for ``http``; ``host:port`` for ``tcp``."""
+
+    def describe(self) -> str:
+        return self.target
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    name: str
+    """Role name, unique on its node; its log is ``<name>.log``."""
+    command: tuple[str, ...]
+    kind: str
+    """``service`` (API, bridge, agent), ``inference``, ``environment`` or ``trainer``."""
+    summary: str
+    """One line for the plan table."""
+    env: dict[str, str] = field(default_factory=dict)
+    ready: ProbeSpec | None = None
+    needs: tuple[ProbeSpec, ...] = ()
+    gpu_slots: tuple[int, int] | None = None
+    """(first, count) into this node's visible GPUs; the launcher sets CUDA_VISIBLE_DEVICES to them."""
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    index: int
+    node: Node
+    roles: tuple[RoleSpec, ...]
+
+    @property
+    def has_trainer(self) -> bool:
+        return any(role.kind == TRAINER for role in self.roles)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    session: str
+    """``job<id>-<restarts>``: logs and status files of this life of the job live under this name."""
+    run_dir: str
+    config_file: str
+    """The resolved config every role reads (allocation-dependent fields filled in)."""
+    nodes: tuple[NodePlan, ...]
+    api_url: str
+    bridge_address: str
+    inference_urls: tuple[str, ...]
+    gpus_per_node: int
+    trainer_rank0_node: int
+    """Index of the node whose trainer holds global rank 0: its exit 0 means the run is done."""
+    startup_timeout_s: float
+    trainer_stop_grace_s: float
+    stop_grace_s: float
+
+    @property
+    def session_dir(self) -> Path:
+        """``<run_dir>/launch/<session>``: plan, resolved config and the nodes' status files."""
+        return Path(self.run_dir) / "launch" / self.session
+
+    def log_dir(self, node: NodePlan) -> Path:
+        return Path(self.run_dir) / "logs" / self.session / node.node.name
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> LaunchPlan:
+        raw = json.loads(text)
+        nodes = []
+        for node in raw.pop("nodes"):
+            roles = []
+            for role in node["roles"]:
+                ready = ProbeSpec(**role.pop("ready")) if role.get("ready") else None
+                role.pop("ready", None)
+                needs = tuple(ProbeSpec(**probe) for probe in role.pop("needs"))
+                slots = tuple(role.pop("gpu_slots")) if role.get("gpu_slots") else None
+                role.pop("gpu_slots", None)
+                roles.append(
+                    RoleSpec(
+                        **{**role, "command": tuple(role["command"])},
+                        ready=ready,
+                        needs=needs,
+                        gpu_slots=slots,
+                    )
+                )
+            nodes.append(NodePlan(node["index"], Node(**node["node"]), tuple(roles)))
+        return cls(**{**raw, "inference_urls": tuple(raw["inference_urls"])}, nodes=tuple(nodes))
+
+    def format(self) -> str:
+        """The plan as a table for the job log."""
+        lines = [f"launch plan {self.session}: {len(self.nodes)} node(s), run dir {self.run_dir}"]
+        for plan in self.nodes:
+            lines.append(f"  node {plan.index} {plan.node.name} ({plan.node.address}):")
+            lines += [f"    {role.name:<14} {role.summary}" for role in plan.roles] or ["    (nothing)"]
+        lines.append(f"  config: {self.config_file}")
+        lines.append(f"  logs:   {Path(self.run_dir) / 'logs' / self.session}/<node>/<role>.log")
+        return "\n".join(lines)
+
+
+def build_plan(
+    cfg: TrainConfig,
+    allocation: Allocation,
+    *,
+    config_file: str | Path,
+    python: str = sys.executable,
+    run_api: str | None = None,
+) -> tuple[LaunchPlan, TrainConfig]:
+    """The plan, and the config with the allocation-dependent fields filled in (save it to
+    ``config_file``: every role reads that file).
+
+    Args:
+        cfg: the user's resolved config (``launch`` section included).
+        allocation: the job's nodes, in Slurm's order.
+        config_file: where the resolved config will be written (the roles' ``--config``).
+        python: interpreter for our own roles (and SGLang unless ``launch.inference.python``).
+        run_api: the ``run-api`` executable (default: next to ``python``).
+    """
+    launch = cfg.launch
+    try:
+        check_topology(launch)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    if len(allocation.nodes) < launch.num_nodes:
+        raise PlanError(
+            f"the launch section needs {launch.num_nodes} nodes ({launch.train_nodes} training + "
+            f"{launch.inference_nodes} inference{' + 1 head' if launch.head == 'dedicated' else ''}) "
+            f"but the allocation has {len(allocation.nodes)}: change #SBATCH --nodes or the launch section"
+        )
+    nodes = allocation.nodes[: launch.num_nodes]
+    if len(allocation.nodes) > launch.num_nodes:
+        unused = ", ".join(node.name for node in allocation.nodes[launch.num_nodes :])
+        logger.warning("the launch section uses %d nodes; %s stay idle", launch.num_nodes, unused)
+    head = nodes[0]
+    first_train = 1 if launch.head == "dedicated" else 0
+    train_nodes = list(range(first_train, first_train + launch.train_nodes))
+    inference_nodes = list(range(train_nodes[-1] + 1, train_nodes[-1] + 1 + launch.inference_nodes))
+
+    # Inference servers: (node index, port, gpu slots) in order.
+    servers: list[tuple[int, int, tuple[int, int] | None]] = []
+    per_server = launch.inference.gpus_per_server if launch.gpus_per_node else 0
+    for k in range(launch.colocated_servers):
+        servers.append((train_nodes[0], launch.inference.port + k, _slots(k * per_server, per_server)))
+    for index in inference_nodes:
+        for k in range(servers_per_inference_node(launch)):
+            servers.append((index, launch.inference.port + k, _slots(k * per_server, per_server)))
+    urls = tuple(f"http://{nodes[index].address}:{port}" for index, port, _ in servers)
+
+    api_url = launch.api_url or f"http://{head.address}:{launch.api_port}"
+    bridge_address = f"{head.address}:{launch.bridge_port}"
+    grpc = cfg.weights.transport == "grpc"
+    agent_nodes = sorted({index for index, _, _ in servers if index != 0}) if grpc else []
+    agents = [f"{nodes[index].address}:{launch.bridge_port}" for index in agent_nodes]
+    run_dir = Path(cfg.logging.run_dir).resolve()
+    resolved = _resolve_config(
+        cfg,
+        run_dir=run_dir,
+        api_url=api_url,
+        bridge_address=bridge_address,
+        head_servers=[
+            url for url, (index, _, _) in zip(urls, servers, strict=True) if index == 0 or not grpc
+        ],
+        agents=agents,
+        secure=not all(node.address in LOOPBACK for node in nodes),
+    )
+
+    cli = (python, "-m", "atropos_megatron.cli")
+    config_arg = ("--config", str(config_file))
+    base_env = {"OMP_NUM_THREADS": "1"} if launch.gpus_per_node == 0 else {}
+    base_env |= {"ATROPOS_MEGATRON_SESSION": allocation.session, "TOKENIZERS_PARALLELISM": "false"}
+    model_path = launch.inference.model_path or cfg.model.hf_path
+    bridge_probe = ProbeSpec("tcp", bridge_address)
+    server_probes = tuple(ProbeSpec("http", f"{url}/health") for url in urls)
+    agent_probes = tuple(ProbeSpec("tcp", address) for address in agents)
+    api_probe = ProbeSpec("http", f"{api_url}/")
+
+    roles: dict[int, list[RoleSpec]] = {index: [] for index in range(len(nodes))}
+    if launch.api_url is None:
+        roles[0].append(
+            RoleSpec(
+                name=ATROPOS_API,
+                command=(run_api or str(Path(python).parent / "run-api"), "--host", head.address)
+                + ("--port", str(launch.api_port)),
+                kind="service",
+                summary=f"Atropos API (run-api) {api_url}",
+                env=base_env,
+                ready=api_probe,
+            )
+        )
+    for number, ((index, port, slots), url) in enumerate(zip(servers, urls, strict=True)):
+        roles[index].append(
+            RoleSpec(
+                name=f"inference-{number}",
+                command=_server_command(resolved, model_path, nodes[index].address, port, python),
+                kind="inference",
+                summary=f"{launch.inference.backend} server {url}"
+                + (f" on GPUs [{slots[0]}, {slots[0] + slots[1]})" if slots else ""),
+                env=base_env,
+                ready=ProbeSpec("http", f"{url}/health"),
+                gpu_slots=slots,
+            )
+        )
+    roles[0].append(
+        RoleSpec(
+            name=BRIDGE,
+            command=(*cli, "bridge", *config_arg),
+            kind="service",
+            summary=f"bridge {bridge_address} -> {len(resolved.weights.inference_servers)} local server(s)"
+            + (f", {len(agents)} agent(s)" if agents else ""),
+            env=base_env,
+            ready=bridge_probe,
+        )
+    )
+    for index, address in zip(agent_nodes, agents, strict=True):
+        local = [url for url, (node, _, _) in zip(urls, servers, strict=True) if node == index]
+        roles[index].append(
+            RoleSpec(
+                name=BRIDGE_AGENT,
+                command=(*cli, "bridge", *config_arg, "bridge.mode=agent", f"bridge.address={address}")
+                + (f"weights.inference_servers=[{','.join(local)}]",),
+                kind="service",
+                summary=f"bridge agent {address} -> {len(local)} server(s) on this node",
+                env=base_env,
+                ready=ProbeSpec("tcp", address),
+            )
+        )
+    environment_env = base_env | {
+        "ATROPOS_API_URL": api_url,
+        "INFERENCE_URLS": ",".join(urls),
+        "MODEL_PATH": model_path or "",
+    }
+    values = {
+        "api_url": api_url,
+        "inference_url": urls[0],
+        "inference_urls": ",".join(urls),
+        "model_path": model_path or "",
+        "run_dir": str(run_dir),
+        "seed": str(cfg.seed),
+        "python": python,
+    }
+    for environment in launch.environments:
+        roles[0].append(
+            RoleSpec(
+                name=f"env-{environment.name}",
+                command=_environment_command(environment.command, values, environment.name),
+                kind="environment",
+                summary=f"environment: {environment.command[:70]}",
+                env=environment_env,
+                needs=(api_probe, *server_probes),
+            )
+        )
+    procs = trainer_procs_per_node(launch)
+    master_port = launch.master_port or _master_port(allocation)
+    # After the co-located servers' GPUs (check_topology allows those only with one training node).
+    trainer_slots = (colocated_gpus(launch), procs) if launch.gpus_per_node else None
+    master = nodes[train_nodes[0]].address
+    world_size = procs * len(train_nodes)
+    for node_rank, index in enumerate(train_nodes):
+        for local_rank in range(procs):
+            rank = node_rank * procs + local_rank
+            # The variables torchrun would set. The launcher starts the ranks itself: torchrun SIGKILLs
+            # its workers 30 s after its own SIGTERM, too soon for a large model's checkpoint.
+            rank_env = {
+                "RANK": str(rank),
+                "LOCAL_RANK": str(local_rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(procs),
+                "GROUP_RANK": str(node_rank),
+                "MASTER_ADDR": master,
+                "MASTER_PORT": str(master_port),
+                "OMP_NUM_THREADS": "1",  # as torchrun: the ranks share the node's cores
+            }
+            roles[index].append(
+                RoleSpec(
+                    name=f"{TRAINER}-{rank}",
+                    command=(*cli, "train", *config_arg),
+                    kind=TRAINER,
+                    summary=f"trainer rank {rank}/{world_size} (local {local_rank}), "
+                    f"rendezvous {master}:{master_port}",
+                    env=base_env | rank_env,
+                    needs=(bridge_probe, *server_probes, *agent_probes),
+                    gpu_slots=trainer_slots,
+                )
+            )
+    plan = LaunchPlan(
+        session=allocation.session,
+        run_dir=str(run_dir),
+        config_file=str(config_file),
+        nodes=tuple(NodePlan(index, node, tuple(roles[index])) for index, node in enumerate(nodes)),
+        api_url=api_url,
+        bridge_address=bridge_address,
+        inference_urls=urls,
+        gpus_per_node=launch.gpus_per_node,
+        trainer_rank0_node=train_nodes[0],
+        startup_timeout_s=launch.startup_timeout_s,
+        trainer_stop_grace_s=launch.trainer_stop_grace_s,
+        stop_grace_s=launch.stop_grace_s,
+    )
+    return plan, resolved
+
+
+def _resolve_config(
+    cfg: TrainConfig,
+    *,
+    run_dir: Path,
+    api_url: str,
+    bridge_address: str,
+    head_servers: list[str],
+    agents: list[str],
+    secure: bool,
+) -> TrainConfig:
+    """What the allocation decides, written over the user's config (like the demo does)."""
+    bridge = replace(cfg.bridge, address=bridge_address, atropos_url=api_url)
+    if bridge.spool_dir == BridgeConfig().spool_dir:
+        bridge = replace(bridge, spool_dir=str(run_dir / "spool"))  # the run's own, kept over requeues
+    else:
+        bridge = replace(bridge, spool_dir=str(Path(bridge.spool_dir).resolve()))
+    if secure and bridge.auth_token is None:
+        # The bridge listens on a cluster address: without a token anyone on the network could take
+        # batches or push weights. The token lives in the resolved config (written mode 0600).
+        bridge = replace(bridge, auth_token=secrets.token_urlsafe(32))
+    weights = replace(cfg.weights, inference_servers=list(head_servers), bridge_agents=list(agents))
+    # A launched run always resumes from its own latest checkpoint (none yet: it starts fresh), so a
+    # requeued job continues where it stopped.
+    checkpoint = cfg.checkpoint if cfg.checkpoint.load else replace(cfg.checkpoint, load="latest")
+    logging = replace(cfg.logging, run_dir=str(run_dir))
+    return replace(cfg, bridge=bridge, weights=weights, checkpoint=checkpoint, logging=logging)
+
+
+def _server_command(
+    cfg: TrainConfig, model_path: str | None, host: str, port: int, python: str
+) -> tuple[str, ...]:
+    inference = cfg.launch.inference
+    if not model_path:
+        raise PlanError(
+            "the inference servers need a model: set model.hf_path (MODEL_PATH) or launch.inference.model_path"
+        )
+    if inference.backend == "reference":
+        command = [
+            python, "-m", "atropos_megatron.cli", "serve", "--model", model_path,
+            "--host", host, "--port", str(port),
+            "--device", "cuda" if cfg.launch.gpus_per_node else "cpu",
+            "--dtype", cfg.model.dtype, "--max-batch", str(cfg.data.batch_size), "--seed", str(cfg.seed),
+        ]  # fmt: skip
+    else:
+        command = [
+            inference.python or python, "-m", "sglang.launch_server", "--model-path", model_path,
+            "--host", host, "--port", str(port), "--tp-size", str(inference.gpus_per_server),
+        ]  # fmt: skip
+    if cfg.weights.admin_api_key:
+        command += ["--admin-api-key", cfg.weights.admin_api_key]
+    return (*command, *inference.extra_args)
+
+
+def _environment_command(template: str, values: dict[str, str], name: str) -> tuple[str, ...]:
+    try:
+        return tuple(arg.format_map(values) for arg in shlex.split(template))
+    except (KeyError, ValueError, IndexError) as exc:
+        known = ", ".join("{" + key + "}" for key in values)
+        raise PlanError(
+            f"launch.environments[{name}].command: bad placeholder {exc} (known: {known})"
+        ) from None
+
+
+def _slots(first: int, count: int) -> tuple[int, int] | None:
+    return (first, count) if count else None
+
+
+def _master_port(allocation: Allocation) -> int:
+    if allocation.job_id is None or not allocation.job_id.isdigit():
+        from atropos_megatron.launch.supervisor import free_ports
+
+        return free_ports(1)[0]
+    return MASTER_PORT_BASE + int(allocation.job_id) % MASTER_PORT_RANGE
+
+
+def node_index(plan: LaunchPlan, *, slurm_node_id: str | None, node_name: str | None) -> int | None:
+    """This node's index in the plan: ``SLURM_NODEID`` when set, else its Slurm name, else 0 for a
+    one-node plan. None for a node of the allocation that the plan leaves idle."""
+    if slurm_node_id is not None and slurm_node_id.isdigit():
+        index = int(slurm_node_id)
+        return index if index < len(plan.nodes) else None
+    if node_name is not None:
+        for node in plan.nodes:
+            if node.node.name == node_name:
+                return node.index
+    if len(plan.nodes) == 1:
+        return 0
+    raise PlanError("cannot tell which node of the plan this is: pass --node")

@@ -1,0 +1,237 @@
+"""The launch plan: which role runs where, with which ports, GPUs, rank variables and probes."""
+
+from __future__ import annotations
+
+import pytest
+
+from atropos_megatron.config import load_config
+from atropos_megatron.hostlist import expand_hostlist
+from atropos_megatron.launch.allocation import Allocation, Node, parse_node_addresses, slurm_allocation
+from atropos_megatron.launch.cli import environment_overrides
+from atropos_megatron.launch.plan import LaunchPlan, PlanError, build_plan, node_index
+from atropos_megatron.launch.topology import TopologyError, check_topology, trainer_world_size
+
+
+def _allocation(count: int, *, job_id: str = "4242", restart: int = 0) -> Allocation:
+    nodes = tuple(Node(f"gpu{i:02d}", f"10.0.0.{i + 1}") for i in range(count))
+    return Allocation(nodes=nodes, job_id=job_id, restart_count=restart)
+
+
+def _plan(overrides: list[str], nodes: int, tmp_path, **allocation):
+    cfg = load_config(None, ["model.hf_path=/models/m", f"logging.run_dir={tmp_path}/run", *overrides])
+    return build_plan(cfg, _allocation(nodes, **allocation), config_file=tmp_path / "cfg.yaml", python="py")
+
+
+def _roles(plan: LaunchPlan) -> dict[int, list[str]]:
+    return {node.index: [role.name for role in node.roles] for node in plan.nodes}
+
+
+def _role(plan: LaunchPlan, node: int, name: str):
+    return next(role for role in plan.nodes[node].roles if role.name == name)
+
+
+def test_multi_node_places_head_trainer_and_inference_nodes(tmp_path):
+    plan, resolved = _plan(
+        [
+            "launch.train_nodes=2",
+            "launch.inference_nodes=2",
+            "launch.inference.gpus_per_server=4",
+            "launch.environments=[{name: gsm8k, command: 'python env.py --api {api_url} --llm {inference_url}'}]",
+            "weights.transport=distributed",
+        ],
+        4,
+        tmp_path,
+    )
+    assert _roles(plan) == {
+        0: ["atropos-api", "bridge", "env-gsm8k", *(f"trainer-{r}" for r in range(8))],
+        1: [f"trainer-{r}" for r in range(8, 16)],
+        2: ["inference-0", "inference-1"],
+        3: ["inference-2", "inference-3"],
+    }
+    assert plan.inference_urls == (
+        "http://10.0.0.3:30000",
+        "http://10.0.0.3:30001",
+        "http://10.0.0.4:30000",
+        "http://10.0.0.4:30001",
+    )
+    # distributed transport: the job's bridge drives every server, no per-node agents
+    assert resolved.weights.inference_servers == list(plan.inference_urls)
+    assert resolved.weights.bridge_agents == []
+    assert resolved.bridge.address == "10.0.0.1:50051"
+    assert resolved.bridge.atropos_url == "http://10.0.0.1:8000"
+    assert resolved.checkpoint.load == "latest"  # a requeued job resumes
+    assert resolved.bridge.spool_dir == f"{tmp_path}/run/spool"
+    assert resolved.bridge.auth_token  # cluster addresses: never an open bridge
+    server = _role(plan, 3, "inference-3")
+    assert server.gpu_slots == (4, 4)
+    assert server.command[:3] == ("py", "-m", "sglang.launch_server")
+    assert server.command[server.command.index("--tp-size") :][:2] == ("--tp-size", "4")
+    assert server.command[server.command.index("--host") :][:2] == ("--host", "10.0.0.4")
+    rank9 = _role(plan, 1, "trainer-9")
+    assert {
+        key: rank9.env[key] for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR")
+    } == {
+        "RANK": "9",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "16",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+    }
+    assert rank9.env["MASTER_PORT"] == str(20000 + 4242 % 10000)
+    assert rank9.gpu_slots == (0, 8)
+    assert {probe.target for probe in rank9.needs} == {"10.0.0.1:50051"} | {
+        f"{u}/health" for u in plan.inference_urls
+    }
+    env = _role(plan, 0, "env-gsm8k")
+    assert env.command == (
+        "python",
+        "env.py",
+        "--api",
+        "http://10.0.0.1:8000",
+        "--llm",
+        "http://10.0.0.3:30000",
+    )
+    assert env.env["INFERENCE_URLS"] == ",".join(plan.inference_urls)
+    assert env.env["ATROPOS_API_URL"] == "http://10.0.0.1:8000"
+
+
+def test_grpc_transport_runs_a_bridge_agent_on_each_remote_inference_node(tmp_path):
+    plan, resolved = _plan(
+        ["launch.train_nodes=1", "launch.inference_nodes=2", "weights.transport=grpc"], 3, tmp_path
+    )
+    assert resolved.weights.bridge_agents == ["10.0.0.2:50051", "10.0.0.3:50051"]
+    assert resolved.weights.inference_servers == []  # none shares the job bridge's node
+    agent = _role(plan, 2, "bridge-agent")
+    assert "bridge.mode=agent" in agent.command
+    local = [url for url in plan.inference_urls if "10.0.0.3" in url]
+    assert f"weights.inference_servers=[{','.join(local)}]" in agent.command
+    trainer_needs = {probe.target for probe in _role(plan, 0, "trainer-0").needs}
+    assert {"10.0.0.2:50051", "10.0.0.3:50051"} <= trainer_needs
+
+
+def test_single_node_splits_gpus_between_sglang_and_the_trainer(tmp_path):
+    plan, resolved = _plan(
+        ["launch.inference.colocated_servers=2", "launch.inference.gpus_per_server=2"], 1, tmp_path
+    )
+    assert _role(plan, 0, "inference-0").gpu_slots == (0, 2)
+    assert _role(plan, 0, "inference-1").gpu_slots == (2, 2)
+    trainers = [role for role in plan.nodes[0].roles if role.kind == "trainer"]
+    assert [role.gpu_slots for role in trainers] == [(4, 4)] * 4
+    assert trainer_world_size(resolved.launch) == 4
+    assert resolved.weights.inference_servers == list(plan.inference_urls)  # grpc: same node as the bridge
+
+
+def test_dedicated_head_gets_a_node_of_its_own(tmp_path):
+    plan, _ = _plan(
+        ["launch.head=dedicated", "launch.train_nodes=2", "launch.inference_nodes=1"], 4, tmp_path
+    )
+    roles = _roles(plan)
+    assert roles[0] == ["atropos-api", "bridge"]
+    assert roles[1][0] == "trainer-0" and roles[2][0] == "trainer-8"
+    assert _role(plan, 2, "trainer-8").env["MASTER_ADDR"] == "10.0.0.2"
+    assert plan.trainer_rank0_node == 1
+
+
+def test_external_atropos_api_is_not_started(tmp_path):
+    plan, resolved = _plan(
+        ["launch.api_url=http://atropos.example:8000", "launch.inference_nodes=1"], 2, tmp_path
+    )
+    assert "atropos-api" not in _roles(plan)[0]
+    assert resolved.bridge.atropos_url == "http://atropos.example:8000"
+
+
+def test_cpu_run_on_loopback_has_no_token_and_one_rank_per_node(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "model.hf_path=/m",
+            f"logging.run_dir={tmp_path}",
+            "launch.gpus_per_node=0",
+            "launch.train_nodes=2",
+            "launch.inference.backend=reference",
+        ],
+    )
+    allocation = Allocation(nodes=(Node("node1", "127.0.0.1"), Node("node2", "127.0.0.1")), job_id="7")
+    plan, resolved = build_plan(cfg, allocation, config_file=tmp_path / "c.yaml", python="py")
+    assert _roles(plan) == {0: ["atropos-api", "inference-0", "bridge", "trainer-0"], 1: ["trainer-1"]}
+    assert resolved.bridge.auth_token is None
+    server = _role(plan, 0, "inference-0")
+    assert server.command[:4] == ("py", "-m", "atropos_megatron.cli", "serve")
+    assert server.command[server.command.index("--device") :][:2] == ("--device", "cpu")
+    assert server.gpu_slots is None and _role(plan, 1, "trainer-1").gpu_slots is None
+    assert plan.session == "job7-0"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "nodes", "message"),
+    [
+        (["launch.train_nodes=2", "launch.inference_nodes=2"], 3, "needs 4 nodes"),
+        (["launch.train_nodes=2"], 2, "colocated_servers"),
+        (["launch.inference.colocated_servers=4", "launch.inference.gpus_per_server=2"], 1, "no GPU left"),
+        (["launch.environments=[{name: e, command: 'x {nope}'}]"], 1, "bad placeholder"),
+    ],
+)
+def test_impossible_layouts_say_what_to_change(tmp_path, overrides, nodes, message):
+    with pytest.raises(PlanError, match=message):
+        _plan(overrides, nodes, tmp_path)
+
+
+def test_topology_refuses_servers_that_do_not_fit_a_node():
+    cfg = load_config(None, ["launch.inference_nodes=1", "launch.inference.gpus_per_server=16"])
+    with pytest.raises(TopologyError, match="do not fit"):
+        check_topology(cfg.launch)
+
+
+def test_plan_survives_json_and_finds_its_node(tmp_path):
+    plan, _ = _plan(["launch.train_nodes=2", "launch.inference_nodes=1"], 4, tmp_path, restart=3)
+    again = LaunchPlan.from_json(plan.to_json())
+    assert again == plan
+    assert again.session == "job4242-3"
+    assert "node 2 gpu02 (10.0.0.3)" in again.format()
+    assert node_index(again, slurm_node_id="1", node_name=None) == 1
+    assert node_index(again, slurm_node_id=None, node_name="gpu02") == 2
+    assert node_index(again, slurm_node_id="3", node_name=None) is None  # the allocation's spare node
+
+
+def test_environment_variables_become_overrides():
+    environ = {
+        "MODEL_PATH": "/models/q",
+        "OUTPUT_DIR": "/scratch/run",
+        "NUM_GPUS": "4",
+        "BATCH_SIZE": "128",
+        "MAX_EPOCHS": "30",
+        "INFERENCE_BACKEND": "reference",
+        "ATROPOS_API_URL": "http://h:8000",
+        "UNRELATED": "x",
+        "CONFIG": "",
+    }
+    overrides = environment_overrides(environ)
+    cfg = load_config(None, overrides)
+    assert (cfg.model.hf_path, cfg.logging.run_dir, cfg.launch.gpus_per_node) == (
+        "/models/q",
+        "/scratch/run",
+        4,
+    )
+    assert (cfg.data.batch_size, cfg.steps, cfg.launch.inference.backend) == (128, 30, "reference")
+    assert cfg.launch.api_url == "http://h:8000"
+    assert environment_overrides({"MODEL_PATH": " "}) == []
+
+
+def test_hostlist_expansion_matches_scontrol():
+    assert expand_hostlist("gpu-[007-009,12],cpu1") == ["gpu-007", "gpu-008", "gpu-009", "gpu-12", "cpu1"]
+    assert expand_hostlist("rack[1-2]-n[3-4]") == ["rack1-n3", "rack1-n4", "rack2-n3", "rack2-n4"]
+    for bad in ("", "a[3-1]", "a[x]", "a[1"):
+        with pytest.raises(ValueError):
+            expand_hostlist(bad)
+
+
+def test_slurm_allocation_reads_nodes_and_their_addresses():
+    output = (
+        "NodeName=node1 Arch=x86_64 CoresPerSocket=2 NodeAddr=127.0.0.1 NodeHostName=vm Port=17001\n"
+        "NodeName=node2 Arch=x86_64 CoresPerSocket=2 NodeAddr=10.1.1.2 NodeHostName=vm Port=17002\n"
+    )
+    assert parse_node_addresses(output) == {"node1": "127.0.0.1", "node2": "10.1.1.2"}
+    environ = {"SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "12", "SLURM_RESTART_COUNT": "1"}
+    allocation = slurm_allocation(environ, scontrol="/nonexistent/scontrol")  # falls back to the names
+    assert allocation.nodes == (Node("node1", "node1"), Node("node2", "node2"))
+    assert allocation.session == "job12-1"
