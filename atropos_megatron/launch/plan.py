@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from atropos_megatron.config import BridgeConfig, TrainConfig
+from atropos_megatron.config import BridgeConfig, LaunchConfig, TrainConfig
 from atropos_megatron.launch.allocation import Allocation, Node
 from atropos_megatron.launch.topology import (
     check_topology,
@@ -189,14 +189,7 @@ def build_plan(
     train_nodes = list(range(first_train, first_train + launch.train_nodes))
     inference_nodes = list(range(train_nodes[-1] + 1, train_nodes[-1] + 1 + launch.inference_nodes))
 
-    # Inference servers: (node index, port, gpu slots) in order.
-    servers: list[tuple[int, int, tuple[int, int] | None]] = []
-    per_server = launch.inference.gpus_per_server if launch.gpus_per_node else 0
-    for k in range(launch.colocated_servers):
-        servers.append((train_nodes[0], launch.inference.port + k, _slots(k * per_server, per_server)))
-    for index in inference_nodes:
-        for k in range(servers_per_inference_node(launch)):
-            servers.append((index, launch.inference.port + k, _slots(k * per_server, per_server)))
+    servers = _place_servers(launch, train_nodes[0], inference_nodes)
     urls = tuple(f"http://{nodes[index].address}:{port}" for index, port, _ in servers)
 
     api_url = launch.api_url or f"http://{head.address}:{launch.api_port}"
@@ -302,39 +295,14 @@ def build_plan(
                 needs=(api_probe, *server_probes),
             )
         )
-    procs = trainer_procs_per_node(launch)
-    master_port = launch.master_port or _master_port(allocation)
-    # After the co-located servers' GPUs (check_topology allows those only with one training node).
-    trainer_slots = (colocated_gpus(launch), procs) if launch.gpus_per_node else None
+    trainer_needs = (bridge_probe, *server_probes, *agent_probes)
     master = nodes[train_nodes[0]].address
-    world_size = procs * len(train_nodes)
+    master_port = launch.master_port or _master_port(allocation)
     for node_rank, index in enumerate(train_nodes):
-        for local_rank in range(procs):
-            rank = node_rank * procs + local_rank
-            # The variables torchrun would set. The launcher starts the ranks itself: torchrun SIGKILLs
-            # its workers 30 s after its own SIGTERM, too soon for a large model's checkpoint.
-            rank_env = {
-                "RANK": str(rank),
-                "LOCAL_RANK": str(local_rank),
-                "WORLD_SIZE": str(world_size),
-                "LOCAL_WORLD_SIZE": str(procs),
-                "GROUP_RANK": str(node_rank),
-                "MASTER_ADDR": master,
-                "MASTER_PORT": str(master_port),
-                "OMP_NUM_THREADS": "1",  # as torchrun: the ranks share the node's cores
-            }
-            roles[index].append(
-                RoleSpec(
-                    name=f"{TRAINER}-{rank}",
-                    command=(*cli, "train", *config_arg),
-                    kind=TRAINER,
-                    summary=f"trainer rank {rank}/{world_size} (local {local_rank}), "
-                    f"rendezvous {master}:{master_port}",
-                    env=base_env | rank_env,
-                    needs=(bridge_probe, *server_probes, *agent_probes),
-                    gpu_slots=trainer_slots,
-                )
-            )
+        roles[index] += _trainer_roles(
+            launch, node_rank, master=f"{master}:{master_port}", command=(*cli, "train", *config_arg),
+            env=base_env, needs=trainer_needs,
+        )  # fmt: skip
     plan = LaunchPlan(
         session=allocation.session,
         run_dir=str(run_dir),
@@ -350,6 +318,60 @@ def build_plan(
         stop_grace_s=launch.stop_grace_s,
     )
     return plan, resolved
+
+
+def _place_servers(
+    launch: LaunchConfig, first_train_node: int, inference_nodes: list[int]
+) -> list[tuple[int, int, tuple[int, int] | None]]:
+    """``(node index, port, GPU slots)`` of every inference server, co-located ones first."""
+    per_server = launch.inference.gpus_per_server if launch.gpus_per_node else 0
+    placed = [(first_train_node, k) for k in range(launch.colocated_servers)]
+    placed += [(index, k) for index in inference_nodes for k in range(servers_per_inference_node(launch))]
+    return [(index, launch.inference.port + k, _slots(k * per_server, per_server)) for index, k in placed]
+
+
+def _trainer_roles(
+    launch: LaunchConfig,
+    node_rank: int,
+    *,
+    master: str,
+    command: tuple[str, ...],
+    env: dict[str, str],
+    needs: tuple[ProbeSpec, ...],
+) -> list[RoleSpec]:
+    """One role per trainer rank of training node ``node_rank``, with the variables torchrun would
+    set. The launcher starts the ranks itself: torchrun SIGKILLs its workers 30 s after its own
+    SIGTERM, too soon for a large model's checkpoint."""
+    procs = trainer_procs_per_node(launch)
+    world_size = procs * launch.train_nodes
+    # After the co-located servers' GPUs (check_topology allows those only with one training node).
+    slots = (colocated_gpus(launch), procs) if launch.gpus_per_node else None
+    master_addr, _, master_port = master.rpartition(":")
+    roles = []
+    for local_rank in range(procs):
+        rank = node_rank * procs + local_rank
+        rank_env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(procs),
+            "GROUP_RANK": str(node_rank),
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": master_port,
+            "OMP_NUM_THREADS": "1",  # as torchrun: the ranks share the node's cores
+        }
+        roles.append(
+            RoleSpec(
+                name=f"{TRAINER}-{rank}",
+                command=command,
+                kind=TRAINER,
+                summary=f"trainer rank {rank}/{world_size} (local {local_rank}), rendezvous {master}",
+                env=env | rank_env,
+                needs=needs,
+                gpu_slots=slots,
+            )
+        )
+    return roles
 
 
 def _resolve_config(

@@ -310,14 +310,13 @@ def layer_activation_bytes(
 def micro_batch_shape(data: DataConfig) -> tuple[int, int]:
     """``(rows, row_len)`` of the largest micro-batch `data/batching.py` can build.
 
-    Packed (``data.packing``): one row of up to ``micro_batch_tokens`` tokens (rounded up to
-    ``pad_to_multiple_of``), whose block-diagonal mask still costs the unfused attention a full
-    ``row_len x row_len`` score matrix per head. Padded: rows of the longest sequence, at most
-    ``max_token_len`` (rounded up), as many as fit in ``micro_batch_tokens`` (at least one).
+    Packed or padded, a row holds at most ``max_token_len`` tokens (rounded up to
+    ``pad_to_multiple_of``): packing fills rows of that length back to back (a block-diagonal mask
+    still costs the unfused attention a full ``row_len x row_len`` score matrix per head), padding
+    puts one sequence in each. A micro-batch has as many rows as fit in ``micro_batch_tokens`` (at
+    least one).
     """
-    if data.packing:
-        return 1, _round_up(data.micro_batch_tokens, data.pad_to_multiple_of)
-    row_len = _round_up(data.max_token_len, data.pad_to_multiple_of)
+    row_len = _round_up(min(data.max_token_len, data.micro_batch_tokens), data.pad_to_multiple_of)
     return max(1, data.micro_batch_tokens // row_len), row_len
 
 

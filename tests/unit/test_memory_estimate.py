@@ -20,6 +20,7 @@ from atropos_megatron.trainer.memory import (
     GIB,
     estimate_memory,
     in_flight_chunk_passes,
+    micro_batch_shape,
     parameter_counts,
     params_per_pipeline_rank,
     total_parameters,
@@ -139,11 +140,11 @@ def test_small_bf16_case_matches_the_hand_computed_bytes():
     assert stage.grads_bytes == params * 4  # fp32 grad buffer
     assert stage.optimizer_bytes == params * 12 // 2  # main params + 2 Adam moments, sharded over DP=2
     assert stage.reference_bytes == 0
-    # Activations, one packed row of T = s = 256 tokens, bf16 (2 bytes):
+    # Activations, T = 256 tokens packed in 2 rows of s = 128 (max_token_len), bf16 (2 bytes):
     # residual-stream saves 4*T*h = 65536, Q/K/V/proj input 4*T*heads*head_dim = 65536,
-    # SwiGLU 4*T*f = 131072 elements -> 262144 * 2 bytes; scores heads*T*s = 262144 at 4 + 2 bytes.
-    per_layer = 262144 * 2 + 262144 * 6
-    workspace = 262144 * (2 + 4)  # one layer's transient score buffers
+    # SwiGLU 4*T*f = 131072 elements -> 262144 * 2 bytes; scores heads*T*s = 131072 at 4 + 2 bytes.
+    per_layer = 262144 * 2 + 131072 * 6
+    workspace = 131072 * (2 + 4)  # one layer's transient score buffers
     head = 2 * 256 * 64 * 2  # final norm + output layer inputs
     assert stage.activations_bytes == 2 * per_layer + workspace + head
     assert stage.logits_bytes == 256 * 128 * (2 + 4)  # bf16 logits + fp32 copy/gradient
@@ -162,23 +163,25 @@ def test_small_bf16_case_matches_the_hand_computed_bytes():
     )
 
 
-def test_padded_rows_attend_over_max_token_len_instead_of_the_whole_micro_batch():
-    packed = estimate_memory(*_small_run()).stages[0]
+def test_rows_attend_over_max_token_len_not_the_whole_micro_batch():
+    # batching packs rows of at most max_token_len (and pads one sequence per row): either way a
+    # 256-token micro-batch is 2 rows of 128, and the scores cost heads*T*128, not heads*T*256.
+    packed_data = DataConfig(batch_size=4, max_token_len=128, micro_batch_tokens=256)
     padded_data = DataConfig(batch_size=4, max_token_len=128, micro_batch_tokens=256, packing=False)
+    assert micro_batch_shape(packed_data) == micro_batch_shape(padded_data) == (2, 128)
+    assert micro_batch_shape(DataConfig(max_token_len=100, micro_batch_tokens=100)) == (1, 104)  # x8
+    packed = estimate_memory(*_small_run(data=packed_data)).stages[0]
     padded = estimate_memory(*_small_run(data=padded_data)).stages[0]
-    # Same 256 tokens (2 rows of 128); scores heads*T*s drop from 4*256*256 to 4*256*128, at 6 bytes,
-    # in 2 layers and the one-layer workspace.
-    assert packed.activations_bytes - padded.activations_bytes == 3 * (262144 - 131072) * 6
-    assert packed.logits_bytes == padded.logits_bytes
+    assert packed == padded
 
 
 def test_fused_attention_drops_the_quadratic_score_terms():
     cfg, world = _small_run()
     unfused = estimate_memory(cfg, world).stages[0]
     fused = estimate_memory(cfg, world, fused_attention=True).stages[0]
-    # Unfused minus fused, per layer: the scores (262144 x 6 bytes) and repeated K/V vs. Q, K, V
+    # Unfused minus fused, per layer: the scores (131072 x 6 bytes) and repeated K/V vs. Q, K, V
     # unrepeated + output (MHA here: the same 4 tensors); plus the one-layer workspace.
-    assert unfused.activations_bytes - fused.activations_bytes == 2 * 262144 * 6 + 262144 * 6
+    assert unfused.activations_bytes - fused.activations_bytes == 2 * 131072 * 6 + 131072 * 6
 
 
 def test_distributed_optimizer_divides_optimizer_state_by_data_parallel_size():
