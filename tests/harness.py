@@ -90,7 +90,7 @@ def _torchrun_env(world_size: int) -> Callable[[int], dict[str, str]]:
 
 
 def _slurm_env(world_size: int) -> Callable[[int], dict[str, str]]:
-    from atropos_megatron.trainer.parallel import SLURM_PORT_BASE, SLURM_PORT_RANGE
+    from atropos_megatron.slurm import SLURM_PORT_BASE, SLURM_PORT_RANGE
 
     for job_id in random.sample(range(SLURM_PORT_RANGE), 200):
         with socket.socket() as sock:

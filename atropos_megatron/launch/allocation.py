@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from atropos_megatron.hostlist import expand_hostlist
+from atropos_megatron.slurm import expand_hostlist
 
 logger = logging.getLogger(__name__)
 

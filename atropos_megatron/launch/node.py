@@ -170,14 +170,14 @@ def _start_roles(plan: LaunchPlan, node: NodePlan, watch: _Watch) -> None:
     side); then wait until every started role answers its own probe."""
     for role in node.roles:
         watch.wait_for(role.name, list(role.needs), plan.startup_timeout_s, started=False)
-        watch.supervisor.start(_to_role(role, plan), wait=False)
+        watch.supervisor.start(_to_role(role, plan, watch.supervisor.log_dir), wait=False)
         logger.info("node %d: started %s: %s", node.index, role.name, role.summary)
     for role in node.roles:
         if role.ready is not None:
             watch.wait_for(role.name, [role.ready], plan.startup_timeout_s, started=True)
 
 
-def _to_role(role: RoleSpec, plan: LaunchPlan) -> Role:
+def _to_role(role: RoleSpec, plan: LaunchPlan, log_dir: Path) -> Role:
     env = dict(role.env)
     if role.gpu_slots is not None:
         first, count = role.gpu_slots
@@ -186,7 +186,7 @@ def _to_role(role: RoleSpec, plan: LaunchPlan) -> Role:
             raise RoleFailed(
                 role.name,
                 f"needs GPUs [{first}, {first + count}) but this node shows {len(visible)}: {visible}",
-                Path("/dev/null"),
+                log_dir / f"{role.name}.log",
                 "(not started)",
             )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[first : first + count])

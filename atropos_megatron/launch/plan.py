@@ -29,13 +29,9 @@ from atropos_megatron.launch.topology import (
     servers_per_inference_node,
     trainer_procs_per_node,
 )
+from atropos_megatron.slurm import job_port
 
 logger = logging.getLogger(__name__)
-
-MASTER_PORT_BASE = 20000
-MASTER_PORT_RANGE = 10000
-"""Without ``launch.master_port`` the trainer's rendezvous port is derived from the job id (the same
-scheme the trainer uses under plain srun), so a requeued job gets the same port."""
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -56,9 +52,6 @@ class ProbeSpec:
     kind: str
     target: str
     """A URL for ``http``; ``host:port`` for ``tcp``."""
-
-    def describe(self) -> str:
-        return self.target
 
 
 @dataclass(frozen=True)
@@ -446,7 +439,7 @@ def _master_port(allocation: Allocation) -> int:
         from atropos_megatron.launch.supervisor import free_ports
 
         return free_ports(1)[0]
-    return MASTER_PORT_BASE + int(allocation.job_id) % MASTER_PORT_RANGE
+    return job_port(int(allocation.job_id))  # as the trainer derives it under plain srun
 
 
 def node_index(plan: LaunchPlan, *, slurm_node_id: str | None, node_name: str | None) -> int | None:

@@ -377,7 +377,7 @@ class Trainer:
                         "it now instead of training it again",
                         batch.batch_id,
                     )
-                    self.bridge.ack(batch.batch_id, trained_step=self.progress.step)
+                    self._ack(batch.batch_id)
                     continue
                 message[0] = _to_payload(batch)
                 break

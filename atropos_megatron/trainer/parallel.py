@@ -22,15 +22,9 @@ import torch
 import torch.distributed as dist
 
 from atropos_megatron.config import ParallelConfig
-from atropos_megatron.hostlist import expand_hostlist
+from atropos_megatron.slurm import expand_hostlist, job_port
 
 logger = logging.getLogger(__name__)
-
-# Slurm jobs that do not export MASTER_PORT get one derived from the job id, so that every task of
-# the job computes the same port without talking to each other (torchtitan and Megatron-LM's
-# launch scripts use the same scheme).
-SLURM_PORT_BASE = 20000
-SLURM_PORT_RANGE = 10000
 
 
 class LayoutError(ValueError):
@@ -109,7 +103,7 @@ def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         if "MASTER_PORT" in env:
             master_port = _int_var(env, "MASTER_PORT")
         else:
-            master_port = SLURM_PORT_BASE + _int_var(env, "SLURM_JOB_ID", default=0) % SLURM_PORT_RANGE
+            master_port = job_port(_int_var(env, "SLURM_JOB_ID", default=0))
         return DistEnv(
             rank=_int_var(env, "SLURM_PROCID"),
             world_size=_int_var(env, "SLURM_NTASKS", default=_int_var(env, "SLURM_NPROCS", default=1)),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from atropos_megatron.config import load_config
-from atropos_megatron.hostlist import expand_hostlist
 from atropos_megatron.launch.allocation import Allocation, Node, parse_node_addresses, slurm_allocation
 from atropos_megatron.launch.cli import environment_overrides
 from atropos_megatron.launch.plan import LaunchPlan, PlanError, build_plan, node_index
 from atropos_megatron.launch.topology import TopologyError, check_topology, trainer_world_size
+from atropos_megatron.slurm import expand_hostlist
 
 
 def _allocation(count: int, *, job_id: str = "4242", restart: int = 0) -> Allocation:

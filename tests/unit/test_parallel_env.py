@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from atropos_megatron.config import ParallelConfig
+from atropos_megatron.slurm import SLURM_PORT_BASE
 from atropos_megatron.trainer.parallel import (
-    SLURM_PORT_BASE,
     LayoutError,
     check_layout,
     detect_dist_env,

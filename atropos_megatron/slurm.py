@@ -1,8 +1,9 @@
-"""Slurm hostlist expressions (``gpu-[007-009,12],cpu1``) expanded to host names, without ``scontrol``.
+"""What every process of a Slurm job can derive on its own, without ``scontrol`` or talking to the others:
+the host names of a hostlist expression (``gpu-[007-009,12],cpu1``) and the job's rendezvous port.
 
-Used by the trainer (the first host is the default rendezvous address) and by the launcher (the
-order of the allocation's nodes decides which node runs what). Pure string work, no imports, so it is
-cheap to import from anywhere.
+Used by the trainer (the first host and the port are its default rendezvous under plain srun) and by
+the launcher (the order of the allocation's nodes decides which node runs what). Pure, no imports
+beyond the standard library, so it is cheap to import from anywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +12,17 @@ import itertools
 import re
 
 _GROUP = re.compile(r"\[([^\[\]]*)\]")
+
+# Jobs that do not export MASTER_PORT get one derived from the job id, so that every task of the job
+# (and a requeued run of it) computes the same port without talking to the others (torchtitan and
+# Megatron-LM's launch scripts use the same scheme).
+SLURM_PORT_BASE = 20000
+SLURM_PORT_RANGE = 10000
+
+
+def job_port(job_id: int) -> int:
+    """The rendezvous port of Slurm job ``job_id``."""
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_RANGE
 
 
 def expand_hostlist(expression: str) -> list[str]:
