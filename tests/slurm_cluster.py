@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -338,14 +339,14 @@ class SlurmCluster:
             time.sleep(_POLL_S)
 
     def requeue(self, job_id: int, *, prompt: bool = True, timeout_s: float = 30.0) -> dict[str, str]:
-        """``scontrol requeue`` a job; with ``prompt``, also let it start again at once. Its info.
+        """``scontrol requeue`` a job; with ``prompt``, also let it start as soon as it may. Its info.
 
         Slurm holds a requeued job back: ``BeginTime`` becomes the time the old run ended +
         cred_expire + 1 s (121 s with the default AuthInfo cred_expire=120; we configure 5 s),
         and after that the job waits for the next main scheduling pass (``sched_interval``: 60 s
         by default, 2 s here). With ``prompt`` we wait until the job is PENDING again (it stays
         COMPLETING until the old run is gone, SIGKILL after KillWait included) and
-        ``start_now()`` it, which makes it run again ~3 s after the requeue.
+        ``start_now()`` it, which makes it run again ~6 s after the requeue.
         """
         self._client(["scontrol", "requeue", str(job_id)], check=True)
         if not prompt:
@@ -355,8 +356,20 @@ class SlurmCluster:
         return self.job_info(job_id)
 
     def start_now(self, job_id: int) -> None:
-        """Clear a pending job's begin time (``scontrol update StartTime=now``), which also schedules it."""
-        self._client(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        """Start a requeued job at its ``EligibleTime`` instead of the scheduling pass after it
+        (``scontrol update StartTime=now``).
+
+        Not earlier: the old run's job credential stays revoked until then, and a job started
+        before fails at once ("Killing non-startable batch job: Job credential revoked").
+        """
+        eligible = self.job_info(job_id).get("EligibleTime", "")
+        with contextlib.suppress(ValueError):
+            time.sleep(max(0.0, datetime.fromisoformat(eligible).timestamp() + 0.5 - time.time()))
+        update = ["scontrol", "update", f"JobId={job_id}", "StartTime=now"]
+        result = self._client(update, check=False)
+        # Meanwhile a scheduling pass may have started it (and a short job finished): nothing to do.
+        if result.returncode != 0 and self.job_info(job_id)["JobState"] == "PENDING":
+            raise SlurmError(f"{' '.join(update)} failed: {result.stderr.strip() or result.stdout.strip()}")
 
     def cancel(self, job_id: int, signal: str | None = None, batch_only: bool = False) -> None:
         """``scancel`` the job, or only send ``signal`` (e.g. "USR1"); ``batch_only``: the batch shell only."""

@@ -28,16 +28,16 @@ if [[ -z "${CONFIG:-}" ]]; then
 fi
 
 # launch_job [key=value ...]: plan the job once, run every node's part, return the launchers' status.
-# Sets PLAN (the plan file) and STOP_REASON (non-empty when this script asked the run to stop).
+# Sets PLAN (the plan file) and STOP_SIGNAL (USR1 or TERM when a signal made this script stop the run).
 launch_job() {
     # Once, in the batch step: node addresses are resolved here and every node reads the same plan.
     PLAN=$(atropos-megatron launch plan --config "$CONFIG" "$@") || return 2
-    STOP_REASON=""
+    STOP_SIGNAL=""
     # Slurm's time-limit warning (#SBATCH --signal=B:USR1@<s>) and `scancel --batch` reach only this
     # shell. The nodes are asked to stop through the plan: the trainer checkpoints first, then the
     # services it talks to stop.
-    trap 'STOP_REASON="SIGUSR1 (time limit near)"; atropos-megatron launch stop --plan "$PLAN" --reason "$STOP_REASON"' USR1
-    trap 'STOP_REASON="SIGTERM"; atropos-megatron launch stop --plan "$PLAN" --reason "$STOP_REASON"' TERM
+    trap 'STOP_SIGNAL=USR1; atropos-megatron launch stop --plan "$PLAN" --reason "SIGUSR1 (time limit near)"' USR1
+    trap 'STOP_SIGNAL=TERM; atropos-megatron launch stop --plan "$PLAN" --reason "SIGTERM"' TERM
     # One launcher per node; --kill-on-bad-exit: a node that fails ends the step on every node.
     srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
         ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \

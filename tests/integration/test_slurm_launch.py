@@ -119,7 +119,8 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, asse
     cluster.requeue(job)
     info = cluster.wait_for(job, {"COMPLETED"}, JOB_TIMEOUT_S)
     report(f"requeued at step {before}; COMPLETED {time.monotonic() - requeued:.0f} s later")
-    _assert_resumed(cluster, job, run_dir, info, steps=steps, after=before)
+    output = _assert_resumed(cluster, job, run_dir, info, steps=steps, after=before)
+    assert "requeueing job" not in output  # Slurm requeued it; the script must not do it again
 
 
 def test_time_limit_warning_checkpoints_and_requeues_itself(cluster, assets, tmp_path, report):
