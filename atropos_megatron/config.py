@@ -185,6 +185,8 @@ POLICY_LOSSES = ("ppo_clip", "gspo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 IMPORTANCE_CORRECTIONS = ("none", "token", "sequence")
+DEFAULT_KL_CLAMP = 10.0
+"""verl's bound on the per-token k3 value (``low_var_kl`` is clamped to [-10, 10])."""
 
 
 @dataclass(kw_only=True)
@@ -207,14 +209,30 @@ class GRPOConfig:
     """Weight of the KL penalty to the frozen reference model (0 skips the reference forward)."""
     kl_estimator: str = "k3"
     """KL estimator: `k1` (log-ratio), `k2` (squared log-ratio / 2) or `k3` (Schulman's unbiased)."""
+    kl_clamp: float | None = DEFAULT_KL_CLAMP
+    """Bound on each token's k3 KL *value* (nats): k3 is clamped to [-kl_clamp, kl_clamp] and its
+    gradient is 0 beyond, as verl does (10). Without it one token far from the reference (k3 grows like
+    exp(log-ratio): 396 at a log-ratio of 6) outweighs the whole batch's penalty. k1 and k2 are not
+    clamped (verl does not either). null disables the clamp."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (subtracted from the loss)."""
     loss_aggregation: str = "token-mean"
-    """How token losses become one number; see `algo/reduce.py` for the four modes."""
+    """How token losses become one number; see `algo/reduce.py` for the four modes. Read once, when the
+    batch is planned into micro-batches: their per-token weights carry it to the loss."""
+    loss_norm_length: int | None = None
+    """The constant L of `seq-mean-token-sum-norm` (tokens; unused by the other modes): each sequence's
+    token sum is divided by L. null means `data.max_token_len` (prompt + completion), the value used
+    before this option existed, because the trainer knows no completion budget of its own (each
+    Atropos environment sets its own). TRL and Liger divide by `max_completion_length` and verl by the
+    response length: set L to the environments' completion budget to match their loss scale. Any
+    constant removes the length bias; L only scales the loss (hence the gradient norm that
+    `optimizer.clip_grad` sees, and the step size with SGD)."""
     temperature: float = 1.0
     """Sampling temperature the logits are divided by before log-probs (match the inference side)."""
     old_logprobs: str = "recompute"
-    """Source of the PPO denominator: `recompute` (trainer forward before the update) or `inference`."""
+    """Source of the PPO denominator: `recompute` (trainer forward before the update) or `inference`
+    (no extra forward; `rollout/*` metrics then compare the inference log-probs with the loss pass's
+    own, i.e. the current policy's, instead of with themselves)."""
     importance_correction: str = "none"
     """Truncated importance sampling against the inference log-probs: `none`, `token` or `sequence`."""
     importance_cap: float = 2.0
@@ -243,8 +261,16 @@ class GRPOConfig:
             _require(self.dual_clip > 1, "grpo.dual_clip", f"must be > 1 (or null), got {self.dual_clip}")
         _require(self.kl_coef >= 0, "grpo.kl_coef", "must be >= 0")
         _require_choice(self.kl_estimator, "grpo.kl_estimator", KL_ESTIMATORS)
+        if self.kl_clamp is not None:
+            _require(self.kl_clamp > 0, "grpo.kl_clamp", f"must be > 0 (or null), got {self.kl_clamp}")
         _require(self.entropy_coef >= 0, "grpo.entropy_coef", "must be >= 0")
         _require_choice(self.loss_aggregation, "grpo.loss_aggregation", LOSS_AGGREGATIONS)
+        if self.loss_norm_length is not None:
+            _require(
+                self.loss_norm_length > 0,
+                "grpo.loss_norm_length",
+                f"must be > 0 (or null for data.max_token_len), got {self.loss_norm_length}",
+            )
         _require(self.temperature > 0, "grpo.temperature", "must be > 0")
         _require_choice(self.old_logprobs, "grpo.old_logprobs", ("recompute", "inference"))
         _require_choice(self.importance_correction, "grpo.importance_correction", IMPORTANCE_CORRECTIONS)

@@ -62,6 +62,22 @@ def grpo_inputs(batch=6, seq=9, vocab=101, *, dtype=torch.float32, seed=0, aggre
     )
 
 
+FAR_REFERENCE = {(0, 3): 6.0, (2, 4): 25.0, (3, 5): -6.0, (4, 6): 2.5}
+"""``(sequence, position) -> log pi_ref - log pi`` for :func:`with_far_reference`: k3 = 396 (past
+``grpo.kl_clamp``'s 10), past the +-20 log-ratio clamp too, 5.0 and 8.7 (inside: their gradient flows)."""
+
+
+def with_far_reference(inputs: dict) -> dict:
+    """``inputs`` with the reference log-probs of a few trained tokens moved by :data:`FAR_REFERENCE`
+    from the current policy's (fp64), so that the k3 value clamp and the log-ratio clamp are both hit."""
+    current, _ = logprobs_fp64(inputs["logits"], inputs["labels"])
+    ref = inputs["ref_logprobs"].clone()
+    for (b, t), shift in FAR_REFERENCE.items():
+        assert inputs["loss_mask"][b, t], "far-reference tokens must be trained"
+        ref[b, t] = float(current[b, t]) + shift
+    return dict(inputs, ref_logprobs=ref)
+
+
 def grpo_loss_fp64(inputs: dict, cfg: GRPOConfig, *, temperature=1.0, vocab_size=None):
     """``(loss, metrics, d loss / d logits)`` of the spec in fp64 on ``inputs`` (from :func:`grpo_inputs`)."""
     logits = inputs["logits"].double().requires_grad_()

@@ -3,7 +3,7 @@
     per_token = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)     (PPO clip; DAPO clip-higher)
                 [A < 0: min(that, dual_clip * |A|)]                         (dual clip)
                 * w_tis                                                     (truncated IS, rollout mismatch)
-                + kl_coef * KL(pi || pi_ref) - entropy_coef * H             (penalty, bonus)
+                + kl_coef * KL(pi || pi_ref) - entropy_coef * H             (penalty, bonus; algo/kl.py)
     loss      = sum(per_token * weights)                                    (see algo/reduce.py)
 
 with ``r = exp(logprobs - old_logprobs)`` per token, or for GSPO the sequence ratio
@@ -47,7 +47,11 @@ def grpo_token_loss(
             (recomputed before the update, or the inference log-probs).
         advantages: ``[B, T]`` fp32 token advantages (0 on untrained tokens).
         loss_mask: ``[B, T]`` bool, True on trained tokens.
-        weights: ``[B, T]`` fp32 aggregation weights from :func:`algo.reduce.aggregation_weights`.
+        weights: ``[B, T]`` fp32 aggregation weights from :func:`algo.reduce.aggregation_weights`:
+            they *are* the aggregation. ``cfg.loss_aggregation`` is not read here: the mode needs the
+            whole batch's counts and sequence boundaries, which a micro-batch (packed rows, one
+            data-parallel share) does not have; ``data.batching`` makes the weights from the config
+            and ``trainer.grpo_step`` checks that they were made for ``cfg``.
         cfg: the objective's hyper-parameters.
         ref_logprobs: ``[B, T]`` fp32 reference-model log-probs; required when ``cfg.kl_coef > 0``.
         inference_logprobs: ``[B, T]`` fp32 sampling log-probs; required for importance correction.
@@ -83,7 +87,7 @@ def grpo_token_loss(
     if cfg.kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("grpo.kl_coef > 0 needs ref_logprobs")
-        kl_ref = kl_estimate(logprobs, ref_logprobs, estimator=cfg.kl_estimator)
+        kl_ref = kl_estimate(logprobs, ref_logprobs, estimator=cfg.kl_estimator, clamp=cfg.kl_clamp)
         per_token = per_token + cfg.kl_coef * kl_ref
         metrics["grpo/kl_ref"] = _masked_mean(kl_ref, mask)
     if cfg.entropy_coef > 0:
@@ -98,7 +102,12 @@ def grpo_token_loss(
     metrics.update(_ratio_metrics(ratio, advantages, log_ratio, mask, cfg))
     metrics["grpo/pg_loss"] = (surrogate * weights).sum().detach()
     if inference_logprobs is not None:
-        metrics.update(rollout_mismatch_metrics(old_logprobs, inference_logprobs, mask))
+        # With old_logprobs=inference the old log-probs *are* the inference ones (the metrics would be
+        # 0 by construction): measure the engine against this pass's own log-probs instead, the
+        # trainer's view of the sampling weights in a batch's first update (later updates of
+        # grpo.updates_per_batch > 1 add the policy's own movement since then).
+        trainer_logprobs = logprobs.detach() if cfg.old_logprobs == "inference" else old_logprobs
+        metrics.update(rollout_mismatch_metrics(trainer_logprobs, inference_logprobs, mask))
     return loss, metrics
 
 
@@ -108,10 +117,11 @@ def rollout_mismatch_metrics(
     """How far the inference engine's log-probs are from the trainer's for the same tokens.
 
     ``rollout/logprob_abs_diff`` is the mean absolute difference; ``rollout/kl`` estimates
-    KL(pi_rollout || pi_trainer) with k3 (the tokens were sampled by the inference engine).
+    KL(pi_rollout || pi_trainer) with k3 (the tokens were sampled by the inference engine), without
+    ``grpo.kl_clamp``: that bound protects the loss, and would hide a broken engine here.
     """
     diff = torch.where(loss_mask, trainer_logprobs - inference_logprobs, torch.zeros_like(trainer_logprobs))
-    kl = kl_estimate(inference_logprobs, trainer_logprobs, estimator="k3")
+    kl = kl_estimate(inference_logprobs, trainer_logprobs, estimator="k3", clamp=None)
     return {
         "rollout/logprob_abs_diff": _masked_mean(diff.abs(), loss_mask),
         "rollout/kl": _masked_mean(kl, loss_mask),

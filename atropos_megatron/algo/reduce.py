@@ -10,14 +10,20 @@ Modes (``B`` sequences, ``n_b`` trained tokens in sequence b, ``N = sum n_b``, `
 - ``token-mean``: each token weighs ``1 / N`` (DAPO; long answers count more).
 - ``seq-mean-token-mean``: ``1 / (n_b * S)`` (original GRPO; every sequence counts equally).
 - ``seq-mean-token-sum``: ``1 / S``.
-- ``seq-mean-token-sum-norm``: ``1 / (S * L)`` with a constant ``L`` (Dr. GRPO; no length bias).
+- ``seq-mean-token-sum-norm``: ``1 / (S * L)`` with a constant ``L`` (Dr. GRPO; no length bias):
+  ``grpo.loss_norm_length``, by default ``data.max_token_len`` (see ``config.GRPOConfig``).
+
+The mode is applied here, once, by whoever sees the whole batch (``data/batching.py``); the losses take
+the weights and never read ``grpo.loss_aggregation`` themselves (a micro-batch lacks the global counts
+and, packed, the sequence boundaries). :func:`aggregation_key` labels the weights with the config they
+were made for, so that the loss pass can refuse weights made for another mode.
 """
 
 from __future__ import annotations
 
 import torch
 
-from atropos_megatron.config import LOSS_AGGREGATIONS
+from atropos_megatron.config import LOSS_AGGREGATIONS, GRPOConfig
 
 
 def aggregation_weights(
@@ -53,3 +59,8 @@ def aggregation_weights(
     if mode == "seq-mean-token-sum-norm":
         return mask / (max(sequences, 1) * (norm_length or loss_mask.shape[-1]))
     raise ValueError(f"unknown aggregation {mode!r}; expected one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def aggregation_key(cfg: GRPOConfig) -> tuple[str, int | None]:
+    """The fields of ``cfg`` that :func:`aggregation_weights` was called with, to compare on use."""
+    return cfg.loss_aggregation, cfg.loss_norm_length

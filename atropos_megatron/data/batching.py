@@ -30,14 +30,15 @@ import torch
 
 from atropos_megatron.algo.advantages import group_advantages
 from atropos_megatron.algo.overrides import sequence_temperatures, token_advantages, zeroed_sequences
-from atropos_megatron.algo.reduce import aggregation_weights
+from atropos_megatron.algo.reduce import aggregation_key, aggregation_weights
 from atropos_megatron.config import DataConfig, GRPOConfig
 
 MicroBatch = dict[str, Any]
 """Tensors ``[b, s]`` (``tokens``, ``position_ids``, ``labels``, ``loss_mask``, ``advantages``,
 ``weights``, ``temperature``; ``inference_logprobs`` and ``env_ref_logprobs`` with bool masks
 ``has_inference_logprobs`` / ``has_env_ref_logprobs`` when any sequence sent them), ``attention_mask``
-(bool ``[b, 1, s, s]``, True = masked; None for plain causal) and ``trained_tokens`` (int)."""
+(bool ``[b, 1, s, s]``, True = masked; None for plain causal), ``trained_tokens`` (int) and
+``aggregation`` (``algo.reduce.aggregation_key`` of the config the ``weights`` were made for)."""
 
 _OPTIONAL = {"inference_logprobs": "inference_logprobs", "ref_logprobs": "env_ref_logprobs"}
 """Rollout field -> micro-batch key (the environment's reference log-probs are only a candidate)."""
@@ -222,20 +223,23 @@ def plan_micro_batches(
     global_sequences = sum(bool(m.any()) for m in masks)
     share = [rollouts[i] for i in assign_to_ranks([r.length for r in rollouts], dp_size)[dp_rank]]
     if not share:
-        return [_empty_micro_batch(data.pad_to_multiple_of)]
-    weights = [
-        aggregation_weights(
-            r.loss_mask[None],
-            grpo.loss_aggregation,
-            global_tokens=global_tokens,
-            global_sequences=global_sequences,
-            norm_length=data.max_token_len,
-        )[0]
-        for r in share
-    ]
-    if data.packing:
-        return _packed(share, weights, data)
-    return _padded(share, weights, data)
+        batches = [_empty_micro_batch(data.pad_to_multiple_of)]
+    else:
+        # The only reader of grpo.loss_aggregation: the weights carry it to the loss.
+        weights = [
+            aggregation_weights(
+                r.loss_mask[None],
+                grpo.loss_aggregation,
+                global_tokens=global_tokens,
+                global_sequences=global_sequences,
+                norm_length=grpo.loss_norm_length or data.max_token_len,
+            )[0]
+            for r in share
+        ]
+        batches = _packed(share, weights, data) if data.packing else _padded(share, weights, data)
+    for mb in batches:
+        mb["aggregation"] = aggregation_key(grpo)
+    return batches
 
 
 def _round_up(value: int, multiple: int) -> int:

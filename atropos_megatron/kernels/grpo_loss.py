@@ -123,7 +123,8 @@ def _one_kernel(rows, grad_out, flat, valid_cols: int, spec: dict):
         _flat32(spec["advantages"]), _flat32(tis.expand_as(mask)) if tis is not None else None,
         _flat32(spec["ref_logprobs"]) if cfg.kl_coef > 0 else None,
         valid_cols=valid_cols, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, with_entropy=True,
+        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp,
+        entropy_coef=cfg.entropy_coef, with_entropy=True,
     )  # fmt: skip
     # Metrics from the kernel's own log-probs, by the spec ([T]-sized, cheap).
     _, metrics = grpo_token_loss(logprobs.view(mask.shape), entropy=entropy.view(mask.shape), **spec)

@@ -7,9 +7,9 @@ logits) in the input dtype. Any V: the last slice is masked.
 - ``_shard_stats_kernel``: pass 1, the online log-sum-exp statistics of ``token_stats``.
 - ``_grad_kernel``: pass 2, ``d loss / d logits`` from the final per-token statistics.
 - ``_fused_grpo_kernel``: both passes plus the per-token GRPO loss in between (PPO clip with
-  separate low/high bounds, dual clip, KL to the reference with k1/k2/k3, entropy bonus, a constant
-  per-token importance weight), for a whole vocabulary on one rank. It mirrors
-  ``algo.grpo.grpo_token_loss`` line by line, including how torch splits the gradient at ties of
+  separate low/high bounds, dual clip, KL to the reference with k1/k2/k3 and k3's value clamp,
+  entropy bonus, a constant per-token importance weight), for a whole vocabulary on one rank. It
+  mirrors ``algo.grpo.grpo_token_loss`` line by line, including how torch splits the gradient at ties of
   ``min``/``clamp``, and the tests hold it to that spec.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (tests only; set it before importing this module).
@@ -145,9 +145,9 @@ def _expm1(x):
 def _fused_grpo_kernel(
     logits_ptr, out_ptr, labels_ptr, inv_temp_ptr, active_ptr, weight_ptr, old_ptr, adv_ptr, tis_ptr, ref_ptr,
     result_ptr, n_rows, n_inner, stride_outer, stride_inner, out_stride_outer, out_stride_inner,
-    valid_cols, n_cols, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, max_log_ratio,
-    HAS_DUAL_CLIP: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_TIS: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    valid_cols, n_cols, clip_low, clip_high, dual_clip, kl_coef, kl_clamp, entropy_coef, max_log_ratio,
+    HAS_DUAL_CLIP: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_KL_CLAMP: tl.constexpr,
+    HAS_TIS: tl.constexpr, WITH_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
@@ -201,6 +201,10 @@ def _fused_grpo_kernel(
             expm1 = _expm1(ref_ratio)
             kl = expm1 - ref_ratio
             kl_grad = tl.where(kl_in_range, -expm1, 0.0)
+            if HAS_KL_CLAMP:
+                # clamp(kl, -c, c): the gradient passes where -c <= kl <= c (inclusive, as in torch).
+                kl_grad = tl.where(tl.abs(kl) <= kl_clamp, kl_grad, 0.0)
+                kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
         per_token += kl_coef * kl
         grad_lp += kl_coef * kl_grad
     grad_h = 0.0
@@ -297,6 +301,7 @@ def fused_grpo_token_loss(
     dual_clip: float | None,
     kl_coef: float,
     kl_estimator: str,
+    kl_clamp: float | None,
     entropy_coef: float,
     with_entropy: bool,
 ) -> torch.Tensor:
@@ -304,6 +309,7 @@ def fused_grpo_token_loss(
     gradient of ``sum(loss * weight)`` w.r.t. the logits is written there (``out`` may be ``rows``).
 
     All ``[N]`` inputs are fp32 except ``labels`` (int64) and ``active`` (bool: trained tokens).
+    ``kl_clamp`` bounds the k3 value as ``algo.kl.kl_estimate`` does (None: unbounded).
     """
     num_tokens = labels.shape[0]
     result = torch.zeros(3, num_tokens, dtype=torch.float32, device=rows.device)
@@ -320,8 +326,9 @@ def fused_grpo_token_loss(
         ref_logprobs.contiguous() if ref_logprobs is not None else placeholder,
         result, num_tokens, rows.shape[1], rows.stride(0), rows.stride(1),
         grad_out.stride(0), grad_out.stride(1), valid_cols, rows.shape[2],
-        clip_low, clip_high, dual_clip or 0.0, kl_coef, entropy_coef, MAX_LOG_RATIO,
-        HAS_DUAL_CLIP=dual_clip is not None, KL_ESTIMATOR=kl_code, HAS_TIS=importance_weights is not None,
+        clip_low, clip_high, dual_clip or 0.0, kl_coef, kl_clamp or 0.0, entropy_coef, MAX_LOG_RATIO,
+        HAS_DUAL_CLIP=dual_clip is not None, KL_ESTIMATOR=kl_code,
+        HAS_KL_CLAMP=kl_clamp is not None and kl_code == 3, HAS_TIS=importance_weights is not None,
         WITH_ENTROPY=with_entropy, WRITE_GRAD=out is not None, BLOCK_V=block_v,
         num_warps=_num_warps(block_v),
     )  # fmt: skip

@@ -8,6 +8,9 @@ Scaling: Megatron divides each micro-batch's loss by the number of micro-batches
 gradients over data-parallel ranks. Our per-token weights already make the micro-batch losses of all
 ranks *sum* to the batch loss (``data/batching.py``), so the loss handed to Megatron is multiplied
 by ``micro-batches x DP`` to undo both averages.
+
+Those weights are also the loss aggregation (``grpo.loss_aggregation``): the loss never reads the mode,
+so the loss pass first checks that every micro-batch was planned for this pass's config.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from atropos_megatron.algo.reduce import aggregation_key
 from atropos_megatron.config import GRPOConfig
 from atropos_megatron.data.batching import MicroBatch
 from atropos_megatron.kernels.grpo_loss import fused_grpo_loss
@@ -70,6 +74,7 @@ def grpo_loss_pass(
     Each micro-batch must carry ``old_logprobs`` (and ``ref_logprobs`` when ``cfg.kl_coef > 0``) on
     the last stage. Returns each micro-batch's metrics there (``[]`` elsewhere).
     """
+    require_planned_for(micro_batches, cfg)
     scale = len(micro_batches) * parallel.current_layout().dp
 
     def loss_fn(batch: MicroBatch, logits: torch.Tensor):
@@ -93,6 +98,23 @@ def grpo_loss_pass(
         return loss * scale, metrics
 
     return forward_backward(chunks, micro_batches, loss_fn=loss_fn)
+
+
+def require_planned_for(micro_batches: Sequence[MicroBatch], cfg: GRPOConfig) -> None:
+    """Raise unless every micro-batch's ``weights`` were made for ``cfg``'s aggregation.
+
+    Without it, a loss run with one ``grpo.loss_aggregation`` on micro-batches planned with another
+    would silently train with the planner's mode (the weights decide; the loss cannot tell).
+    """
+    expected = aggregation_key(cfg)
+    for batch in micro_batches:
+        planned = batch.get("aggregation")
+        if planned != expected:
+            raise ValueError(
+                f"micro-batch weights were made for (grpo.loss_aggregation, grpo.loss_norm_length)={planned}"
+                f" but the loss runs with {expected}: plan micro-batches (data.batching.plan_micro_batches)"
+                " with the GRPO config of the loss"
+            )
 
 
 def combine_metrics(per_micro_batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -63,6 +63,42 @@ def test_kl_is_zero_for_identical_policies():
         assert kl_estimate(lp, lp, estimator=estimator).abs().max().item() == 0.0
 
 
+def test_k3_value_is_clamped_like_verl_with_no_gradient_beyond():
+    # log-ratio 6: k3 = e^6 - 1 - 6 = 396.43, d k3 / d logp = -(e^6 - 1) = -402.43 (verl: 10 and 0).
+    logp = torch.tensor([-7.0, -1.0], requires_grad=True)
+    ref = torch.tensor([-1.0, -1.5])  # the second token's k3 (0.1065) is inside the clamp
+    clamped = kl_estimate(logp, ref, estimator="k3")
+    clamped.sum().backward()
+    assert clamped.tolist() == pytest.approx([10.0, math.exp(-0.5) - 1 + 0.5], rel=1e-6)
+    assert logp.grad.tolist() == pytest.approx([0.0, -math.expm1(-0.5)], rel=1e-6)
+
+    free_logp = logp.detach().requires_grad_()
+    free = kl_estimate(free_logp, ref, estimator="k3", clamp=None)
+    free.sum().backward()
+    assert free[0].item() == pytest.approx(math.expm1(6.0) - 6.0, rel=1e-6)
+    assert free_logp.grad[0].item() == pytest.approx(-math.expm1(6.0), rel=1e-6)
+
+
+@pytest.mark.parametrize(("estimator", "expected"), [("k1", -6.0), ("k2", 18.0)])
+def test_kl_clamp_leaves_k1_and_k2_alone(estimator, expected):
+    # verl clamps only k3's value; k1 and k2 keep only the +-20 log-ratio guard.
+    value = kl_estimate(torch.tensor([-7.0]), torch.tensor([-1.0]), estimator=estimator, clamp=1.0)
+    assert value.item() == pytest.approx(expected)
+
+
+def test_loss_uses_grpo_kl_clamp():
+    lp = torch.tensor([[-7.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0]])
+    for kl_clamp, value, grad in ((10.0, 10.0, 0.0), (None, math.expm1(6.0) - 6.0, -math.expm1(6.0))):
+        lp.grad = None
+        cfg = GRPOConfig(kl_coef=0.1, kl_clamp=kl_clamp)
+        loss, metrics = _loss(lp, lp.detach(), torch.zeros(1, 1), cfg, ref_logprobs=ref)
+        loss.backward()
+        assert loss.item() == pytest.approx(0.1 * value, rel=1e-6)
+        assert metrics["grpo/kl_ref"].item() == pytest.approx(value, rel=1e-6)
+        assert lp.grad.item() == pytest.approx(0.1 * grad, rel=1e-6, abs=0.0)
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 MASK = torch.tensor([[True, True, False], [True, False, False]])  # 2 + 1 trained tokens
@@ -170,6 +206,30 @@ def test_truncated_importance_weights(mode, expected):
     )
     assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
     assert metrics["rollout/logprob_abs_diff"].item() == pytest.approx((math.log(1.5) + math.log(3.0)) / 2)
+
+
+def test_rollout_mismatch_with_inference_old_logprobs_measures_the_current_policy():
+    # old_logprobs=inference: old *is* the inference log-probs, so comparing them would always give 0.
+    current = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    inference = torch.tensor([[-1.5, -1.0]])
+    adv = torch.tensor([[1.0, -1.0]])
+    expected_kl = ((math.exp(0.5) - 1 - 0.5) + (math.exp(-1.0) - 1 + 1.0)) / 2  # k3, log q - log p
+    _, metrics = _loss(
+        current, inference, adv, GRPOConfig(old_logprobs="inference"), inference_logprobs=inference
+    )
+    assert metrics["rollout/logprob_abs_diff"].item() == pytest.approx((0.5 + 1.0) / 2)
+    assert metrics["rollout/kl"].item() == pytest.approx(expected_kl, rel=1e-6)
+    # recompute: the trainer's old log-probs are the reference point (unchanged by further updates).
+    old = torch.tensor([[-1.25, -1.5]])
+    _, metrics = _loss(current, old, adv, GRPOConfig(), inference_logprobs=inference)
+    assert metrics["rollout/logprob_abs_diff"].item() == pytest.approx((0.25 + 0.5) / 2)
+
+
+def test_rollout_kl_metric_is_not_clamped():
+    # A broken engine must show: k3 of log pi_trainer - log pi_rollout = 6 is 396, not kl_clamp's 10.
+    lp = torch.tensor([[-1.0]])
+    _, metrics = _loss(lp, lp, torch.zeros(1, 1), GRPOConfig(), inference_logprobs=torch.tensor([[-7.0]]))
+    assert metrics["rollout/kl"].item() == pytest.approx(math.expm1(6.0) - 6.0, rel=1e-6)
 
 
 def test_untrained_tokens_contribute_nothing_even_when_garbage():

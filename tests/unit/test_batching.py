@@ -53,6 +53,35 @@ def test_every_trained_token_is_planned_once_with_weights_summing_to_one(packing
             assert mb["trained_tokens"] == int(mb["loss_mask"].sum())
 
 
+@pytest.mark.parametrize(("loss_norm_length", "norm"), [(None, 32), (24, 24)])
+def test_seq_mean_token_sum_norm_divides_by_grpo_loss_norm_length(loss_norm_length, norm):
+    """null keeps the old constant, data.max_token_len; a set value replaces it (e.g. the completion budget)."""
+    grpo = GRPOConfig(loss_aggregation="seq-mean-token-sum-norm", loss_norm_length=loss_norm_length)
+    rollouts, (plan,) = _plans(DataConfig(max_token_len=32, micro_batch_tokens=64), 1, grpo)
+    sequences = sum(bool(r.loss_mask.any()) for r in rollouts)
+    for mb in plan:
+        weights = mb["weights"][mb["loss_mask"]]
+        torch.testing.assert_close(weights, torch.full_like(weights, 1 / (sequences * norm)))
+        assert not mb["weights"][~mb["loss_mask"]].any()
+
+
+def test_the_loss_pass_refuses_weights_planned_for_another_aggregation():
+    from atropos_megatron.trainer.grpo_step import require_planned_for
+
+    data = DataConfig(max_token_len=32, micro_batch_tokens=64)
+    _, (plan,) = _plans(data, 1)
+    require_planned_for(plan, GRPO)  # same config: fine
+    for other in (
+        GRPOConfig(loss_aggregation="seq-mean-token-mean"),
+        GRPOConfig(loss_aggregation="seq-mean-token-sum-norm", loss_norm_length=16),
+    ):
+        with pytest.raises(ValueError, match="grpo.loss_aggregation"):
+            require_planned_for(plan, other)
+    unplanned = {k: v for k, v in plan[0].items() if k != "aggregation"}  # made by something else
+    with pytest.raises(ValueError, match="None"):
+        require_planned_for([unplanned], GRPO)
+
+
 def test_packed_sequences_restart_positions_and_cannot_see_each_other():
     data = DataConfig(max_token_len=64, micro_batch_tokens=64, pad_to_multiple_of=8)
     rollouts, (plan,) = _plans(data, 1)

@@ -44,6 +44,8 @@ def test_environment_interpolation_keeps_secrets_out_of_files(tmp_path, monkeypa
         (["grpo.clip_low=1.5"], "grpo.clip_low", "[0, 1)"),
         (["grpo.loss_aggregation=sum"], "grpo.loss_aggregation", "'token-mean'"),
         (["grpo.dual_clip=0.5"], "grpo.dual_clip", "> 1"),
+        (["grpo.kl_clamp=0"], "grpo.kl_clamp", "> 0 (or null)"),
+        (["grpo.loss_norm_length=0"], "grpo.loss_norm_length", "null for data.max_token_len"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "tensor_parallel_size > 1"),
         (["parallel.virtual_pipeline_parallel_size=2"], "parallel.virtual_pipeline_parallel_size", ">= 2"),
         (["parallel.tensor_parallel_size=3"], "parallel.tensor_parallel_size", "key/value heads"),
@@ -66,6 +68,12 @@ def test_bad_values_name_the_field(overrides, field, hint):
     message = str(info.value)
     assert message.startswith(f"{field}:"), message
     assert hint in message, message
+
+
+def test_kl_clamp_defaults_to_verls_and_null_disables_it():
+    assert load_config().grpo.kl_clamp == 10.0
+    assert load_config(None, ["grpo.kl_clamp=null"]).grpo.kl_clamp is None
+    assert load_config(None, ["grpo.loss_norm_length=1024"]).grpo.loss_norm_length == 1024
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

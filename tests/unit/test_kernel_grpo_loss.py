@@ -16,7 +16,15 @@ from atropos_megatron.config import GRPOConfig
 from atropos_megatron.kernels import torch_ops, triton_ops
 from atropos_megatron.kernels.grpo_loss import fused_grpo_loss
 from atropos_megatron.kernels.logprobs import VocabShard
-from tests.kernel_reference import DTYPE_TOLERANCES, grpo_inputs, grpo_loss_fp64, relative_error
+from tests.kernel_reference import (
+    DTYPE_TOLERANCES,
+    FAR_REFERENCE,
+    grpo_inputs,
+    grpo_loss_fp64,
+    logprobs_fp64,
+    relative_error,
+    with_far_reference,
+)
 
 BACKENDS = ("torch", "triton")
 OBJECTIVES = {
@@ -80,6 +88,56 @@ def test_loss_metrics_and_gradient_match_fp64_spec(backend, objective, dtype_nam
         torch.testing.assert_close(
             metrics[name].double(), value.double(), atol=tolerance, rtol=tolerance, msg=name
         )
+
+
+@pytest.mark.parametrize("dtype_name", DTYPE_TOLERANCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamped_k3_tokens_match_fp64_spec_and_get_no_kl_gradient(backend, dtype_name, report):
+    """Tokens whose k3 exceeds grpo.kl_clamp (and one past the log-ratio clamp) contribute the clamp
+    and no KL gradient, in the one-kernel Triton path and in the two-pass path alike."""
+    dtype, tolerance = DTYPE_TOLERANCES[dtype_name]
+    inputs = with_far_reference(grpo_inputs(dtype=dtype, seed=6))
+    cfg = GRPOConfig(kernel=backend, kl_coef=0.1, entropy_coef=0.01)  # kl_clamp: verl's 10
+    ref_loss, ref_metrics, ref_grad = grpo_loss_fp64(inputs, cfg)
+    unclamped_loss, _, _ = grpo_loss_fp64(inputs, dataclasses.replace(cfg, kl_clamp=None))
+    _, _, no_kl_grad = grpo_loss_fp64(inputs, dataclasses.replace(cfg, kl_coef=0.0))
+
+    loss, metrics, grad, _ = _run(inputs, cfg)
+
+    loss_err = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    grad_err = relative_error(grad, ref_grad)
+    clamped = [(b, t) for (b, t), shift in FAR_REFERENCE.items() if shift > 3]  # k3(3) = 16.1 > 10
+    kl_grad_on_clamped = max((grad[b, t] - no_kl_grad[b, t]).abs().max().item() for b, t in clamped)
+    report(
+        f"{backend} k3-clamp {dtype_name}: loss {loss.item():.6f} (fp64 {ref_loss.item():.6f}, unclamped "
+        f"{unclamped_loss.item():.4f}), relative error loss {loss_err:.1e} grad {grad_err:.1e}; on clamped "
+        f"tokens max |grad - grad without KL| {kl_grad_on_clamped:.1e}"
+    )
+    assert unclamped_loss.item() - ref_loss.item() > 1.0, "the inputs do not reach the clamp"
+    assert loss_err < tolerance and grad_err < tolerance
+    assert metrics["grpo/kl_ref"].item() == pytest.approx(ref_metrics["grpo/kl_ref"].item(), rel=tolerance)
+    # The spec gives those tokens exactly no KL gradient; the kernel's gradient there is the rest's alone.
+    assert all(torch.equal(ref_grad[b, t], no_kl_grad[b, t]) for b, t in clamped)
+    assert kl_grad_on_clamped < tolerance * grad.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_old_logprobs_measure_rollout_mismatch_against_the_current_policy(backend):
+    """old_logprobs=inference: old == inference, so rollout/* must come from the loss pass's log-probs."""
+    inputs = grpo_inputs(seed=8)
+    inputs["old_logprobs"] = inputs["inference_logprobs"]
+    cfg = GRPOConfig(kernel=backend, old_logprobs="inference")
+    _, ref_metrics, _ = grpo_loss_fp64(inputs, cfg)
+    _, metrics, _, _ = _run(inputs, cfg)
+
+    current, _ = logprobs_fp64(inputs["logits"], inputs["labels"])
+    mask = inputs["loss_mask"]
+    expected = (current - inputs["inference_logprobs"].double())[mask].abs().mean()
+    spec_value = ref_metrics["rollout/logprob_abs_diff"].item()  # metrics are fp32
+    assert spec_value == pytest.approx(expected.item(), rel=1e-6)
+    assert expected > 0.1
+    for name in ("rollout/logprob_abs_diff", "rollout/kl"):
+        assert metrics[name].item() == pytest.approx(ref_metrics[name].item(), rel=1e-5), name
 
 
 def test_the_clip_regions_are_all_exercised():
