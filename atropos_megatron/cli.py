@@ -285,7 +285,9 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
 def _bridge_client(args: argparse.Namespace):
     from atropos_megatron.bridge.client import BridgeClient
 
-    return BridgeClient(args.address, token=args.token, tls_ca=args.tls_ca, timeout_s=args.timeout)
+    return BridgeClient(
+        args.address, token=args.token, tls_ca=args.tls_ca, timeout_s=args.timeout, reconnect_s=args.timeout
+    )
 
 
 def _cmd_bridge_status(args: argparse.Namespace) -> int:

@@ -377,6 +377,9 @@ class BridgeConfig:
     """Longest wait between empty `/batch` polls (seconds)."""
     request_timeout_s: float = 60.0
     """Deadline of one gRPC or HTTP call (seconds)."""
+    reconnect_s: float = 300.0
+    """How long the trainer keeps retrying while the bridge is unreachable (seconds): a restarted
+    bridge is waited for, and the trainer registers again by itself; past this the trainer stops."""
     auth_token: str | None = None
     """Bearer token required from clients (null: no auth). Use `${oc.env:VAR}` to keep it out of files."""
     tls_cert: str | None = None
@@ -413,6 +416,7 @@ class BridgeConfig:
             "must be >= poll_interval_s",
         )
         _require(self.request_timeout_s > 0, "bridge.request_timeout_s", "must be > 0")
+        _require(self.reconnect_s >= 0, "bridge.reconnect_s", "must be >= 0")
         _require(
             (self.tls_cert is None) == (self.tls_key is None),
             "bridge.tls_key",

@@ -1,9 +1,12 @@
 """The trainer's side of the bridge: register, receive validated batches, acknowledge them, push weights.
 
-Every call has a deadline. Only calls that are safe to repeat are retried on ``UNAVAILABLE`` (the
-bridge restarting): registration, acks and status are idempotent, and a batch whose answer was lost
-is handed out again by ``next_batch(redeliver_unacked=True)``. A weight push is not retried here: the
-caller pushes again (every push carries the full weights).
+Every call has a deadline. Only calls that are safe to repeat are retried while the bridge is
+``UNAVAILABLE`` (restarting; for up to ``reconnect_s``): registration, acks, commits and status are
+idempotent, and a batch whose answer was lost is asked for with ``redeliver_unacked``, which hands it
+out again. A restarted bridge does not know the run until it registers again: the client does that
+by itself, announcing the step of its last acknowledgement and of its last committed checkpoint, so
+the bridge lines up exactly the batches this trainer has not trained yet. A weight push is not
+retried here: the caller pushes again (every push carries the full weights).
 
 Weights go out as :class:`WeightPushStream`: the caller sends buckets from its own thread (a
 ``distributed`` push must broadcast between two messages), the gRPC call consumes them from a small
@@ -12,6 +15,7 @@ queue in the background, and a full queue blocks the sender, so memory stays bou
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import time
@@ -27,7 +31,7 @@ from atropos_megatron.bridge.weight_wire import DataChunk, encode_chunk
 
 logger = logging.getLogger(__name__)
 
-_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # waits between retries; the last one repeats until reconnect_s
 CHUNK_BYTES = 4 * 1024 * 1024  # bytes per data message of a weight bucket
 _QUEUE_DEPTH = 8  # messages buffered ahead of the gRPC call (so at most 32 MiB of bucket bytes)
 _END = object()
@@ -68,8 +72,14 @@ class BridgeClient:
         token: str | None = None,
         tls_ca: str | None = None,
         timeout_s: float = 60.0,
+        reconnect_s: float = 300.0,
         max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
+        """
+        Args:
+            timeout_s: deadline of one call (a batch request adds its own wait).
+            reconnect_s: how long idempotent calls keep retrying while the bridge is unreachable.
+        """
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -88,6 +98,8 @@ class BridgeClient:
         )
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout_s = timeout_s
+        self.reconnect_s = reconnect_s
+        self._registration: bridge_pb2.RegisterRunRequest | None = None
 
     def register_run(
         self,
@@ -100,7 +112,11 @@ class BridgeClient:
         checkpoint_dir: str = "",
         save_checkpoint_interval: int = 0,
         vocab_size: int = 0,
+        committed_step: int = 0,
     ) -> bridge_pb2.RegisterRunResponse:
+        """Register the run; ``starting_step``: the step the trainer's model is at, ``committed_step``:
+        its newest durable checkpoint's (the same after a resume). The answer says how many batches the
+        bridge serves again before new ones."""
         request = bridge_pb2.RegisterRunRequest(
             request_id=_request_id(),
             run_name=run_name,
@@ -111,18 +127,27 @@ class BridgeClient:
             checkpoint_dir=checkpoint_dir,
             save_checkpoint_interval=save_checkpoint_interval,
             vocab_size=vocab_size,
+            committed_step=committed_step,
         )
-        return self._call(self._stub.RegisterRun, request, retry=True)
+        self._registration = request
+        return self._call(self._stub.RegisterRun, request, rejoin=False)
 
     def next_batch(
         self, *, wait_s: float = 30.0, redeliver_unacked: bool = False
     ) -> codec.EncodedBatch | None:
-        """The next batch, or None if the bridge had none within ``wait_s``."""
-        request = bridge_pb2.GetBatchRequest(
-            request_id=_request_id(), wait_s=wait_s, redeliver_unacked=redeliver_unacked
-        )
+        """The next batch, or None if the bridge had none within ``wait_s``.
+
+        After a failed attempt the request asks for redelivery: a batch handed out whose answer was
+        lost is the one that comes back.
+        """
+
+        def request(attempt: int) -> bridge_pb2.GetBatchRequest:
+            return bridge_pb2.GetBatchRequest(
+                request_id=_request_id(), wait_s=wait_s, redeliver_unacked=redeliver_unacked or attempt > 0
+            )
+
         try:
-            message = self._stub.GetBatch(request, timeout=wait_s + self.timeout_s, metadata=self._metadata)
+            message = self._call(self._stub.GetBatch, request, timeout_s=wait_s + self.timeout_s)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return None
@@ -134,15 +159,31 @@ class BridgeClient:
         request = bridge_pb2.GetBatchRequest(request_id=_request_id(), wait_s=wait_s, peek=True)
         return self._stub.GetBatch(request, timeout=wait_s + self.timeout_s, metadata=self._metadata)
 
-    def ack(self, batch_id: str, *, trained_step: int = 0) -> None:
+    def ack(self, batch_id: str, *, trained_step: int = 0, reconnect_s: float | None = None) -> None:
+        """The batch's update is applied: the model is now at ``trained_step``. ``reconnect_s``
+        overrides how long to wait for an unreachable bridge."""
         request = bridge_pb2.AckBatchRequest(
             request_id=_request_id(), batch_id=batch_id, trained_step=trained_step
         )
-        self._call(self._stub.AckBatch, request, retry=True)
+        self._call(self._stub.AckBatch, request, reconnect_s=reconnect_s)
+        if self._registration is not None:
+            self._registration.starting_step = max(self._registration.starting_step, trained_step)
+
+    def commit_checkpoint(
+        self, step: int, *, checkpoint_path: str = "", reconnect_s: float | None = None
+    ) -> bridge_pb2.CommitCheckpointResponse:
+        """The checkpoint at ``step`` is durable: the bridge may delete the batches it holds."""
+        request = bridge_pb2.CommitCheckpointRequest(
+            request_id=_request_id(), step=step, checkpoint_path=checkpoint_path
+        )
+        response = self._call(self._stub.CommitCheckpoint, request, reconnect_s=reconnect_s)
+        if self._registration is not None:
+            self._registration.committed_step = max(self._registration.committed_step, step)
+        return response
 
     def status(self) -> bridge_pb2.BridgeStatus:
         return self._call(
-            self._stub.GetStatus, bridge_pb2.GetStatusRequest(request_id=_request_id()), retry=True
+            self._stub.GetStatus, bridge_pb2.GetStatusRequest(request_id=_request_id()), rejoin=False
         )
 
     def open_weight_push(
@@ -181,18 +222,62 @@ class BridgeClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method, request, *, retry: bool):
-        for attempt, pause in enumerate((*_RETRY_S, None) if retry else (None,)):
+    def _call(
+        self,
+        method,
+        request,
+        *,
+        timeout_s: float | None = None,
+        reconnect_s: float | None = None,
+        rejoin: bool = True,
+    ):
+        """``method(request)``, retried while the bridge is unavailable (up to ``reconnect_s``, default
+        the client's) and, with ``rejoin``, after registering again with a bridge that restarted and
+        forgot the run.
+
+        ``request`` may be a function of the attempt number (0 first) that builds the request.
+        """
+        patience_s = self.reconnect_s if reconnect_s is None else reconnect_s
+        deadline = time.monotonic() + patience_s
+        down_since = None
+        for attempt in itertools.count():
+            message = request(attempt) if callable(request) else request
             try:
-                return method(request, timeout=self.timeout_s, metadata=self._metadata)
+                answer = method(message, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if pause is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if rejoin and exc.code() == grpc.StatusCode.FAILED_PRECONDITION and self._rejoin():
+                    continue
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:
                     raise
-                logger.warning(
-                    "bridge unavailable (%s); retry %d in %.1f s", exc.details(), attempt + 1, pause
+                if down_since is None:
+                    down_since = time.monotonic()
+                    logger.warning(
+                        "bridge unavailable (%s); retrying for up to %.0f s", exc.details(), patience_s
+                    )
+                time.sleep(
+                    min(_RETRY_S[min(attempt, len(_RETRY_S) - 1)], max(deadline - time.monotonic(), 0))
                 )
-                time.sleep(pause)
+                continue
+            if down_since is not None:
+                logger.info("bridge reachable again after %.1f s", time.monotonic() - down_since)
+            return answer
         raise AssertionError("unreachable")
+
+    def _rejoin(self) -> bool:
+        """Register again if the bridge no longer knows the run (it restarted); False if it does."""
+        if self._registration is None or self.status().registered:
+            return False
+        request = bridge_pb2.RegisterRunRequest()
+        request.CopyFrom(self._registration)
+        request.request_id = _request_id()
+        response = self._call(self._stub.RegisterRun, request, rejoin=False)
+        logger.warning(
+            "the bridge restarted: registered again at step %d (checkpoint %d); %d batches to serve again",
+            request.starting_step,
+            request.committed_step,
+            response.replayed_batches,
+        )
+        return True
 
 
 class WeightPushStream:

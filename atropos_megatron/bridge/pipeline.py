@@ -1,9 +1,12 @@
-"""Batches from Atropos to the trainer: fetch, validate, spool, queue, hand out, acknowledge.
+"""Batches from Atropos to the trainer: fetch, validate, spool, queue, hand out, acknowledge, commit.
 
 One background thread polls Atropos while fewer than ``prefetch`` batches wait, converts each batch
 (rejecting bad groups, counted by reason), writes it to the spool and only then queues it. The
-trainer's ``GetBatch`` takes the oldest waiting batch; ``AckBatch`` deletes it from the spool. A
-restarted bridge queues every spooled batch again, oldest first, with its original id and step.
+trainer's ``GetBatch`` takes the oldest waiting batch; ``AckBatch`` marks it acknowledged and
+``CommitCheckpoint`` deletes what a durable checkpoint holds (the states: ``spool.py``). A restarted
+bridge queues every unacknowledged batch again, oldest first, with its original id and step. A
+trainer that (re-)registers at step K is served first what it lost: the batches it acknowledged after
+K, in training order, then those handed out but never acknowledged (``register``).
 
 No gRPC here: the servicer translates, this class decides (and tests drive it directly).
 """
@@ -45,8 +48,10 @@ class BatchPipeline:
         self._prefetch = prefetch
         self._poll_s = poll_s
         self._cond = threading.Condition()
-        self._ready: deque[bridge_pb2.TrainingBatch] = deque(spool.pending())
+        self._ready: deque[bridge_pb2.TrainingBatch] = deque(spool.unacked())
+        self._replay: deque[bridge_pb2.TrainingBatch] = deque()
         self._handed_out: dict[str, bridge_pb2.TrainingBatch] = {}
+        self._registrations = 0
         self._limits: Limits | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,6 +77,7 @@ class BatchPipeline:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self.spool.close()
 
     @property
     def started(self) -> bool:
@@ -79,51 +85,112 @@ class BatchPipeline:
 
     # -- trainer side -----------------------------------------------------------------------------
 
-    def next_batch(
-        self, wait_s: float, *, redeliver_unacked: bool = False, peek: bool = False
-    ) -> bridge_pb2.TrainingBatch | None:
-        """The oldest waiting batch (or the oldest handed-out one, to redeliver); None after ``wait_s``.
+    def register(self, *, starting_step: int, committed_step: int) -> int:
+        """A trainer (re)joins with a model that holds every update up to ``starting_step`` and a durable
+        checkpoint at ``committed_step``: commit what that checkpoint holds, then line up the batches
+        it must be served again before anything new. Returns how many."""
+        committed = self.spool.commit(committed_step)
+        if committed_step < self.spool.committed_step:
+            logger.warning(
+                "the trainer resumes from a checkpoint at step %d, older than the committed step %d: the "
+                "batches trained in between were deleted when that checkpoint was reported and are not "
+                "served again",
+                committed_step,
+                self.spool.committed_step,
+            )
+        replay = self.spool.replay(starting_step)
+        with self._cond:
+            ids = {batch.batch_id for batch in replay}
+            self._ready = deque(b for b in self._ready if b.batch_id not in ids)
+            self._handed_out.clear()  # every handed-out batch is in the replay
+            self._registrations += 1  # a request still waiting from the trainer's previous life gets nothing
+            self._replay = deque(replay)
+            self.counters["replayed"] += len(replay)
+            self.counters["committed"] += committed
+            self._cond.notify_all()
+        if replay:
+            logger.info(
+                "the trainer resumes at step %d: serving %d batches again first (%s)",
+                starting_step,
+                len(replay),
+                ", ".join(b.batch_id for b in replay),
+            )
+        return len(replay)
 
-        ``peek`` returns the oldest waiting batch but leaves it queued for the trainer.
+    def next_batch(
+        self,
+        wait_s: float,
+        *,
+        redeliver_unacked: bool = False,
+        peek: bool = False,
+        caller_alive: Callable[[], bool] = lambda: True,
+    ) -> bridge_pb2.TrainingBatch | None:
+        """The next batch: a replayed one first, else the oldest waiting one (or, with
+        ``redeliver_unacked``, the oldest handed-out one); None after ``wait_s``.
+
+        ``peek`` returns that batch but leaves it queued for the trainer. A request whose caller has
+        gone (``caller_alive``) or that was made before the trainer registered again gets nothing: a
+        batch handed to a dead trainer would wait for its next restart, out of order.
         """
         deadline = time.monotonic() + wait_s
         with self._cond:
-            if redeliver_unacked and self._handed_out:
+            registrations = self._registrations
+            if redeliver_unacked and self._handed_out and not self._replay:
                 batch = min(self._handed_out.values(), key=lambda b: b.step)
                 self.counters["served"] += 1
                 return batch
-            while not self._ready:
+            while not (self._replay or self._ready):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
                     return None
                 self._cond.wait(remaining)
+            if registrations != self._registrations or not caller_alive():
+                return None
+            queue = self._replay or self._ready
             if peek:
-                return self._ready[0]
-            batch = self._ready.popleft()
+                return queue[0]
+            batch = queue[0]
+            self.spool.hand_out(batch.batch_id)  # on disk before it leaves
+            queue.popleft()
             self._handed_out[batch.batch_id] = batch
             self.counters["served"] += 1
             self._cond.notify_all()  # room in the prefetch queue
             return batch
 
-    def ack(self, batch_id: str) -> bool:
-        """Acknowledge a batch; False if this bridge never spooled it."""
+    def ack(self, batch_id: str, trained_step: int) -> bool:
+        """The trainer applied ``batch_id``'s update at ``trained_step``; False if this bridge never
+        spooled it."""
         with self._cond:
             self._handed_out.pop(batch_id, None)
             # An ack may also name a batch still queued (handed out before a bridge restart).
             self._ready = deque(b for b in self._ready if b.batch_id != batch_id)
-        known = self.spool.ack(batch_id)
+            self._replay = deque(b for b in self._replay if b.batch_id != batch_id)
+        known = self.spool.ack(batch_id, trained_step)
         if known:
             self.counters["acked"] += 1
         return known
 
+    def commit(self, step: int) -> int:
+        """A checkpoint at ``step`` is durable; returns how many batches it committed."""
+        committed = self.spool.commit(step)
+        with self._cond:
+            self.counters["committed"] += committed
+        return committed
+
     def snapshot(self) -> dict:
+        counts = self.spool.counts()
         with self._cond:
             return {
                 "queue_depth": len(self._ready),
-                "unacked": len(self.spool),
+                "unacked": counts["queued"] + counts["handed_out"],
+                "retained": counts["acked"],
+                "spool_bytes": counts["bytes"],
+                "committed_step": self.spool.committed_step,
                 "batches_fetched": self.counters["fetched"],
                 "batches_served": self.counters["served"],
                 "batches_acked": self.counters["acked"],
+                "batches_committed": self.counters["committed"],
+                "batches_replayed": self.counters["replayed"],
                 "rejected_groups": dict(self.rejections),
                 "next_step": self.spool.next_step,
             }

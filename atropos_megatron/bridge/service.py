@@ -59,40 +59,53 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "batch_size and max_token_len must be > 0 and starting_step >= 0",
             )
+        if not 0 <= request.committed_step <= request.starting_step:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "committed_step must be in [0, starting_step]")
         with self._lock:
-            if self._registered is not None:
-                run_name, response = self._registered
-                if run_name == request.run_name:
-                    return response
+            if self._registered is None:
+                self._registered = (request.run_name, self._register_with_atropos(request, context))
+            run_name, registered = self._registered
+            if run_name != request.run_name:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this bridge serves run {run_name!r}")
-            self.pipeline.spool.set_next_step(request.starting_step)
-            registration = Registration(
-                wandb_group=self.cfg.wandb_group,
-                wandb_project=self.cfg.wandb_project,
-                batch_size=request.batch_size,
-                max_token_len=request.max_token_len,
-                checkpoint_dir=request.checkpoint_dir,
-                save_checkpoint_interval=request.save_checkpoint_interval,
-                starting_step=self.pipeline.spool.next_step,
-                num_steps=request.num_steps,
+            replayed = self.pipeline.register(
+                starting_step=request.starting_step, committed_step=request.committed_step
             )
-            try:
-                trainer_uuid = self.atropos.register(registration, deadline_s=self.cfg.request_timeout_s)
-            except AtroposUnavailable as exc:
-                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            response = bridge_pb2.RegisterRunResponse(
-                trainer_uuid=trainer_uuid, starting_step=self.pipeline.spool.next_step
-            )
-            self._registered = (request.run_name, response)
         logger.info(
-            "run %r registered with Atropos (batch_size %d, starting at step %d)",
+            "run %r registered (batch_size %d, trainer at step %d, checkpoint at step %d, %d batches to serve "
+            "again)",
             request.run_name,
             request.batch_size,
-            response.starting_step,
+            request.starting_step,
+            request.committed_step,
+            replayed,
         )
         limits = Limits(vocab_size=request.vocab_size or None, max_token_len=request.max_token_len)
         self.pipeline.start(limits)
+        response = bridge_pb2.RegisterRunResponse()
+        response.CopyFrom(registered)
+        response.replayed_batches = replayed
         return response
+
+    def _register_with_atropos(self, request, context) -> bridge_pb2.RegisterRunResponse:
+        """The run's one registration with the Atropos API (a re-registering trainer does not repeat it)."""
+        self.pipeline.spool.set_next_step(request.starting_step)
+        registration = Registration(
+            wandb_group=self.cfg.wandb_group,
+            wandb_project=self.cfg.wandb_project,
+            batch_size=request.batch_size,
+            max_token_len=request.max_token_len,
+            checkpoint_dir=request.checkpoint_dir,
+            save_checkpoint_interval=request.save_checkpoint_interval,
+            starting_step=self.pipeline.spool.next_step,
+            num_steps=request.num_steps,
+        )
+        try:
+            trainer_uuid = self.atropos.register(registration, deadline_s=self.cfg.request_timeout_s)
+        except AtroposUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return bridge_pb2.RegisterRunResponse(
+            trainer_uuid=trainer_uuid, starting_step=self.pipeline.spool.next_step
+        )
 
     def GetBatch(self, request, context):  # noqa: N802
         self._require_job_mode(context)
@@ -103,7 +116,10 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
         if remaining is not None:
             wait_s = min(wait_s, max(remaining - 0.5, 0.0))  # answer before the caller's deadline
         batch = self.pipeline.next_batch(
-            wait_s, redeliver_unacked=request.redeliver_unacked, peek=request.peek
+            wait_s,
+            redeliver_unacked=request.redeliver_unacked,
+            peek=request.peek,
+            caller_alive=context.is_active,
         )
         if batch is None:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no batch from Atropos within {wait_s:.1f} s")
@@ -111,10 +127,25 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
 
     def AckBatch(self, request, context):  # noqa: N802
         self._require_job_mode(context)
-        if not self.pipeline.ack(request.batch_id):
+        if not self.pipeline.ack(request.batch_id, request.trained_step):
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown batch_id {request.batch_id!r}")
         logger.debug("batch %s acknowledged (trained step %d)", request.batch_id, request.trained_step)
         return bridge_pb2.AckBatchResponse()
+
+    def CommitCheckpoint(self, request, context):  # noqa: N802
+        self._require_job_mode(context)
+        if request.step < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "step must be >= 0")
+        committed = self.pipeline.commit(request.step)
+        retained = self.pipeline.spool.counts()["acked"]
+        logger.debug(
+            "checkpoint at step %d (%s) committed %d batches; %d kept",
+            request.step,
+            request.checkpoint_path,
+            committed,
+            retained,
+        )
+        return bridge_pb2.CommitCheckpointResponse(committed_batches=committed, retained_batches=retained)
 
     def GetStatus(self, request, context):  # noqa: N802
         snapshot = self.pipeline.snapshot() if self.pipeline is not None else {}

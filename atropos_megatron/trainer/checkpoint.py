@@ -6,8 +6,10 @@ Layout under ``checkpoint.dir``::
     step_00000060/
     latest                the name of the newest complete checkpoint (replaced atomically)
 
-A save writes into ``.tmp_step_N``, and only a complete directory is renamed to ``step_N`` and then
-named in ``latest``: a job killed mid-save leaves the previous checkpoint in charge. The model part
+A save writes into ``.tmp_step_N``, and only a complete directory is synced, renamed to ``step_N``
+and then named in ``latest``: a job killed mid-save leaves the previous checkpoint in charge, and
+once :func:`save` returns the checkpoint survives a crash of the machine too (the bridge deletes the
+batches it holds on that promise). The model part
 uses the keys of ``weights/dist_checkpoint.save_model``, so a training checkpoint is also a model
 checkpoint (``convert mcore-to-hf`` and ``model.dist_checkpoint`` read it). Model and optimizer state
 load at any TP/PP/DP (the optimizer's ``fully_reshardable`` format); the per-rank RNG streams only
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from atropos_megatron.config import ModelConfig
+from atropos_megatron.durable import fsync_directory, fsync_tree, write_atomically
 from atropos_megatron.trainer import parallel
 from atropos_megatron.weights import dist_checkpoint
 from atropos_megatron.weights.export import unwrap_chunk
@@ -52,9 +55,10 @@ class Progress:
     consumed_sequences: int = 0
     layout: tuple[int, int, int] = (1, 1, 1)
     """(TP, PP, DP) of the run that wrote the checkpoint."""
-    last_batch_id: str = ""
-    """The bridge's id of the last batch trained: if its acknowledgement was lost (the bridge went
-    down with the job), the resumed run recognises the redelivered batch and does not train it twice."""
+    batch_history: tuple[str, ...] = ()
+    """The bridge's ids of the batches whose updates these weights hold, in training order. A batch
+    served again whose id is here (its acknowledgement was lost) is acknowledged, not trained twice;
+    it is also the record that shows no batch was lost or trained twice."""
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -109,9 +113,11 @@ def save(
             hf_files=hf_files,
             extra={"progress": asdict(progress)},
         )
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)  # a retried save of the same step
         os.replace(tmp, final)
-        _write_atomically(root / LATEST, final.name + "\n")
+        fsync_directory(root)
+        write_atomically(root / LATEST, f"{final.name}\n".encode())
         _prune(root, keep_last)
     dist.barrier()
     return final
@@ -141,8 +147,16 @@ def load(path: str | Path, *, chunks: Sequence[torch.nn.Module], optimizer: Any,
             path,
             *saved["layout"],
         )
-    progress = loaded["progress"]
-    return Progress(**{**progress, "layout": tuple(progress["layout"])})
+    return progress_from_dict(loaded["progress"])
+
+
+def progress_from_dict(saved: dict[str, Any]) -> Progress:
+    """A checkpoint's progress record (also one written before ``batch_history`` existed)."""
+    fields = dict(saved)
+    last_batch_id = fields.pop("last_batch_id", "")
+    history = fields.pop("batch_history", None) or ([last_batch_id] if last_batch_id else [])
+    fields["layout"] = tuple(fields["layout"])
+    return Progress(**fields, batch_history=tuple(history))
 
 
 def _sharded_state(chunks, optimizer, *, is_loading: bool, with_rng: bool) -> dict[str, Any]:
@@ -184,12 +198,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep_last: int) -> None:

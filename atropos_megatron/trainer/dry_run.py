@@ -67,7 +67,39 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
         f"reference model: {'built (grpo.kl_coef > 0)' if cfg.grpo.kl_coef > 0 else 'not built (grpo.kl_coef = 0)'}; "
         f"attention: {'fused (Transformer Engine)' if te_available() else 'local spec (unfused, s^2 scores)'}"
     )
+    lines.append(spool_estimate(cfg))
     return "\n".join(lines)
+
+
+SPOOL_BYTES_PER_TOKEN = 21
+"""A spooled batch's bytes per token at most: input ids, labels (int32), loss mask (1 byte), and the
+environment's advantages, inference and reference log-probs (float32) when it sends them."""
+
+
+def spool_estimate(cfg: TrainConfig) -> str:
+    """The bridge spool's worst-case disk use: every batch stays until a checkpoint commits it."""
+    per_batch = cfg.data.batch_size * cfg.data.max_token_len * SPOOL_BYTES_PER_TOKEN
+    interval = cfg.checkpoint.save_interval_steps
+    kept = interval if interval else cfg.steps
+    batches = kept + 1 + cfg.bridge.prefetch_batches  # + the one handed out + the queued ones
+    why = (
+        f"{interval} acknowledged until the next checkpoint (checkpoint.save_interval_steps)"
+        if interval
+        else f"checkpoint.save_interval_steps is 0: all {cfg.steps} steps' batches until the final checkpoint"
+    )
+    return (
+        f"bridge spool ({cfg.bridge.spool_dir}): up to {batches} batches x {_size(per_batch)} = "
+        f"{_size(batches * per_batch)} on disk ({why}, 1 handed out, "
+        f"{cfg.bridge.prefetch_batches} prefetched; {cfg.data.batch_size} x {cfg.data.max_token_len} tokens "
+        f"x {SPOOL_BYTES_PER_TOKEN} B at most)"
+    )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes / 2**10:,.1f} KiB"
 
 
 def _architecture(model: ModelConfig) -> tuple[ModelConfig, str | None]:

@@ -8,9 +8,14 @@ Per step, on every rank of the job (launched by torchrun or srun)::
     export the weights ─▶ bridge ─▶ inference servers (weight_version = step)
     rank 0 acknowledges the batch, logs the step; a checkpoint every N steps and on SIGTERM
 
-A batch is acknowledged only after its update is applied and pushed, so a crash never loses a batch
-the bridge handed out: it is served again after a restart. The trainer never imports the bridge: rank
-0 receives a client object with ``register_run`` / ``next_batch`` / ``ack`` / ``open_weight_push``.
+Exactly once: a batch is acknowledged only after its update is applied and pushed, and every
+checkpoint is reported to the bridge once it is durable (``commit_checkpoint``); the bridge keeps
+each batch until a checkpoint holds it. A trainer killed outright (SIGKILL, a lost node) resumes from
+its last checkpoint and registers at that step, and the bridge serves again, same ids and order, the
+batches trained since; a batch already in the checkpoint's ``batch_history`` (its acknowledgement was
+lost) is acknowledged, not trained twice. The trainer never imports the bridge: rank 0 receives a
+client object with ``register_run`` / ``next_batch`` / ``ack`` / ``commit_checkpoint`` /
+``open_weight_push``.
 """
 
 from __future__ import annotations
@@ -196,6 +201,7 @@ class Trainer:
             self.progress,
             step=self.progress.step + 1,
             consumed_sequences=self.progress.consumed_sequences + stats.sequences,
+            batch_history=(*self.progress.batch_history, batch.batch_id),
         )
         if loss_metrics is None:
             return metrics
@@ -271,6 +277,13 @@ class Trainer:
             hf_files=self._hf_side_files(),
         )
         self._log(f"checkpoint {path} written in {time.monotonic() - started:.1f} s")
+        if self.bridge is not None:
+            try:  # the bridge may now delete the batches this checkpoint holds
+                self.bridge.commit_checkpoint(
+                    self.progress.step, checkpoint_path=str(path), reconnect_s=self._bridge_patience()
+                )
+            except Exception as exc:  # noqa: BLE001 - the next registration reports the checkpoint again
+                logger.warning("could not report checkpoint %s to the bridge: %s", path, exc)
         return path
 
     def _hf_side_files(self) -> list[Path]:
@@ -316,7 +329,6 @@ class Trainer:
                 computed = time.monotonic()
                 self._push(pusher, output)
                 synced = time.monotonic()
-                self.progress = replace(self.progress, last_batch_id=batch.batch_id)
                 if rank0:
                     self._ack(batch.batch_id)
                     metrics.update(_timings(batch, metrics, started, waited, computed, synced))
@@ -344,7 +356,7 @@ class Trainer:
 
     def _register(self) -> None:
         cfg = self.cfg
-        self.bridge.register_run(
+        response = self.bridge.register_run(
             run_name=Path(cfg.logging.run_dir).name,
             batch_size=cfg.data.batch_size,
             max_token_len=cfg.data.max_token_len,
@@ -353,7 +365,15 @@ class Trainer:
             checkpoint_dir=str(self.checkpoint_dir),
             save_checkpoint_interval=cfg.checkpoint.save_interval_steps,
             vocab_size=self.model.vocab_size,
+            committed_step=self.progress.step,  # the model is the checkpoint's (or fresh: 0)
         )
+        if response.replayed_batches:
+            logger.info(
+                "the bridge serves %d batches again first: trained after step %d but not in a checkpoint, "
+                "or handed out and never acknowledged",
+                response.replayed_batches,
+                self.progress.step,
+            )
 
     def _receive_batch(self) -> Any | None:
         """Rank 0 polls the bridge until a batch comes (or a stop signal); every rank gets it."""
@@ -371,10 +391,10 @@ class Trainer:
                 if batch is None:
                     continue
                 self._redeliver = False
-                if batch.batch_id == self.progress.last_batch_id:
+                if batch.batch_id in self.progress.batch_history:
                     logger.warning(
-                        "batch %s was trained before the restart but never acknowledged; acknowledging "
-                        "it now instead of training it again",
+                        "batch %s is already in this model (its acknowledgement was lost); acknowledging "
+                        "it instead of training it again",
                         batch.batch_id,
                     )
                     self._ack(batch.batch_id)
@@ -386,13 +406,18 @@ class Trainer:
 
     def _ack(self, batch_id: str) -> None:
         try:
-            self.bridge.ack(batch_id, trained_step=self.progress.step)
+            self.bridge.ack(batch_id, trained_step=self.progress.step, reconnect_s=self._bridge_patience())
         except Exception as exc:
             if self._stop_signal is None:
                 raise
-            # The checkpoint written next records the batch as trained (progress.last_batch_id): the
+            # The checkpoint written next records the batch as trained (progress.batch_history): the
             # bridge redelivers it after the restart and the resumed run acknowledges it unseen.
             logger.warning("could not acknowledge batch %s while stopping: %s", batch_id, exc)
+
+    def _bridge_patience(self) -> float | None:
+        """How long a call waits for an unreachable bridge: the client's default, but no wait once a
+        stop is requested (under Slurm the bridge is stopped together with the trainer)."""
+        return 0.0 if self._stop_signal is not None else None
 
     def _push(self, pusher, output) -> None:
         if pusher is None:
@@ -472,6 +497,7 @@ def train(cfg: TrainConfig) -> int:
             token=cfg.bridge.auth_token,
             tls_ca=cfg.bridge.tls_ca,
             timeout_s=cfg.bridge.request_timeout_s,
+            reconnect_s=cfg.bridge.reconnect_s,
             max_message_bytes=cfg.bridge.max_message_bytes,
         )
     trainer = Trainer(cfg, bridge=bridge)

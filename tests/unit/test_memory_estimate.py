@@ -284,3 +284,23 @@ def test_format_table_says_when_a_run_does_not_fit():
     table = estimate.format_table((80,))
     assert "does NOT fit in 80 GiB" in table
     assert table.count("\n") == 4  # summary, title, header, one stage, one verdict
+
+
+def test_the_spool_estimate_counts_every_batch_a_checkpoint_has_not_committed():
+    from atropos_megatron.config import load_config
+    from atropos_megatron.trainer.dry_run import SPOOL_BYTES_PER_TOKEN, spool_estimate
+
+    cfg = load_config(
+        None,
+        ["steps=50", "data.batch_size=4", "data.max_token_len=1024", "checkpoint.save_interval_steps=10",
+         "bridge.prefetch_batches=2"],
+    )  # fmt: skip
+    per_batch = 4 * 1024 * SPOOL_BYTES_PER_TOKEN  # 84 KiB
+    assert (
+        f"up to 13 batches x {per_batch / 1024:.1f} KiB = {13 * per_batch / 2**20:.1f} MiB"
+        in spool_estimate(cfg)
+    )
+    unbounded = dataclasses.replace(
+        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, save_interval_steps=0)
+    )
+    assert "up to 53 batches" in spool_estimate(unbounded) and "all 50 steps" in spool_estimate(unbounded)

@@ -32,6 +32,7 @@ def test_stubs_import_and_describe_the_service():
         "RegisterRun",
         "GetBatch",
         "AckBatch",
+        "CommitCheckpoint",
         "GetStatus",
         "PushWeights",
     ]

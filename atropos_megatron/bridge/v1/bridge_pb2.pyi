@@ -48,7 +48,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterRunRequest(_message.Message):
-    __slots__ = ("request_id", "run_name", "batch_size", "max_token_len", "starting_step", "num_steps", "checkpoint_dir", "save_checkpoint_interval", "vocab_size")
+    __slots__ = ("request_id", "run_name", "batch_size", "max_token_len", "starting_step", "num_steps", "checkpoint_dir", "save_checkpoint_interval", "vocab_size", "committed_step")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_NAME_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class RegisterRunRequest(_message.Message):
     CHECKPOINT_DIR_FIELD_NUMBER: _ClassVar[int]
     SAVE_CHECKPOINT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     run_name: str
     batch_size: int
@@ -67,15 +68,18 @@ class RegisterRunRequest(_message.Message):
     checkpoint_dir: str
     save_checkpoint_interval: int
     vocab_size: int
-    def __init__(self, request_id: _Optional[str] = ..., run_name: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_token_len: _Optional[int] = ..., starting_step: _Optional[int] = ..., num_steps: _Optional[int] = ..., checkpoint_dir: _Optional[str] = ..., save_checkpoint_interval: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    committed_step: int
+    def __init__(self, request_id: _Optional[str] = ..., run_name: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_token_len: _Optional[int] = ..., starting_step: _Optional[int] = ..., num_steps: _Optional[int] = ..., checkpoint_dir: _Optional[str] = ..., save_checkpoint_interval: _Optional[int] = ..., vocab_size: _Optional[int] = ..., committed_step: _Optional[int] = ...) -> None: ...
 
 class RegisterRunResponse(_message.Message):
-    __slots__ = ("trainer_uuid", "starting_step")
+    __slots__ = ("trainer_uuid", "starting_step", "replayed_batches")
     TRAINER_UUID_FIELD_NUMBER: _ClassVar[int]
     STARTING_STEP_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_BATCHES_FIELD_NUMBER: _ClassVar[int]
     trainer_uuid: str
     starting_step: int
-    def __init__(self, trainer_uuid: _Optional[str] = ..., starting_step: _Optional[int] = ...) -> None: ...
+    replayed_batches: int
+    def __init__(self, trainer_uuid: _Optional[str] = ..., starting_step: _Optional[int] = ..., replayed_batches: _Optional[int] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
     __slots__ = ("request_id", "wait_s", "redeliver_unacked", "peek")
@@ -151,6 +155,24 @@ class AckBatchResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CommitCheckpointRequest(_message.Message):
+    __slots__ = ("request_id", "step", "checkpoint_path")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    step: int
+    checkpoint_path: str
+    def __init__(self, request_id: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint_path: _Optional[str] = ...) -> None: ...
+
+class CommitCheckpointResponse(_message.Message):
+    __slots__ = ("committed_batches", "retained_batches")
+    COMMITTED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    committed_batches: int
+    retained_batches: int
+    def __init__(self, committed_batches: _Optional[int] = ..., retained_batches: _Optional[int] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -158,7 +180,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class BridgeStatus(_message.Message):
-    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable", "weight_version", "servers", "weight_pushes", "mode")
+    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable", "weight_version", "servers", "weight_pushes", "mode", "retained", "committed_step", "batches_committed", "batches_replayed", "spool_bytes")
     class RejectedGroupsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +202,11 @@ class BridgeStatus(_message.Message):
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_PUSHES_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     registered: bool
     queue_depth: int
     unacked: int
@@ -194,7 +221,12 @@ class BridgeStatus(_message.Message):
     servers: _containers.RepeatedCompositeFieldContainer[InferenceServerStatus]
     weight_pushes: int
     mode: str
-    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ..., weight_version: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ..., weight_pushes: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
+    retained: int
+    committed_step: int
+    batches_committed: int
+    batches_replayed: int
+    spool_bytes: int
+    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ..., weight_version: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ..., weight_pushes: _Optional[int] = ..., mode: _Optional[str] = ..., retained: _Optional[int] = ..., committed_step: _Optional[int] = ..., batches_committed: _Optional[int] = ..., batches_replayed: _Optional[int] = ..., spool_bytes: _Optional[int] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("header", "bucket", "data")

@@ -49,6 +49,11 @@ class BridgeStub:
                 request_serializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.AckBatchRequest.SerializeToString,
                 response_deserializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.AckBatchResponse.FromString,
                 _registered_method=True)
+        self.CommitCheckpoint = channel.unary_unary(
+                '/atropos_megatron.bridge.v1.Bridge/CommitCheckpoint',
+                request_serializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.CommitCheckpointRequest.SerializeToString,
+                response_deserializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.CommitCheckpointResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/atropos_megatron.bridge.v1.Bridge/GetStatus',
                 request_serializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.GetStatusRequest.SerializeToString,
@@ -65,18 +70,20 @@ class BridgeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def RegisterRun(self, request, context):
-        """Unary. Register the trainer run with the Atropos API (POST /register). Idempotent for the same
-        run_name: a second call returns the first registration's answer.
-        Errors: INVALID_ARGUMENT (bad sizes), UNAVAILABLE (the Atropos API cannot be reached in time).
+        """Unary. Register the trainer run with the Atropos API (POST /register). The same run_name may
+        register again (a restarted trainer, or the client after a bridge restart): Atropos is not
+        contacted again, but the replay is rebuilt from the new starting_step and committed_step.
+        Errors: INVALID_ARGUMENT (bad sizes), UNAVAILABLE (the Atropos API cannot be reached in time),
+        FAILED_PRECONDITION (another run_name holds this bridge).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBatch(self, request, context):
-        """Unary. The next training batch, waiting up to wait_s for one. An un-acknowledged batch is
-        handed out again (same batch_id) after a bridge restart or when redeliver_unacked is set, so a
-        batch is never lost between fetch and ack.
+        """Unary. The next training batch, waiting up to wait_s for one. Replayed batches (see
+        RegisterRun) come first. An un-acknowledged batch is handed out again (same batch_id) after a
+        bridge restart or when redeliver_unacked is set, so a batch is never lost between fetch and ack.
         Errors: DEADLINE_EXCEEDED (nothing arrived within wait_s), FAILED_PRECONDITION (RegisterRun
         not called yet).
         """
@@ -85,8 +92,18 @@ class BridgeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AckBatch(self, request, context):
-        """Unary. The trainer has consumed the batch (its optimizer step is done): the bridge deletes it
-        from the spool. Idempotent. Errors: NOT_FOUND (unknown batch_id).
+        """Unary. The trainer applied the batch's update at trained_step (and pushed the weights). The
+        bridge keeps the batch until a checkpoint at or after trained_step is committed. Idempotent.
+        Errors: NOT_FOUND (unknown batch_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitCheckpoint(self, request, context):
+        """Unary. The trainer's checkpoint at `step` is durably on disk (renamed into place and synced):
+        the batches acknowledged at or before it are committed and deleted. Idempotent; an older step
+        than the last one reported changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +154,11 @@ def add_BridgeServicer_to_server(servicer, server):
                     servicer.AckBatch,
                     request_deserializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.AckBatchRequest.FromString,
                     response_serializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.AckBatchResponse.SerializeToString,
+            ),
+            'CommitCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitCheckpoint,
+                    request_deserializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.CommitCheckpointRequest.FromString,
+                    response_serializer=atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.CommitCheckpointResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -230,6 +252,33 @@ class Bridge:
             '/atropos_megatron.bridge.v1.Bridge/AckBatch',
             atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.AckBatchRequest.SerializeToString,
             atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.AckBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atropos_megatron.bridge.v1.Bridge/CommitCheckpoint',
+            atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.CommitCheckpointRequest.SerializeToString,
+            atropos__megatron_dot_bridge_dot_v1_dot_bridge__pb2.CommitCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
