@@ -142,6 +142,7 @@ class BatchSpool:
                 "spooled",
                 batch_id=batch.batch_id,
                 step=batch.step,
+                groups=batch.num_groups,
                 sequences=batch.num_sequences,
                 bytes=len(data),
             )
