@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import pickle
 import types
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.multiprocessing
 from torch.multiprocessing.reductions import init_reductions
+
+logger = logging.getLogger(__name__)
 
 FLATTENED_BUCKET = "flattened_bucket"
 DIRECT_FORMATS = (None, "direct")
@@ -75,14 +78,32 @@ class SafeUnpickler(pickle.Unpickler):
         raise UnsafePayloadError(f"refused unpickling global {module}.{name}: not in the allow-list")
 
 
+SHM_MANAGER_ATTEMPTS = 5
+
+
 def use_file_system_sharing() -> None:
     """Make CPU tensors pickle as named shared-memory files, which any local process can open.
 
     The default ``file_descriptor`` strategy passes fds through a socket that needs the producer's
     multiprocessing authkey, so an unrelated server process cannot rebuild the tensor. Idempotent.
+
+    The ``file_system`` strategy registers every segment with ``torch_shm_manager``, a helper torch
+    forks and execs on first use and reads a handshake line from. That start can fail on a saturated
+    machine ("no response from torch_shm_manager": the helper wrote nothing and exited; seen once in a
+    full test suite beside ``stress-ng``), and a failure inside a big ``share_memory_()`` would leak
+    the segment it had just created. So the helper is started here with a one-byte segment, retried;
+    once it runs, it serves this process for good.
     """
     if torch.multiprocessing.get_sharing_strategy() != "file_system":
         torch.multiprocessing.set_sharing_strategy("file_system")
+    for attempt in range(1, SHM_MANAGER_ATTEMPTS + 1):
+        try:
+            torch.empty(1, dtype=torch.uint8).share_memory_()
+            return
+        except RuntimeError as exc:
+            if "torch_shm_manager" not in str(exc) or attempt == SHM_MANAGER_ATTEMPTS:
+                raise
+            logger.warning("starting torch_shm_manager failed (attempt %d): %s; retrying", attempt, exc)
 
 
 def bucket_metadata(tensors: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> list[types.SimpleNamespace]:

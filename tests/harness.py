@@ -17,6 +17,7 @@ caller as a list indexed by rank.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import faulthandler
 import os
 import pickle
@@ -24,6 +25,7 @@ import queue
 import random
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -34,6 +36,8 @@ import torch.multiprocessing as mp
 DEFAULT_TIMEOUT_S = 120.0
 _STACK_DUMP_GRACE_S = 2.0
 _GRACE_AFTER_FAILURE_S = 5.0
+_EXIT_GRACE_S = 60.0  # for ranks that reported to exit by themselves (they are on their way out)
+_PR_SET_PDEATHSIG = 1
 
 
 class RankFailure(AssertionError):
@@ -67,13 +71,24 @@ def run_ranks(
         proc = ctx.Process(target=_rank_main, args=(body, rank, world_size, args, rank_env, results))
         proc.start()
         procs.append(proc)
+    reported: set[int] = set()
     try:
-        return _collect(procs, results, timeout_s)
+        return _collect(procs, results, timeout_s, reported)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=5)
+        _end_ranks(procs, reported)
+
+
+def _end_ranks(procs: list, reported: set[int]) -> None:
+    """Let ranks that reported finish exiting (their own children, e.g. Megatron's checkpoint writer,
+    shut down with them), then kill whatever is left with its whole process group."""
+    deadline = time.monotonic() + _EXIT_GRACE_S
+    for rank in sorted(reported):
+        procs[rank].join(timeout=max(deadline - time.monotonic(), 0))
+    for proc in procs:
+        if proc.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the rank and every process it started
+        proc.join(timeout=30)
 
 
 def _torchrun_env(world_size: int) -> Callable[[int], dict[str, str]]:
@@ -113,7 +128,7 @@ def _slurm_env(world_size: int) -> Callable[[int], dict[str, str]]:
 _LAUNCHERS = {"torchrun": _torchrun_env, "slurm": _slurm_env}
 
 
-def _collect(procs: list, results, timeout_s: float) -> list[Any]:
+def _collect(procs: list, results, timeout_s: float, reported: set[int]) -> list[Any]:
     world_size = len(procs)
     outcomes: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
@@ -126,6 +141,7 @@ def _collect(procs: list, results, timeout_s: float) -> list[Any]:
                     outcomes[rank] = ("error", f"process exited with code {proc.exitcode} before reporting")
             continue
         outcomes[rank] = (status, payload)
+        reported.add(rank)
         if status == "error":
             # Peers of a failed rank usually block in a collective: give them a moment, then stop.
             deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE_S)
@@ -149,6 +165,9 @@ def _collect(procs: list, results, timeout_s: float) -> list[Any]:
 
 
 def _rank_main(body, rank, world_size, args, rank_env, results) -> None:
+    os.setpgrp()  # one process group per rank, so that ending the rank ends its children too
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)  # die with the test
     os.environ.update(rank_env)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     import torch

@@ -127,6 +127,12 @@ class Engine:
             return bool(self._active or waiting)
 
     @property
+    def update_waiting(self) -> bool:
+        """A weight update is waiting for the running batch to finish (it runs before the next one)."""
+        with self._cond:
+            return self._updates_waiting > 0
+
+    @property
     def has_running(self) -> bool:
         with self._cond:
             return bool(self._active)

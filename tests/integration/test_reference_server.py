@@ -436,13 +436,66 @@ def test_admin_routes_need_the_admin_key(server):
 
 
 # ----- version consistency under load
+#
+# These run the real app on an engine in this process, so that a test can hold the model's forward
+# pass (DecodeHold): a request is then provably mid-decode when the pause or the update lands,
+# whatever the machine's speed. (With a server process, "the decode is still running" could only be
+# hoped for after a sleep, and on a busy machine the decodes finished first.)
 
 
-def _fire(server, count, max_new_tokens):
-    body = {"input_ids": PROMPT, "return_logprob": True,
-            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 1.0, "ignore_eos": True}}  # fmt: skip
-    pool = ThreadPoolExecutor(count)
-    return pool, [pool.submit(generate, server, body) for _ in range(count)]
+class DecodeHold:
+    """Blocks the engine's next forward pass until ``release`` is set; ``entered`` says it is blocked."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self._handle = model.register_forward_pre_hook(self._hold)
+
+    def _hold(self, module, args) -> None:
+        if not self.release.is_set():
+            self.entered.set()
+            assert self.release.wait(120), "the test never released the held forward pass"
+
+    def close(self) -> None:
+        self.release.set()
+        self._handle.remove()
+
+
+@pytest.fixture
+def app(dirs):
+    """A fresh engine serving model A (weight_version "A") behind the real app, in this process."""
+    from fastapi.testclient import TestClient
+
+    from atropos_megatron.inference.engine import EngineOptions, load_engine
+    from atropos_megatron.inference.http_server import create_app
+
+    options = EngineOptions(
+        model_path=str(dirs.a), served_model_name="tiny", tokenizer_path=str(dirs.tok), weight_version="A"
+    )
+    engine = load_engine(str(dirs.a), device="cpu", dtype="fp32", options=options)
+    hold = DecodeHold(engine.model)
+    try:
+        with TestClient(create_app(engine)) as client:
+            yield types.SimpleNamespace(client=client, engine=engine, hold=hold)
+    finally:
+        hold.close()
+        engine.close()
+
+
+def _generate_in_process(client, body) -> dict:
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _wait_until(condition, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
+        time.sleep(0.01)
+
+
+LONG_BODY = {"input_ids": PROMPT, "return_logprob": True,
+             "sampling_params": {"max_new_tokens": 120, "temperature": 1.0, "ignore_eos": True}}  # fmt: skip
 
 
 def _check_one_version(results, models):
@@ -456,50 +509,59 @@ def _check_one_version(results, models):
     return worst
 
 
-def _switch_to_b(server, dirs):
-    r = post(
-        server,
+def _switch_to_b(client, dirs):
+    r = client.post(
         "/update_weights_from_disk",
-        {"model_path": str(dirs.b), "weight_version": "B", "flush_cache": False},
+        json={"model_path": str(dirs.b), "weight_version": "B", "flush_cache": False},
     )
     assert r.json()["success"], r.text
 
 
 @pytest.mark.parametrize("mode", ["abort", "in_place"])
-def test_requests_during_a_paused_update_see_one_version(server, dirs, models, mode, report):
-    pool, futures = _fire(server, 4, 120)
-    time.sleep(0.3)  # let the batch decode a while
-    assert post(server, "/pause_generation", {"mode": mode}).json()["status"] == "ok"
-    _switch_to_b(server, dirs)
-    late = pool.submit(generate, server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 3}})
-    assert not late.done()  # paused: new requests wait, they are not refused
-    assert post(server, "/continue_generation", {}).json()["status"] == "ok"
-    results = [f.result(timeout=60) for f in futures]
-    late.result(timeout=60)
-    pool.shutdown()
+def test_requests_during_a_paused_update_see_one_version(app, dirs, models, mode, report):
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(_generate_in_process, app.client, LONG_BODY) for _ in range(4)]
+        assert app.hold.entered.wait(120), "no request reached the model"
+        pausing = pool.submit(app.client.post, "/pause_generation", json={"mode": mode})
+        _wait_until(lambda: app.engine.paused, "the pause")  # lands while a forward pass is held
+        app.hold.release.set()
+        assert pausing.result(timeout=120).json()["status"] == "ok"
+        _switch_to_b(app.client, dirs)
+        late = pool.submit(
+            _generate_in_process, app.client, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 3}}
+        )
+        assert app.client.post("/continue_generation", json={}).json()["status"] == "ok"
+        results = [f.result(timeout=120) for f in futures]
+        assert (
+            late.result(timeout=120)["meta_info"]["weight_version"] == "B"
+        )  # held while paused, not refused
     kinds = [r["meta_info"]["finish_reason"]["type"] for r in results]
     versions = [r["meta_info"]["weight_version"] for r in results]
     if mode == "abort":
         assert set(kinds) <= {"abort", "length"} and "abort" in kinds
         aborted = [r for r in results if r["meta_info"]["finish_reason"]["type"] == "abort"]
         assert all(r["meta_info"]["weight_version"] == "A" for r in aborted)
-    else:
+    else:  # the frozen batch restarts from its prompt on B: nobody sees two versions
         assert kinds == ["length"] * 4 and all(len(r["output_ids"]) == 120 for r in results)
+        assert versions == ["B"] * 4
     worst = _check_one_version(results, models)
     report(f"{mode}: finish={kinds} versions={versions} max|dlogprob|={worst:.2e}")
-    restore_a(server, dirs)
 
 
-def test_update_without_pause_waits_for_running_requests(server, dirs, models, report):
-    pool, futures = _fire(server, 3, 80)
-    time.sleep(0.2)
-    _switch_to_b(server, dirs)  # waits for the running batch, then applies
-    results = [f.result(timeout=60) for f in futures]
-    pool.shutdown()
-    assert all(r["meta_info"]["finish_reason"]["type"] == "length" for r in results)
-    worst = _check_one_version(results, models)
-    report(f"versions={[r['meta_info']['weight_version'] for r in results]} max|dlogprob|={worst:.2e}")
-    restore_a(server, dirs)
+def test_update_without_pause_waits_for_running_requests(app, dirs, models, report):
+    with ThreadPoolExecutor(4) as pool:
+        running = pool.submit(_generate_in_process, app.client, LONG_BODY)
+        assert app.hold.entered.wait(120), "the request never reached the model"
+        updating = pool.submit(_switch_to_b, app.client, dirs)  # must wait for the running batch
+        _wait_until(lambda: app.engine.update_waiting, "the update request")
+        app.hold.release.set()
+        result = running.result(timeout=120)
+        updating.result(timeout=120)
+    assert result["meta_info"]["finish_reason"]["type"] == "length" and len(result["output_ids"]) == 120
+    assert result["meta_info"]["weight_version"] == "A"  # decoded to the end on A, then the update ran
+    worst = _check_one_version([result], models)
+    assert _generate_in_process(app.client, LONG_BODY)["meta_info"]["weight_version"] == "B"
+    report(f"update waited for a running request (A to the end), then B; max|dlogprob|={worst:.2e}")
 
 
 # ----- in-process app checks (no subprocess): protocol generations
