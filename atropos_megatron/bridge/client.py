@@ -32,6 +32,7 @@ from atropos_megatron.bridge.weight_wire import DataChunk, encode_chunk
 logger = logging.getLogger(__name__)
 
 _RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # waits between retries; the last one repeats until reconnect_s
+_STOP_POLL_S = 0.25  # how soon a retry wait notices stop_waiting()
 CHUNK_BYTES = 4 * 1024 * 1024  # bytes per data message of a weight bucket
 _QUEUE_DEPTH = 8  # messages buffered ahead of the gRPC call (so at most 32 MiB of bucket bytes)
 _END = object()
@@ -99,6 +100,7 @@ class BridgeClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout_s = timeout_s
         self.reconnect_s = reconnect_s
+        self._stop_waiting = False
         self._registration: bridge_pb2.RegisterRunRequest | None = None
 
     def register_run(
@@ -159,24 +161,23 @@ class BridgeClient:
         request = bridge_pb2.GetBatchRequest(request_id=_request_id(), wait_s=wait_s, peek=True)
         return self._stub.GetBatch(request, timeout=wait_s + self.timeout_s, metadata=self._metadata)
 
-    def ack(self, batch_id: str, *, trained_step: int = 0, reconnect_s: float | None = None) -> None:
-        """The batch's update is applied: the model is now at ``trained_step``. ``reconnect_s``
-        overrides how long to wait for an unreachable bridge."""
+    def ack(self, batch_id: str, *, trained_step: int = 0) -> None:
+        """The batch's update is applied: the model is now at ``trained_step``."""
         request = bridge_pb2.AckBatchRequest(
             request_id=_request_id(), batch_id=batch_id, trained_step=trained_step
         )
-        self._call(self._stub.AckBatch, request, reconnect_s=reconnect_s)
+        self._call(self._stub.AckBatch, request)
         if self._registration is not None:
             self._registration.starting_step = max(self._registration.starting_step, trained_step)
 
     def commit_checkpoint(
-        self, step: int, *, checkpoint_path: str = "", reconnect_s: float | None = None
+        self, step: int, *, checkpoint_path: str = ""
     ) -> bridge_pb2.CommitCheckpointResponse:
         """The checkpoint at ``step`` is durable: the bridge may delete the batches it holds."""
         request = bridge_pb2.CommitCheckpointRequest(
             request_id=_request_id(), step=step, checkpoint_path=checkpoint_path
         )
-        response = self._call(self._stub.CommitCheckpoint, request, reconnect_s=reconnect_s)
+        response = self._call(self._stub.CommitCheckpoint, request)
         if self._registration is not None:
             self._registration.committed_step = max(self._registration.committed_step, step)
         return response
@@ -222,23 +223,22 @@ class BridgeClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(
-        self,
-        method,
-        request,
-        *,
-        timeout_s: float | None = None,
-        reconnect_s: float | None = None,
-        rejoin: bool = True,
-    ):
-        """``method(request)``, retried while the bridge is unavailable (up to ``reconnect_s``, default
-        the client's) and, with ``rejoin``, after registering again with a bridge that restarted and
-        forgot the run.
+    def stop_waiting(self) -> None:
+        """Stop waiting for an unreachable bridge from now on: a call in its retry loop raises at once.
+
+        For a trainer that was told to stop (under Slurm the bridge stops with it). Only sets a flag,
+        so a signal handler may call it.
+        """
+        self._stop_waiting = True
+
+    def _call(self, method, request, *, timeout_s: float | None = None, rejoin: bool = True):
+        """``method(request)``, retried while the bridge is unavailable (up to ``reconnect_s``, unless
+        :meth:`stop_waiting` was called) and, with ``rejoin``, after registering again with a bridge
+        that restarted and forgot the run.
 
         ``request`` may be a function of the attempt number (0 first) that builds the request.
         """
-        patience_s = self.reconnect_s if reconnect_s is None else reconnect_s
-        deadline = time.monotonic() + patience_s
+        deadline = time.monotonic() + self.reconnect_s
         down_since = None
         for attempt in itertools.count():
             message = request(attempt) if callable(request) else request
@@ -247,21 +247,27 @@ class BridgeClient:
             except grpc.RpcError as exc:
                 if rejoin and exc.code() == grpc.StatusCode.FAILED_PRECONDITION and self._rejoin():
                     continue
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 if down_since is None:
                     down_since = time.monotonic()
                     logger.warning(
-                        "bridge unavailable (%s); retrying for up to %.0f s", exc.details(), patience_s
+                        "bridge unavailable (%s); retrying for up to %.0f s", exc.details(), self.reconnect_s
                     )
-                time.sleep(
-                    min(_RETRY_S[min(attempt, len(_RETRY_S) - 1)], max(deadline - time.monotonic(), 0))
-                )
+                if not self._wait_for_bridge(attempt, deadline):
+                    raise
                 continue
             if down_since is not None:
                 logger.info("bridge reachable again after %.1f s", time.monotonic() - down_since)
             return answer
         raise AssertionError("unreachable")
+
+    def _wait_for_bridge(self, attempt: int, deadline: float) -> bool:
+        """Sleep before retry ``attempt + 1``; False when it is time to give up instead."""
+        until = min(time.monotonic() + _RETRY_S[min(attempt, len(_RETRY_S) - 1)], deadline)
+        while time.monotonic() < until and not self._stop_waiting:
+            time.sleep(min(_STOP_POLL_S, max(until - time.monotonic(), 0)))
+        return not self._stop_waiting and time.monotonic() < deadline
 
     def _rejoin(self) -> bool:
         """Register again if the bridge no longer knows the run (it restarted); False if it does."""

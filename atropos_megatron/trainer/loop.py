@@ -279,9 +279,7 @@ class Trainer:
         self._log(f"checkpoint {path} written in {time.monotonic() - started:.1f} s")
         if self.bridge is not None:
             try:  # the bridge may now delete the batches this checkpoint holds
-                self.bridge.commit_checkpoint(
-                    self.progress.step, checkpoint_path=str(path), reconnect_s=self._bridge_patience()
-                )
+                self.bridge.commit_checkpoint(self.progress.step, checkpoint_path=str(path))
             except Exception as exc:  # noqa: BLE001 - the next registration reports the checkpoint again
                 logger.warning("could not report checkpoint %s to the bridge: %s", path, exc)
         return path
@@ -406,18 +404,13 @@ class Trainer:
 
     def _ack(self, batch_id: str) -> None:
         try:
-            self.bridge.ack(batch_id, trained_step=self.progress.step, reconnect_s=self._bridge_patience())
+            self.bridge.ack(batch_id, trained_step=self.progress.step)
         except Exception as exc:
             if self._stop_signal is None:
                 raise
             # The checkpoint written next records the batch as trained (progress.batch_history): the
             # bridge redelivers it after the restart and the resumed run acknowledges it unseen.
             logger.warning("could not acknowledge batch %s while stopping: %s", batch_id, exc)
-
-    def _bridge_patience(self) -> float | None:
-        """How long a call waits for an unreachable bridge: the client's default, but no wait once a
-        stop is requested (under Slurm the bridge is stopped together with the trainer)."""
-        return 0.0 if self._stop_signal is not None else None
 
     def _push(self, pusher, output) -> None:
         if pusher is None:
@@ -440,6 +433,8 @@ class Trainer:
         if self._stop_signal is None:
             logger.warning("signal %d: finishing this step, writing a checkpoint, then stopping", signum)
         self._stop_signal = signum
+        if self.bridge is not None:
+            self.bridge.stop_waiting()  # under Slurm the bridge stops with us: do not wait for it
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop (collective, so that every rank leaves the loop together)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -53,13 +54,16 @@ class Bridge:
 
     def __init__(self, cfg: BridgeConfig) -> None:
         self.cfg = cfg
+        self.port = 0  # the first start picks a free port; restarts reuse it
         self.start()
 
-    def start(self) -> None:
+    def start(self, *, register: bool = True) -> None:
         self.service = build_service(self.cfg)
-        self.server, port = create_server(self.cfg, self.service, "127.0.0.1:0")
-        self.address = f"127.0.0.1:{port}"
+        self.server, self.port = create_server(self.cfg, self.service, f"127.0.0.1:{self.port}")
+        self.address = f"127.0.0.1:{self.port}"
         self.client = BridgeClient(self.address, token=TOKEN, timeout_s=20)
+        if not register:
+            return
         self.client.register_run(
             run_name="test",
             batch_size=BATCH_SIZE,
@@ -162,6 +166,49 @@ def test_unacked_batches_survive_a_bridge_restart(api, bridge):
     with pytest.raises(grpc.RpcError) as error:
         bridge.client.ack("no-such-batch")
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_live_trainer_rides_out_a_bridge_restart(api, bridge):
+    trainer = BridgeClient(bridge.address, token=TOKEN, timeout_s=20, reconnect_s=300)
+    trainer.register_run(run_name="test", batch_size=BATCH_SIZE, max_token_len=8, starting_step=3,
+                         num_steps=100, vocab_size=VOCAB)  # fmt: skip
+    _post(api, [_group(50), _group(51)])
+    first = trainer.next_batch(wait_s=15)
+    _post(api, [_group(52), _group(53)])
+    bridge.stop()  # dies while the trainer trains `first`
+    restart = threading.Thread(target=bridge.start, kwargs={"register": False})
+    restart.start()  # comes back on the same port, not knowing the run; the ack waits for it
+    try:
+        trainer.ack(first.batch_id, trained_step=4)  # registers again by itself, then acknowledges
+    finally:
+        restart.join()
+    second = trainer.next_batch(wait_s=15)
+    assert [g.env_id for g in second.groups] == [52, 53], "the acknowledged batch was served again"
+    trainer.ack(second.batch_id, trained_step=5)
+    status = trainer.status()
+    assert status.registered and status.retained == 2 and status.unacked == 0
+    trainer.close()
+
+
+def test_a_stopping_trainer_does_not_wait_for_a_dead_bridge(api, bridge):
+    trainer = BridgeClient(bridge.address, token=TOKEN, timeout_s=20, reconnect_s=600)
+    bridge.stop()
+    failed = []
+    waiting = threading.Thread(target=lambda: failed.append(_raises(trainer.status)))
+    waiting.start()
+    trainer.stop_waiting()  # what the trainer's SIGTERM handler does
+    waiting.join(timeout=300)
+    assert not waiting.is_alive() and failed == [grpc.StatusCode.UNAVAILABLE]
+    trainer.close()
+    bridge.start(register=False)  # for the fixture's teardown
+
+
+def _raises(call):
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return None
 
 
 def test_atropos_restart_mid_run(api, bridge):
