@@ -190,11 +190,14 @@ class Trainer:
             if self.reference is not None:
                 self._attach_ref_logprobs(plan, mini)
         per_micro_batch: list[dict[str, Any]] = []
-        for plan in plans:
+        for update, plan in enumerate(plans):
             zero_grads(self.state)
-            per_micro_batch += grpo_loss_pass(
-                self.state.chunks, plan, cfg=cfg.grpo, vocab_size=self.model.vocab_size
-            )
+            records = grpo_loss_pass(self.state.chunks, plan, cfg=cfg.grpo, vocab_size=self.model.vocab_size)
+            if use_inference and update > 0:
+                # rollout/* then compares the engine with this pass's policy, which has moved since
+                # sampling after the first update: only the first mini-batch measures the engine.
+                records = [{k: v for k, v in r.items() if not k.startswith("rollout/")} for r in records]
+            per_micro_batch += records
             metrics = optimizer_step(self.state)
         loss_metrics = gather_loss_metrics(per_micro_batch)
         self.progress = replace(
