@@ -4,8 +4,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: help install demo test test-fast lint format protos clean
+.PHONY: help install demo chaos test test-fast lint format protos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,6 +19,9 @@ $(STAMP): pyproject.toml tools/bootstrap_venv.sh
 
 demo: install  ## the one-command demo: a tiny model learns a toy Atropos task on CPU (~1 min; runs/demo)
 	$(VENV)/bin/atropos-megatron demo $(DEMO_ARGS)
+
+chaos: install  ## the demo's processes killed and restarted for 8 min: 0 batches lost or duplicated? (runs/chaos)
+	$(PY) benchmarks/chaos.py $(CHAOS_ARGS)
 
 test: install  ## run every test that can run on this machine (GPU tests skip without CUDA; Slurm is installed if root)
 	bash tools/slurm/install_slurm.sh

@@ -60,6 +60,65 @@ class DemoResult:
     plot_path: Path
 
 
+@dataclass(frozen=True)
+class DemoSetup:
+    """A prepared run directory and the demo's processes, not started yet (:func:`prepare_demo`)."""
+
+    run_dir: Path
+    cfg: Any  # config.TrainConfig (imported lazily)
+    config_file: Path
+    """The resolved config every process reads (``<run_dir>/config.yaml``)."""
+    roles: list[Role]
+    """The five processes in start order: atropos-api, inference, bridge, trainer, env."""
+    addresses: dict[str, str]
+    """Where the serving roles listen: ``atropos-api`` and ``inference`` URLs, ``bridge`` host:port."""
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def prepare_demo(
+    run_dir: str | Path = "runs/demo",
+    *,
+    steps: int | None = None,
+    overrides: Sequence[str] = (),
+    config_path: str | Path = DEFAULT_CONFIG,
+    trainer_command: Sequence[str] | None = None,
+    env_api_url: str | None = None,
+) -> DemoSetup:
+    """Everything before the first process starts: free loopback ports, the resolved config, the run
+    directory (an earlier demo's is cleared), the tiny model and tokenizer, and the roles to start.
+
+    Args are :func:`run_demo`'s, plus ``env_api_url``: where the environment posts its groups
+    (default the Atropos API itself; ``benchmarks/chaos.py`` puts a counting proxy there).
+
+    Raises:
+        DemoError: bad config or run directory, or a missing prerequisite (nothing was changed then).
+    """
+    run_dir = Path(run_dir).resolve()
+    api_port, server_port, bridge_port = free_ports(3, HOST)
+    urls = {"api": f"http://{HOST}:{api_port}", "inference": f"http://{HOST}:{server_port}"}
+    # Everything that can be refused is checked before an earlier demo's directory is cleared.
+    cfg = _resolve_config(config_path, run_dir, urls, f"{HOST}:{bridge_port}", steps, overrides)
+    _check_prerequisites()
+    _prepare_run_dir(run_dir)
+    from atropos_megatron.config import save_config
+    from atropos_megatron.demo.assets import build_assets
+
+    config_file = save_config(cfg, run_dir / "config.yaml")
+    assets = build_assets(run_dir, seed=cfg.seed)
+    roles = _build_roles(
+        cfg, config_file, assets, urls, bridge_port, trainer_command, env_api_url or urls["api"]
+    )
+    addresses = {
+        "atropos-api": urls["api"],
+        "inference": urls["inference"],
+        "bridge": f"{HOST}:{bridge_port}",
+    }
+    return DemoSetup(run_dir=run_dir, cfg=cfg, config_file=config_file, roles=roles, addresses=addresses)
+
+
 def run_demo(
     run_dir: str | Path = "runs/demo",
     *,
@@ -87,29 +146,19 @@ def run_demo(
         RoleFailed: a process exited early or never became ready (names it, quotes its log).
     """
     started = time.monotonic()
-    run_dir = Path(run_dir).resolve()
-    api_port, server_port, bridge_port = free_ports(3, HOST)
-    urls = {"api": f"http://{HOST}:{api_port}", "inference": f"http://{HOST}:{server_port}"}
-    # Everything that can be refused is checked before an earlier demo's directory is cleared.
-    cfg = _resolve_config(config_path, run_dir, urls, f"{HOST}:{bridge_port}", steps, overrides)
-    _check_prerequisites()
-    _prepare_run_dir(run_dir)
-    from atropos_megatron.config import save_config
-    from atropos_megatron.demo.assets import build_assets
-
-    config_file = save_config(cfg, run_dir / "config.yaml")
-    assets = build_assets(run_dir, seed=cfg.seed)
-    _say(progress, f"run directory {run_dir}: model, tokenizer, config.yaml; logs/<process>.log")
-    roles = _build_roles(cfg, config_file, assets, urls, bridge_port, trainer_command)
-    where = {"atropos-api": urls["api"], "inference": urls["inference"], "bridge": f"{HOST}:{bridge_port}"}
-    metrics_path = run_dir / "metrics.jsonl"
-    with Supervisor(run_dir / "logs") as supervisor:
-        for role in roles:
+    setup = prepare_demo(
+        run_dir, steps=steps, overrides=overrides, config_path=config_path, trainer_command=trainer_command
+    )
+    _say(progress, f"run directory {setup.run_dir}: model, tokenizer, config.yaml; logs/<process>.log")
+    with Supervisor(setup.run_dir / "logs") as supervisor:
+        for role in setup.roles:
             supervisor.start(role)
-            _say(progress, f"started {role.name:<12} {where.get(role.name, '')}".rstrip())
-        _follow_training(supervisor, metrics_path, cfg.steps, timeout_s=timeout_s, progress=progress)
+            _say(progress, f"started {role.name:<12} {setup.addresses.get(role.name, '')}".rstrip())
+        _follow_training(
+            supervisor, setup.metrics_path, setup.cfg.steps, timeout_s=timeout_s, progress=progress
+        )
     exits = supervisor.exits
-    return _report(run_dir, metrics_path, exits, wall_s=time.monotonic() - started)
+    return _report(setup.run_dir, setup.metrics_path, exits, wall_s=time.monotonic() - started)
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
@@ -166,7 +215,9 @@ def _run_api() -> Path:
     return Path(sys.executable).parent / "run-api"
 
 
-def _build_roles(cfg, config_file: Path, assets, urls: dict[str, str], bridge_port: int, trainer_command):
+def _build_roles(
+    cfg, config_file: Path, assets, urls: dict[str, str], bridge_port: int, trainer_command, env_api_url: str
+):
     """The five processes, in start order."""
     python = sys.executable
     cli = [python, "-m", "atropos_megatron.cli"]
@@ -180,7 +231,7 @@ def _build_roles(cfg, config_file: Path, assets, urls: dict[str, str], bridge_po
     ]
     environment = [
         python, str(ENV_SCRIPT), "serve", "--slurm", "false",
-        "--env.rollout_server_url", urls["api"],
+        "--env.rollout_server_url", env_api_url,
         "--env.tokenizer_name", str(assets.tokenizer_dir),
         "--env.group_size", str(GROUP_SIZE),
         "--env.seed", str(cfg.seed),

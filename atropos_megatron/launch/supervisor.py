@@ -10,6 +10,8 @@ supervisor leaves no orphans behind.
 
 Deliberately small: no restarts, no resource limits, no remote hosts. The demo runs its five roles
 with it; ``atropos-megatron launch`` runs each Slurm node's roles with it (one supervisor per node).
+``benchmarks/chaos.py`` kills and restarts roles itself, with the same :func:`spawn`,
+:func:`signal_group` and :func:`probe_answers`.
 """
 
 from __future__ import annotations
@@ -110,18 +112,7 @@ class Supervisor:
             raise ValueError(f"role {role.name!r} already started")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{role.name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **role.env}
-        with log_path.open("wb") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(
-                list(role.command),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=role.cwd,
-                env=env,
-                start_new_session=True,  # own process group: signals reach the role's children too
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
+        proc = spawn(role, log_path)
         self._running[role.name] = _Running(role, proc, log_path, time.monotonic())
         if wait:
             self.wait_ready(role.name)
@@ -132,7 +123,7 @@ class Supervisor:
         pending = [self._running[name] for name in names if self._running[name].role.ready is not None]
         while pending:
             self.check()
-            pending = [running for running in pending if not _probe(running.role.ready)]
+            pending = [running for running in pending if not probe_answers(running.role.ready)]
             for running in pending:
                 if time.monotonic() - running.started > running.role.ready_timeout_s:
                     timeout = running.role.ready_timeout_s
@@ -185,7 +176,7 @@ class Supervisor:
         self._stop(list(reversed(self._running.values())), self.grace_s)
         for running in self._running.values():
             # Whatever the leader left behind in its group (a worker that ignored SIGTERM) goes too.
-            _signal_group(running.proc, signal.SIGKILL)
+            signal_group(running.proc, signal.SIGKILL)
         return dict(self.exits)
 
     def _stop(self, roles: list[_Running], grace_s: float) -> dict[str, ExitRecord]:
@@ -196,7 +187,7 @@ class Supervisor:
             if name in self.exits:
                 continue
             if code is None:
-                _signal_group(running.proc, signal.SIGTERM)
+                signal_group(running.proc, signal.SIGTERM)
                 pending.append(running)
             elif running.role.exits_when_done and code == 0:
                 self.exits[name] = ExitRecord(name, code, "finished")
@@ -209,7 +200,7 @@ class Supervisor:
                 code = running.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
                 how = "stopped"
             except subprocess.TimeoutExpired:
-                _signal_group(running.proc, signal.SIGKILL)
+                signal_group(running.proc, signal.SIGKILL)
                 code = running.proc.wait()
                 how = "killed"
             self.exits.setdefault(name, ExitRecord(name, code, how))
@@ -274,14 +265,35 @@ def sigterm_as_keyboard_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _probe(probe: Probe) -> bool:
+def spawn(role: Role, log_path: Path) -> subprocess.Popen:
+    """Start ``role``'s command in its own process group (so that a signal reaches its children too),
+    output to ``log_path`` (truncated), stopped with SIGTERM if this process dies (Linux). Call it from
+    the thread that lives as long as the child should: the kernel ties ``PR_SET_PDEATHSIG`` to the
+    thread that forked."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **role.env}
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            list(role.command),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=role.cwd,
+            env=env,
+            start_new_session=True,  # own process group: signals reach the role's children too
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+
+def probe_answers(probe: Probe) -> bool:
+    """Whether ``probe`` answers True now (a refused connection or an HTTP error is False)."""
     try:
         return bool(probe())
     except (OSError, httpx.HTTPError):
         return False
 
 
-def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+def signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group of a child started by :func:`spawn` (gone already: no-op)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)  # the leader's pid is the group id (start_new_session)
 
