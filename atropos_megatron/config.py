@@ -466,8 +466,9 @@ class WeightsConfig:
     abort`). With `retract`/`in_place` paused requests cannot drain, so it is tried once: a refused
     flush is logged and the update stands."""
     health_interval_s: float = 5.0
-    """Seconds between the bridge's health checks of each server; a server that comes back behind the
-    current weight_version is paused until the next push brings it up to date (0: no checks)."""
+    """Seconds between the bridge's health checks of each server (an unreachable one is re-probed every
+    0.25 s); a server that comes back behind the current weight_version is paused until the next push
+    brings it up to date (0: no checks)."""
     group_name: str = "weight_update_group"
     """Process-group name of the `distributed` transport (SGLang's default)."""
     distributed_backend: str | None = None

@@ -157,6 +157,7 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
             weight_version=self.weights.current_version,
             servers=[_server_to_proto(server) for server in self.weights.snapshot()],
             weight_pushes=self.weights.pushes,
+            servers_behind=self.weights.servers_behind,
             mode=self.cfg.mode,
             **snapshot,
         )

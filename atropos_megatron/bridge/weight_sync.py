@@ -7,9 +7,13 @@ parallel (notes/sglang-protocol.md §1.9): ``pause_generation`` -> ``begin_weigh
 the push, stays paused (it may hold a mix of old and new tensors, and must not serve that) and is
 reported unhealthy. Every push carries the full weights, so the next one brings it up to date.
 
-Between pushes a monitor thread checks each server. One that comes back behind the current
-``weight_version`` (restarted with its initial weights, say) is paused at once, so environments
-never sample from a stale policy; the next push updates it and lets it continue.
+Between pushes a monitor thread checks each server (every ``weights.health_interval_s``, and an
+unreachable one every ``RECHECK_S`` until it answers). One that comes back behind the current
+``weight_version`` (restarted with its initial weights, say) is paused as soon as it answers, so
+environments sample from a stale policy for at most about ``RECHECK_S`` after its HTTP port opens;
+the next push updates it and lets it continue. GetStatus reports such servers (``servers_behind``):
+a trainer with no batch to train pushes its weights again for them, since with a single server no
+batch would ever come (the environments wait for that paused server).
 
 Per-node agents (``weights.bridge_agents``) receive ``grpc`` pushes as a forwarded stream and apply
 them to their own node's servers: tensors travel through shared memory, which only works on one host.
@@ -33,6 +37,8 @@ from atropos_megatron.config import WeightsConfig
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
+RECHECK_S = 0.25
+"""How often an unreachable server is probed: a restarted one is paused this soon after it answers."""
 FLATTENED_BUCKET = "flattened_bucket"  # = sglang_wire.FLATTENED_BUCKET (not imported: it loads torch)
 
 
@@ -175,10 +181,21 @@ class WeightSync:
         if interval <= 0 or time.monotonic() - self._last_check > interval:
             self.check_servers()
 
+    @property
+    def servers_behind(self) -> int:
+        """Servers paused because they serve an older weight_version than the last push."""
+        return sum(server.held and server.reachable for server in self.servers)
+
     def _monitor_loop(self) -> None:
-        while not self._stop.wait(self.cfg.health_interval_s):
+        next_round = time.monotonic() + self.cfg.health_interval_s
+        while not self._stop.wait(min(RECHECK_S, self.cfg.health_interval_s)):
             try:
-                self.check_servers()
+                if time.monotonic() >= next_round:
+                    self.check_servers()
+                    next_round = time.monotonic() + self.cfg.health_interval_s
+                elif not self._push_lock.locked():  # a restarted server must be paused before it serves
+                    for server in [s for s in self.servers if not s.reachable]:
+                        self._check(server)
             except Exception:  # noqa: BLE001 - the monitor must never die
                 logger.exception("weight-server health check failed")
 

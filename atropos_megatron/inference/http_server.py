@@ -309,6 +309,10 @@ def _ordered_call(
             return UpdateResult(False, f"{type(exc).__name__}: {exc}")
 
 
+SHUTDOWN_GRACE_S = 5.0
+"""How long SIGTERM waits for in-flight requests before cancelling them."""
+
+
 def serve(args: Any) -> int:
     """Load the model, then serve until interrupted (the ``atropos-megatron serve`` command).
 
@@ -340,7 +344,15 @@ def serve(args: Any) -> int:
         args.host, args.port,
     )  # fmt: skip
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        # Requests held by a pause never finish by themselves: without a bound, SIGTERM would wait on
+        # them forever. After the grace they are cancelled, and engine.close() aborts their jobs.
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
     finally:
         engine.close()
     return 0

@@ -46,6 +46,8 @@ from atropos_megatron.trainer.optimizer import build_train_state, optimizer_step
 
 logger = logging.getLogger(__name__)
 
+CATCH_UP = "catch-up-push"
+"""What rank 0 hands every rank instead of a batch when the weights must be pushed again first."""
 EXIT_PREEMPTED = 143
 """Exit status after a SIGTERM/SIGINT stop with its checkpoint written (128 + SIGTERM)."""
 
@@ -322,9 +324,15 @@ class Trainer:
                 self._push(pusher, output)
             while self.progress.step < cfg.steps and not self._stop_agreed():
                 started = time.monotonic()
-                batch = self._receive_batch()
+                batch = self._receive_batch(pushing=pusher is not None)
                 if batch is None:
                     break
+                if batch == CATCH_UP:
+                    self._log(
+                        f"an inference server is behind and no batch comes: pushing step {self.progress.step} again"
+                    )
+                    self._push(pusher, output)
+                    continue
                 waited = time.monotonic()
                 metrics = self.train_on(batch)
                 computed = time.monotonic()
@@ -376,8 +384,14 @@ class Trainer:
                 self.progress.step,
             )
 
-    def _receive_batch(self) -> Any | None:
-        """Rank 0 polls the bridge until a batch comes (or a stop signal); every rank gets it."""
+    def _receive_batch(self, *, pushing: bool) -> Any | None:
+        """Rank 0 polls the bridge until a batch comes (or a stop signal); every rank gets it.
+
+        Returns the batch, None to stop, or ``CATCH_UP`` when, with no batch in sight, an inference
+        server is paused waiting for this trainer's weights (it was restarted): with one server no
+        batch would come before it has them, so the caller pushes them first (``pushing``: there are
+        servers to push to).
+        """
         message: list[Any] = [None]
         if self.layout.rank == 0:
             while self._stop_signal is None:
@@ -390,6 +404,9 @@ class Trainer:
                         raise
                     break  # Slurm stops the whole job at once: the bridge may be gone already
                 if batch is None:
+                    if pushing and self._servers_behind():
+                        message[0] = CATCH_UP
+                        break
                     continue
                 self._redeliver = False
                 if batch.batch_id in self.progress.batch_history:
@@ -404,6 +421,13 @@ class Trainer:
                 break
         dist.broadcast_object_list(message, src=0)
         return message[0]
+
+    def _servers_behind(self) -> int:
+        try:
+            return self.bridge.status().servers_behind
+        except Exception as exc:  # noqa: BLE001 - a status that fails now is asked again next poll
+            logger.warning("could not read the bridge's status: %s", exc)
+            return 0
 
     def _ack(self, batch_id: str) -> None:
         try:

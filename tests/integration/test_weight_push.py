@@ -9,6 +9,7 @@ servers' log-probs of a probe sequence, which must become exactly those of the p
 from __future__ import annotations
 
 import copy
+import time
 
 import grpc
 import httpx
@@ -139,7 +140,8 @@ def test_every_transport_reaches_both_protocol_generations(models, servers, tmp_
 
 
 def test_a_server_that_dies_is_skipped_held_when_it_returns_and_caught_up(models, servers, tmp_path):
-    cfg = _weights(servers, tmp_path, transport="grpc")
+    # Health rounds an hour apart: only the quick re-probe of an unreachable server can find it back.
+    cfg = _weights(servers, tmp_path, transport="grpc", health_interval_s=3600)
     bridge = Bridge(cfg)
     new, old = servers
     try:
@@ -151,11 +153,17 @@ def test_a_server_that_dies_is_skipped_held_when_it_returns_and_caught_up(models
         assert not by_url[old.url].healthy and by_url[old.url].last_error
         _assert_serves(new.url, models["other"], "11")
 
-        old.start()  # back with its initial weights: behind, so the bridge pauses it
-        bridge.service.weights.check_servers()
-        status = {s.url: s for s in bridge.client.status().servers}
-        assert status[old.url].healthy and status[old.url].weight_version == "base"
-        assert "behind" in status[old.url].last_error
+        bridge.service.weights.start_monitor()
+        old.start()  # back with its initial weights: behind, so the bridge pauses it as soon as it answers
+        deadline = time.monotonic() + 120
+        while bridge.service.weights.servers_behind != 1:
+            assert time.monotonic() < deadline, "the restarted server was not found behind and paused"
+            time.sleep(0.05)
+        status = bridge.client.status()
+        assert status.servers_behind == 1  # the trainer pushes again for it when it has no batch
+        by_url = {s.url: s for s in status.servers}
+        assert by_url[old.url].healthy and by_url[old.url].weight_version == "base"
+        assert "behind" in by_url[old.url].last_error
         with pytest.raises(httpx.ReadTimeout):  # paused: generation waits instead of serving stale weights
             httpx.post(
                 old.url + "/generate",
@@ -166,6 +174,7 @@ def test_a_server_that_dies_is_skipped_held_when_it_returns_and_caught_up(models
         _push(bridge, cfg, models["other"], "12")  # the next push brings it up to date and resumes it
         for server in servers:
             _assert_serves(server.url, models["other"], "12")
+        assert bridge.client.status().servers_behind == 0
     finally:
         bridge.close()
 

@@ -180,7 +180,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class BridgeStatus(_message.Message):
-    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable", "weight_version", "servers", "weight_pushes", "mode", "retained", "committed_step", "batches_committed", "batches_replayed", "spool_bytes")
+    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable", "weight_version", "servers", "weight_pushes", "mode", "retained", "committed_step", "batches_committed", "batches_replayed", "spool_bytes", "servers_behind")
     class RejectedGroupsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,7 @@ class BridgeStatus(_message.Message):
     BATCHES_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     BATCHES_REPLAYED_FIELD_NUMBER: _ClassVar[int]
     SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_BEHIND_FIELD_NUMBER: _ClassVar[int]
     registered: bool
     queue_depth: int
     unacked: int
@@ -226,7 +227,8 @@ class BridgeStatus(_message.Message):
     batches_committed: int
     batches_replayed: int
     spool_bytes: int
-    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ..., weight_version: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ..., weight_pushes: _Optional[int] = ..., mode: _Optional[str] = ..., retained: _Optional[int] = ..., committed_step: _Optional[int] = ..., batches_committed: _Optional[int] = ..., batches_replayed: _Optional[int] = ..., spool_bytes: _Optional[int] = ...) -> None: ...
+    servers_behind: int
+    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ..., weight_version: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ..., weight_pushes: _Optional[int] = ..., mode: _Optional[str] = ..., retained: _Optional[int] = ..., committed_step: _Optional[int] = ..., batches_committed: _Optional[int] = ..., batches_replayed: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., servers_behind: _Optional[int] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("header", "bucket", "data")
