@@ -56,31 +56,39 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
-import http.client
 import json
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from atropos_megatron.launch.supervisor import (
+from atropos_megatron.launch.supervisor import (  # noqa: E402
     probe_answers,
     signal_group,
     sigterm_as_keyboard_interrupt,
     spawn,
+)
+from atropos_megatron.trainer.metrics import MetricsFollower  # noqa: E402
+from benchmarks.atropos_proxy import CountingProxy, GroupCounter  # noqa: E402
+from benchmarks.chaos_records import (  # noqa: E402
+    bridge_log_counts,
+    format_table,
+    read_api_queue,
+    read_final_history,
+    read_ledger,
+    read_rewards,
+    spread,
 )
 
 ROLES = ("atropos-api", "inference", "bridge", "trainer", "env")
@@ -97,133 +105,6 @@ MAX_FAILED_LIVES = 5
 """A role that exits this many times in a row without ever coming up is in a crash loop: stop."""
 STEPS = 1_000_000
 """The trainer's ``steps``: the run ends by time, not by steps."""
-HOST = "127.0.0.1"
-
-
-# ------------------------------------------------------------------------------------------------
-# The counting proxy between the environment and the Atropos API
-# ------------------------------------------------------------------------------------------------
-
-
-class GroupCounter:
-    """What the proxy saw (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.posted = 0
-        """Groups in POSTs the API answered 2xx."""
-        self.refused = 0
-        """Groups in POSTs that failed (API down or 5xx), per attempt: the environment retries them
-        (atroposlib: 3 attempts), then drops them."""
-        self.registered_unix = 0.0
-        """When the environment last registered successfully (``/register-env``, status success)."""
-
-    def add(self, *, posted: int = 0, refused: int = 0, registered: bool = False) -> None:
-        with self._lock:
-            self.posted += posted
-            self.refused += refused
-            if registered:
-                self.registered_unix = time.time()
-
-
-_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection"}
-
-
-class _Proxy(BaseHTTPRequestHandler):
-    """Forwards every request unchanged to ``server.upstream`` and counts what matters."""
-
-    server: _ProxyServer
-
-    def do_GET(self) -> None:  # noqa: N802 - BaseHTTPRequestHandler's naming
-        self._forward()
-
-    do_POST = do_PUT = do_DELETE = do_GET  # noqa: N815
-
-    def _forward(self) -> None:
-        body = self._read_body()
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
-        if body or self.command in ("POST", "PUT"):
-            headers["Content-Length"] = str(len(body))
-        try:
-            upstream = http.client.HTTPConnection(*self.server.upstream, timeout=300)
-            try:
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                response = upstream.getresponse()
-                status, reply_headers, reply = response.status, response.getheaders(), response.read()
-            finally:
-                upstream.close()
-        except (OSError, http.client.HTTPException):
-            # Hang up without an answer: the environment sees a dropped connection, as it would
-            # see a refused one without the proxy (an HTTP 502 could take another path in its code).
-            self._count(body, 0, {}, b"")
-            self.close_connection = True
-            return
-        self._count(body, status, dict(reply_headers), reply)  # the API has it even if the env hears nothing
-        try:
-            self.send_response(status)
-            for name, value in reply_headers:
-                if name.lower() not in _HOP_HEADERS:
-                    self.send_header(name, value)
-            self.send_header("Content-Length", str(len(reply)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(reply)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the environment gave up on the request (a cancelled worker, or it was killed)
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
-            while size := int(self.rfile.readline().split(b";")[0], 16):
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            self.rfile.readline()
-            return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _count(self, body: bytes, status: int, reply_headers: dict[str, str], reply: bytes) -> None:
-        path = urlsplit(self.path).path
-        if self.command == "POST" and path in ("/scored_data", "/scored_data_list"):
-            groups = _groups_in(body, self.headers.get("Content-Encoding", ""))
-            if 200 <= status < 300:
-                self.server.counter.add(posted=groups)
-            else:
-                self.server.counter.add(refused=groups)
-        elif self.command == "POST" and path == "/register-env" and status == 200:
-            answer = _json_or_none(reply, reply_headers.get("Content-Encoding", ""))
-            if isinstance(answer, dict) and answer.get("status") == "success":
-                self.server.counter.add(registered=True)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: the roles log
-        pass
-
-
-class _ProxyServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, counter: GroupCounter) -> None:
-        super().__init__((HOST, 0), _Proxy)
-        self.counter = counter
-        self.upstream: tuple[str, int] = (HOST, 0)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.server_address[1]}"
-
-
-def _json_or_none(data: bytes, encoding: str) -> Any:
-    try:
-        return json.loads(gzip.decompress(data) if "gzip" in encoding.lower() else data)
-    except (OSError, ValueError):
-        return None
-
-
-def _groups_in(body: bytes, encoding: str) -> int:
-    """Groups in a ``/scored_data`` (an object) or ``/scored_data_list`` (a list) body (gzip or not)."""
-    payload = _json_or_none(body, encoding)
-    if isinstance(payload, list):
-        return len(payload)
-    return 1 if isinstance(payload, dict) else 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,15 +112,12 @@ def _groups_in(body: bytes, encoding: str) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-class StepFollower:
-    """Reads the step lines appended to ``metrics.jsonl``; starts over when the file is replaced (a
-    resumed trainer rewrites it atomically, keeping the steps before its checkpoint)."""
+class StepFollower(MetricsFollower):
+    """The trainer's step lines as they land in ``metrics.jsonl`` (from the top again after a resumed
+    trainer rewrote it), and the newest one."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._inode = None
-        self._offset = 0
-        self._partial = b""
+        super().__init__(path)
         self.last_unix = 0.0
         """``time_unix`` of the newest step line seen."""
         self.last_step = 0
@@ -247,31 +125,11 @@ class StepFollower:
         self.last_reward: float | None = None
 
     def read_new(self) -> list[dict[str, Any]]:
-        """The complete step records written since the last call (all of them after a rewrite)."""
-        try:
-            stat = self.path.stat()
-            if stat.st_ino != self._inode or stat.st_size < self._offset:
-                self._inode, self._offset, self._partial = stat.st_ino, 0, b""
-            if stat.st_size == self._offset:
-                return []
-            with self.path.open("rb") as file:
-                file.seek(self._offset)
-                chunk = file.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(chunk)
-        *lines, self._partial = (self._partial + chunk).split(b"\n")
-        records = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                if record.get("time_unix", 0) > self.last_unix:
-                    self.last_unix, self.last_step = record["time_unix"], record["step"]
-                    self.last_reward = record.get("reward/mean")
-                records.append(record)
+        records = super().read_new()
+        for record in records:
+            if record.get("time_unix", 0) > self.last_unix:
+                self.last_unix, self.last_step = record["time_unix"], record["step"]
+                self.last_reward = record.get("reward/mean")
         return records
 
 
@@ -348,7 +206,7 @@ class ChaosRun:
         self.victims = args.roles.split(",")
         self.round: list[str] = []
         self.counter = GroupCounter()
-        self.proxy = _ProxyServer(self.counter)
+        self.proxy = CountingProxy(self.counter)
         self.kills: list[Kill] = []
         self.problems: list[str] = []
         """What fails the run (exit status 1)."""
@@ -460,7 +318,7 @@ class ChaosRun:
             )
         self._stop("env", grace_s=30.0)
         self._stop("bridge", grace_s=30.0)
-        queue = _api_queue(self.setup.addresses["atropos-api"])
+        queue = read_api_queue(self.setup.addresses["atropos-api"])
         self._stop("atropos-api", grace_s=15.0)
         self._stop("inference", grace_s=15.0)
         return queue
@@ -582,7 +440,7 @@ class ChaosRun:
     def _kill(self, name: str) -> None:
         role = self.roles[name]
         sig = signal.SIGTERM if self.rng.random() < self.args.sigterm_prob else signal.SIGKILL
-        queue = _api_queue(self.setup.addresses["atropos-api"]) if name == "atropos-api" else None
+        queue = read_api_queue(self.setup.addresses["atropos-api"]) if name == "atropos-api" else None
         kill = Kill(name, sig.name, time.time(), self.follower.last_step, api_queue_groups=queue)
         signal_group(role.proc, sig)
         role.up, role.signalled_this_life, role.pending_kill = False, True, kill
@@ -649,7 +507,7 @@ class ChaosRun:
         run_dir = self.setup.run_dir
         ledger = read_ledger(run_dir / "spool" / "ledger.jsonl")
         history, final_step = read_final_history(run_dir / "checkpoints")
-        rejected, resets = _bridge_log_counts(run_dir / "logs")
+        rejected, resets = bridge_log_counts(run_dir / "logs")
         acked = ledger["acked"]
         counts = collections.Counter(history)
         lost = sorted(acked - set(history))
@@ -658,7 +516,7 @@ class ChaosRun:
         lost_in_api = None
         if api_queue is not None:
             lost_in_api = self.counter.posted - groups_received - api_queue - rejected
-        rewards = _rewards(self.setup.metrics_path, run_dir, min_gain=self.args.min_reward_gain)
+        rewards = read_rewards(self.setup.metrics_path, run_dir, min_gain=self.args.min_reward_gain)
         by_role = {name: [k for k in self.kills if k.role == name] for name in ROLES}
         unrecovered = sorted({k.role for k in self.kills if k.recovered_s is None})
         report = {
@@ -676,8 +534,8 @@ class ChaosRun:
             "sigterms_by_role": {n: sum(x.signal == "SIGTERM" for x in k) for n, k in by_role.items()},
             "restarts_by_role": {n: r.restarts for n, r in self.roles.items()},
             "crashes_by_role": {n: len(r.crashes) for n, r in self.roles.items()},
-            "recover_s": {n: _spread([x.recovered_s for x in k]) for n, k in by_role.items()},
-            "next_step_s": {n: _spread([x.next_step_s for x in k]) for n, k in by_role.items()},
+            "recover_s": {n: spread([x.recovered_s for x in k]) for n, k in by_role.items()},
+            "next_step_s": {n: spread([x.next_step_s for x in k]) for n, k in by_role.items()},
             "steps_redone": sum(k.steps_redone or 0 for k in self.kills),
             "unrecovered_roles": unrecovered,
             "groups_posted": self.counter.posted,
@@ -718,149 +576,6 @@ class ChaosRun:
         report["notes"] = list(self.notes)
         report["ok"] = not self.problems
         return report
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading the run's records
-# ------------------------------------------------------------------------------------------------
-
-
-def read_ledger(path: Path) -> dict[str, Any]:
-    """The spool ledger's batches: ``spooled`` (id -> groups), ``handed_out`` and ``acked`` (id sets)."""
-    spooled: dict[str, int] = {}
-    handed_out: set[str] = set()
-    acked: set[str] = set()
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a last line cut off by a SIGKILL (the spool drops it on its next start)
-            event, batch_id = record.get("event"), record.get("batch_id")
-            if event == "spooled":
-                spooled[batch_id] = int(record.get("groups", 0))
-            elif event == "handed_out":
-                handed_out.add(batch_id)
-            elif event == "acked":
-                acked.add(batch_id)
-    return {"spooled": spooled, "handed_out": handed_out, "acked": acked}
-
-
-def read_final_history(checkpoint_dir: Path) -> tuple[list[str], int | None]:
-    """The newest checkpoint's ``batch_history`` and step (from its sidecar), or ``([], None)``."""
-    from atropos_megatron.trainer.checkpoint import progress_from_dict, resolve
-    from atropos_megatron.weights.dist_checkpoint import SIDECAR
-
-    path = resolve(checkpoint_dir, "latest")
-    if path is None or not (path / SIDECAR).is_file():
-        return [], None
-    progress = progress_from_dict(json.loads((path / SIDECAR).read_text())["progress"])
-    return list(progress.batch_history), progress.step
-
-
-def _bridge_log_counts(log_dir: Path) -> tuple[int, int]:
-    """Groups the bridge rejected, and the times it reset a stuck API, over all its lives' logs."""
-    rejected = resets = 0
-    for log in sorted(log_dir.glob("bridge.*.log")):
-        text = log.read_text(errors="replace")
-        rejected += text.count("rejected a group from env")
-        resets += text.count("resetting it (those groups are dropped)")
-    return rejected, resets
-
-
-def _api_queue(url: str) -> int | None:
-    """Groups queued in the Atropos API (``GET /status``), or None if it does not answer."""
-    try:
-        return int(httpx.get(f"{url}/status", timeout=5).json()["queue_size"])
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _rewards(metrics_path: Path, run_dir: Path, *, min_gain: float) -> dict[str, Any]:
-    from atropos_megatron.demo import report
-
-    window = 5
-    records = report.read_metrics(metrics_path) if metrics_path.exists() else []
-    try:
-        summary = report.summarize_rewards(records, window=window)
-    except ValueError:
-        return {
-            "reward_first5": None,
-            "reward_last5": None,
-            "reward_best5": None,
-            "reward_rising": False,
-            "steps_logged": 0,
-        }
-    report.plot_reward_curve(records, run_dir / "reward_curve.png", window=window, title="chaos run")
-    return {
-        "reward_first5": round(summary.first_mean, 4),
-        "reward_last5": round(summary.last_mean, 4),
-        "reward_best5": round(summary.best_rolling_mean, 4),
-        "reward_rising": summary.gain >= min_gain,
-        "steps_logged": summary.last_step,
-    }
-
-
-def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
-    done = [v for v in values if v is not None]
-    if not done:
-        return {"median": None, "max": None}
-    return {"median": round(statistics.median(done), 2), "max": round(max(done), 2)}
-
-
-def format_table(report: dict[str, Any]) -> str:
-    def seconds(spread: dict[str, float | None]) -> str:
-        if spread["median"] is None:
-            return "-"
-        return f"{spread['median']:.1f} / {spread['max']:.1f}"
-
-    lines = [
-        "",
-        f"chaos run: {report['minutes']:g} min, seed {report['seed']}, kills every "
-        f"{report['interval_s'][0]:g}-{report['interval_s'][1]:g} s, wall {report['wall_s'] / 60:.1f} min "
-        f"on {report['cpus']} CPUs (1-min load {report['load_avg_1m_start_end'][0]:.1f} at the start, "
-        f"{report['load_avg_1m_start_end'][1]:.1f} at the end)",
-        "",
-        f"{'role':<12} {'kills':>5} {'TERM/KILL':>9} {'restarts':>8} {'crashes':>7} "
-        f"{'recover s (med/max)':>20} {'next step s (med/max)':>22}",
-    ]
-    for name in ROLES:
-        kills, terms = report["kills_by_role"][name], report["sigterms_by_role"][name]
-        lines.append(
-            f"{name:<12} {kills:>5} {f'{terms}/{kills - terms}':>9} {report['restarts_by_role'][name]:>8} "
-            f"{report['crashes_by_role'][name]:>7} {seconds(report['recover_s'][name]):>20} "
-            f"{seconds(report['next_step_s'][name]):>22}"
-        )
-    lines.append(f"{'total':<12} {report['kills']:>5}")
-    lost_api = report["groups_lost_in_api"]
-    lines += [
-        "",
-        f"groups posted by the environment   {report['groups_posted']}  "
-        f"(and {report['groups_refused']} in posts that failed: API down; the environment retries)",
-        f"groups received by the bridge      {report['groups_received']}",
-        f"groups still queued in the API     {report['groups_queued_at_end']}",
-        f"groups rejected by the bridge      {report['groups_rejected']}",
-        f"groups lost inside the Atropos API {lost_api if lost_api is not None else '?'}  (the API keeps its "
-        f"queue in memory: a killed API loses it; queued at its kills: {report['api_queue_at_kills']}; "
-        f"resets by the bridge: {report['api_resets_by_bridge']})",
-        f"batches handed out                 {report['batches_handed_out']}  "
-        f"(acknowledged {report['batches_acked']}, "
-        f"unacknowledged at the end {report['batches_unacked_at_end']})",
-        f"batches lost                       {report['batches_lost']}",
-        f"batches duplicated                 {report['batches_duplicated']}",
-        f"steps trained                      {report['steps_trained']}  (steps trained again after "
-        f"resumes: {report['steps_redone']})",
-        f"reward                             first 5 steps {_fmt(report['reward_first5'])} -> last 5 "
-        f"{_fmt(report['reward_last5'])} ({'rising' if report['reward_rising'] else 'NOT rising'}; "
-        f"best 5-step mean {_fmt(report['reward_best5'])})",
-    ]
-    lines += [f"note: {n}" for n in report["notes"]]
-    lines += [f"problem: {p}" for p in report["problems"]] or ["every killed role recovered; nothing lost"]
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 # ------------------------------------------------------------------------------------------------

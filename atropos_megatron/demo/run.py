@@ -14,7 +14,6 @@ matches) or run anywhere but loopback. It needs a source checkout (``examples/``
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -268,8 +267,10 @@ def _follow_training(
     """Show the trainer's steps as they land in ``metrics.jsonl`` until it exits (or time runs out)."""
     from tqdm import tqdm
 
+    from atropos_megatron.trainer.metrics import MetricsFollower
+
     deadline = time.monotonic() + timeout_s
-    follower = _MetricsFollower(metrics_path)
+    follower = MetricsFollower(metrics_path)
     with tqdm(total=steps, unit="step", desc="training", disable=not progress, dynamic_ncols=True) as bar:
         while True:
             done = supervisor.finished("trainer")
@@ -286,34 +287,6 @@ def _follow_training(
                     f"(logs: {supervisor.log_dir}); every process was stopped"
                 )
             time.sleep(0.5)
-
-
-class _MetricsFollower:
-    """Reads the complete lines appended to a JSONL file since the last call."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-
-    def read_new(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as file:
-                file.seek(self._offset)
-                chunk = file.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(chunk)
-        *lines, self._partial = (self._partial + chunk).split(b"\n")
-        records = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.append(record)
-        return records
 
 
 def _report(run_dir: Path, metrics_path: Path, exits: dict[str, ExitRecord], *, wall_s: float) -> DemoResult:

@@ -292,6 +292,33 @@ def _open_wandb(project: str, run_name: str, id_path: Path, resume_step: int | N
 # ------------------------------------------------------------------------------------------------
 
 
+class MetricsFollower:
+    """Reads the step records appended to a ``metrics.jsonl`` since the last call, for a process that
+    watches a run. It starts over when the file is replaced or shortened (a resumed trainer rewrites it
+    atomically, keeping the steps before its checkpoint): the records then come again from the top."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._inode: int | None = None
+        self._offset = 0
+        self._partial = b""
+
+    def read_new(self) -> list[dict[str, Any]]:
+        try:
+            stat = self.path.stat()
+            if stat.st_ino != self._inode or stat.st_size < self._offset:
+                self._inode, self._offset, self._partial = stat.st_ino, 0, b""
+            with self.path.open("rb") as file:
+                file.seek(self._offset)
+                chunk = file.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        records = [_parse_line(line.decode(errors="replace")) for line in lines if line.strip()]
+        return [r for r in records if r is not None and isinstance(r.get("step"), int)]
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``, in file order.
 

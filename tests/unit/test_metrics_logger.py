@@ -359,3 +359,21 @@ def test_importing_the_module_pulls_in_neither_torch_nor_wandb_nor_tensorboard()
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def test_a_follower_reads_complete_new_lines_and_starts_over_when_the_file_is_rewritten(tmp_path):
+    from atropos_megatron.trainer.metrics import MetricsFollower
+
+    path = tmp_path / "metrics.jsonl"
+    follower = MetricsFollower(path)
+    assert follower.read_new() == []  # not there yet
+    path.write_text('{"step": 1, "r": 0.1}\n{"step": 2, "r"')  # the second line is still being written
+    assert [r["step"] for r in follower.read_new()] == [1]
+    with path.open("a") as file:
+        file.write(": 0.2}\n")
+    assert [r["step"] for r in follower.read_new()] == [2]
+    replacement = tmp_path / "metrics.tmp"  # a resumed trainer rewrites the file atomically
+    replacement.write_text('{"step": 1, "r": 0.1}\n{"step": 2, "r": 0.3}\n')
+    replacement.replace(path)
+    assert [(r["step"], r["r"]) for r in follower.read_new()] == [(1, 0.1), (2, 0.3)]
+    assert follower.read_new() == []
