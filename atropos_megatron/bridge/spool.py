@@ -119,15 +119,6 @@ class BatchSpool:
         counts["bytes"] = sum(_size(b.path) for b in batches)
         return counts
 
-    def __contains__(self, batch_id: str) -> bool:
-        with self._lock:
-            return batch_id in self._batches
-
-    def __len__(self) -> int:
-        """Batches not yet acknowledged (queued or handed out)."""
-        with self._lock:
-            return sum(b.state != ACKED for b in self._batches.values())
-
     # -- transitions -------------------------------------------------------------------------------
 
     def put(self, batch: bridge_pb2.TrainingBatch) -> None:
