@@ -301,10 +301,13 @@ def test_scancel_signal_delivery(cluster: SlurmCluster, tmp_path: Path, report) 
         f"SIGKILL after scancel: { {k: round(v - t_cancel, 2) for k, v in died.items()} } (KillWait={KILL_WAIT_S})"
     )
     assert info["JobState"] == "CANCELLED"
-    assert [s for s, _ in after["task"]] == ["SIGCONT", "SIGTERM"], after
-    assert [s for s, _ in after["child"]] == ["SIGCONT", "SIGTERM"], after
+    # Slurm sends SIGCONT then SIGTERM, but the recorded order is not evidence of that: CPython runs
+    # the handlers of signals pending together in signal-number order (TERM=15 before CONT=18), and on
+    # a busy machine the process is often not scheduled between the two deliveries.
+    assert sorted(s for s, _ in after["task"]) == ["SIGCONT", "SIGTERM"], after
+    assert sorted(s for s, _ in after["child"]) == ["SIGCONT", "SIGTERM"], after
     assert [s for s, _ in after["batch"]] == ["SIGTERM"], after
     assert set(died) == {"task", "child"}, f"not killed by Slurm: { ({'task', 'child'} - set(died)) }"
     for name in ("task", "child"):  # SIGKILL no sooner than KillWait after SIGTERM (how much later: load)
-        term_to_kill = died[name] - after[name][-1][1]
+        term_to_kill = died[name] - next(t for s, t in after[name] if s == "SIGTERM")
         assert term_to_kill >= KILL_WAIT_S - 0.5, (name, term_to_kill)
