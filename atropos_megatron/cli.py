@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from atropos_megatron import __version__
+from atropos_megatron.logs import configure_logging
 
 _EPILOG = """\
 Configuration: every subcommand that takes --config also takes key=value overrides, applied last:
@@ -200,7 +201,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from atropos_megatron.inference.http_server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args)
 
 
@@ -217,8 +218,6 @@ servers after every step (weights.*), metrics go to <logging.run_dir>/metrics.js
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import logging
-
     cfg = _load_config(args)
     if cfg is None:
         return 2
@@ -234,9 +233,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from atropos_megatron.trainer.parallel import detect_dist_env
 
     rank = detect_dist_env().rank
-    logging.basicConfig(
-        level=cfg.logging.level if rank == 0 else "WARNING",
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        cfg.logging.level if rank == 0 else "WARNING",
+        f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
     from atropos_megatron.trainer.loop import train
 
@@ -270,14 +269,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_bridge(args: argparse.Namespace) -> int:
-    import logging
-
     from atropos_megatron.bridge.server import serve
 
     cfg = _load_config(args)
     if cfg is None:
         return 2
-    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(cfg.logging.level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(cfg.bridge, cfg.weights)
     return 0
 

@@ -33,6 +33,7 @@ from typing import Any
 from atropos_megatron.bridge.client import weight_nbytes
 from atropos_megatron.bridge.sglang_client import ServerInfo, SGLangClient, SGLangError
 from atropos_megatron.config import WeightsConfig
+from atropos_megatron.logs import FirstTimeInfo
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class ServerState:
     weight_version: str = ""
     last_error: str = ""
     held: bool = False  # paused by the bridge because it is behind; released by the next push
+    flushes_skipped: int = 0  # updates after which the server refused /flush_cache (requests in flight)
 
     def snapshot(self, *, updated: bool = False) -> ServerSnapshot:
         return ServerSnapshot(
@@ -100,6 +102,7 @@ class ServerState:
             tp_size=self.info.tp_size if self.info else 0,
             last_error=self.last_error,
             updated=updated,
+            flushes_skipped=self.flushes_skipped,
         )
 
 
@@ -112,6 +115,7 @@ class ServerSnapshot:
     tp_size: int
     last_error: str
     updated: bool = False
+    flushes_skipped: int = 0
 
 
 @dataclass
@@ -143,6 +147,7 @@ class WeightSync:
         self.pushes = 0
         self._open_agent_stream = open_agent_stream
         self._push_lock = threading.Lock()
+        self.push_log, self.done_log = FirstTimeInfo(), FirstTimeInfo()  # a push per step: INFO once
         self._state_lock = threading.Lock()
         self._group_members: tuple[str, ...] = ()
         self._last_check = float("-inf")
@@ -277,7 +282,8 @@ class WeightPush:
         self._each(self._prepare)
         if self.header.transport == "distributed" and self.header.group.init:
             self._start_group_init()
-        logger.info(
+        logger.log(
+            self.sync.push_log.level(),
             "weight push %r (%s) to %d server(s)%s",
             self.header.weight_version,
             self.header.transport,
@@ -439,14 +445,17 @@ class WeightPush:
         ] + agent_servers
         self.result.seconds = time.monotonic() - self._started
         succeeded = bool(updated) or not self.sync.servers
-        logger.info(
-            "weight push %r done: %d bucket(s), %.1f MB in %.2f s; %d/%d server(s) updated",
+        level = self.sync.done_log.level() if len(updated) == len(self.sync.servers) else logging.WARNING
+        logger.log(
+            level,
+            "weight push %r done: %d bucket(s), %.1f MB in %.2f s; %d/%d server(s) updated%s",
             self.header.weight_version,
             self.result.buckets,
             self.result.bytes / 1e6,
             self.result.seconds,
             len(updated),
             len(self.sync.servers),
+            " (later pushes that reach every server: at DEBUG)" if level == logging.INFO else "",
         )
         self._close(succeeded=succeeded)
         return self.result
@@ -460,13 +469,26 @@ class WeightPush:
         attempts = self.cfg.flush_cache_attempts if self.cfg.pause_mode == "abort" else 1
         try:  # best effort: the weights are in; a cache SGLang will not flush yet must not strand them
             server.client.flush_cache(attempts=attempts)
-            flushed = ""
         except SGLangError as exc:
-            flushed = f"cache not flushed after the update: {exc}"
-            logger.warning("%s: %s", server.url, flushed)
+            self._note_flush_skipped(server, exc)
         self._retrying(server, "update_weight_version", lambda: server.client.update_weight_version(version))
         self._retrying(server, "continue_generation", server.client.continue_generation)
-        server.held, server.weight_version, server.last_error = False, version, flushed
+        server.held, server.weight_version, server.last_error = False, version, ""
+
+    def _note_flush_skipped(self, server: ServerState, exc: SGLangError) -> None:
+        """SGLang refuses ``/flush_cache`` while requests are in flight, which retract and in_place
+        pushes leave by design; the update itself is in. Said once per server, then counted."""
+        server.flushes_skipped += 1
+        if server.flushes_skipped == 1:
+            logger.warning(
+                "%s: prefix cache not flushed after the update (%s): expected while requests are in "
+                "flight (pause_mode=%s); counted in bridge-status from now on, not logged again",
+                server.url,
+                exc,
+                self.cfg.pause_mode,
+            )
+        else:
+            logger.debug("%s: cache not flushed after the update: %s", server.url, exc)
 
     def abort(self, reason: str) -> None:
         """The stream broke: close sessions, keep servers paused (they may hold a mix of versions)."""

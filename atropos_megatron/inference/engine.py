@@ -38,6 +38,7 @@ from atropos_megatron.inference.generation import (
     generate_batch,
 )
 from atropos_megatron.inference.sampling import FinishReason, finished_text
+from atropos_megatron.logs import FirstTimeInfo
 
 logger = logging.getLogger(__name__)
 PAUSE_MODES = ("abort", "retract", "in_place")
@@ -76,6 +77,7 @@ class Engine:
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.eos_ids = _eos_ids(model, tokenizer)
         self._rng = random.Random(options.seed)
+        self._restart_log = FirstTimeInfo()  # retract pauses restart requests on every update
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._active: list[_Job] = []
@@ -248,7 +250,11 @@ class Engine:
             )
             if outputs is not None:
                 break
-            logger.info("weights changed while %d request(s) were paused: restarting them", len(jobs))
+            logger.log(
+                self._restart_log.level(),
+                "weights changed while %d request(s) were paused: restarting them",
+                len(jobs),
+            )
         for job, samples in zip(jobs, outputs, strict=True):
             for sample in samples:
                 sample.weight_version = version

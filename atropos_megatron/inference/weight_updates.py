@@ -26,6 +26,7 @@ from atropos_megatron.inference.weight_loader import (
     receive_distributed,
     validate_specs,
 )
+from atropos_megatron.logs import FirstTimeInfo
 
 logger = logging.getLogger(__name__)
 REQUIRED = object()
@@ -110,6 +111,7 @@ class WeightUpdater:
     group_timeout_s: float = 300.0
     groups: dict[str, Any] = field(default_factory=dict)
     session_open: bool = False
+    _update_log: FirstTimeInfo = field(default_factory=FirstTimeInfo)  # one update a step: INFO once
 
     # ----- sessions (SGLang >= 0.5.21)
     def begin(self) -> UpdateResult:
@@ -223,7 +225,8 @@ class WeightUpdater:
         seconds = time.monotonic() - start
         if values["weight_version"] is not None:
             self.engine.set_weight_version(str(values["weight_version"]))
-        logger.info(
+        logger.log(
+            self._update_log.level(),
             "weights updated from %s: version=%s tensors=%d bytes=%d in %.3f s",
             source, self.engine.weight_version, count, nbytes, seconds,
         )  # fmt: skip

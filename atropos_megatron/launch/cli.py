@@ -17,6 +17,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from atropos_megatron.logs import configure_logging
+
 ENVIRONMENT_OVERRIDES = (
     ("ATROPOS_API_URL", "launch.api_url", "an Atropos API that already runs (no run-api is started)"),
     ("MODEL_PATH", "model.hf_path", "the HF checkpoint to train (and serve)"),
@@ -54,11 +56,10 @@ Environment variables read by `launch plan` (applied after the YAML, before key=
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s launch[{os.environ.get('SLURMD_NODENAME', 'local')}] %(levelname)s: %(message)s",
+    configure_logging(  # quiet httpx: one line per readiness probe otherwise
+        logging.INFO,
+        f"%(asctime)s launch[{os.environ.get('SLURMD_NODENAME', 'local')}] %(levelname)s: %(message)s",
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe otherwise
     return args.handler(args)
 
 

@@ -385,7 +385,7 @@ def _truncate_jsonl(path: Path, *, before_step: int) -> int:
 def format_step_line(step: int, total_steps: int | None, metrics: Mapping[str, Any]) -> str:
     """A one-line summary of a step, for the progress bar postfix and the log.
 
-    Example: ``step 12/100 | reward 0.512±0.231 | loss -0.01234 | kl 0.0012 | 1.23k tok/s |
+    Example: ``step 12/100 | reward 0.512±0.231 | loss -0.01234 | kl_ref 0.0012 | 1.23k tok/s |
     4.56s (wait 0.12 compute 4.01 sync 0.43)``. Fields appear in that fixed order; a field whose
     keys are absent (or None) is omitted.
 
@@ -403,9 +403,10 @@ def format_step_line(step: int, total_steps: int | None, metrics: Mapping[str, A
     loss = _first(get, "grpo/loss", "grpo/pg_loss")
     if loss is not None:
         parts.append(f"loss {_num(loss)}")
-    kl = _first(get, "grpo/kl_ref", "grpo/kl", "rollout/kl")
-    if kl is not None:
-        parts.append(f"kl {_num(kl)}")
+    for label, key in (("kl_ref", "grpo/kl_ref"), ("rollout_kl", "rollout/kl")):
+        value = get(key)  # two different quantities: to the reference model, to the inference engine
+        if value is not None:
+            parts.append(f"{label} {_num(value)}")
     tokens_per_s = get("perf/tokens_per_s")
     if tokens_per_s is not None:
         parts.append(f"{_si(tokens_per_s)} tok/s")

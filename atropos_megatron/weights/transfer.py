@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from atropos_megatron.config import ModelConfig, WeightsConfig
+from atropos_megatron.logs import FirstTimeInfo
 from atropos_megatron.trainer import parallel
 from atropos_megatron.weights import sync_group
 from atropos_megatron.weights.export import WeightBucket, export_hf_buckets, is_export_sender
@@ -80,6 +81,7 @@ class WeightPusher:
         self.hf_config = hf_config
         self.dtype = dtype
         self._group: _Group | None = None
+        self._push_log = FirstTimeInfo()
 
     def push(self, chunks, *, weight_version: str, progress: Callable[[int], object] | None = None):
         """Export ``chunks`` and push them as ``weight_version``. Collective; returns the bridge's answer
@@ -112,15 +114,19 @@ class WeightPusher:
         finally:
             for _ in buckets:  # after a failure: finish the export so every rank's collectives match
                 pass
-        logger.info(
-            "weights %s pushed (%s): %d bucket(s), %.1f MB in %.2f s; %d/%d server(s) updated",
+        updated = sum(server.updated for server in response.servers)
+        level = self._push_log.level() if updated == len(response.servers) else logging.WARNING
+        logger.log(
+            level,
+            "weights %s pushed (%s): %d bucket(s), %.1f MB in %.2f s; %d/%d server(s) updated%s",
             weight_version,
             self.cfg.transport,
             response.buckets,
             response.bytes / 1e6,
             time.monotonic() - started,
-            sum(server.updated for server in response.servers),
+            updated,
             len(response.servers),
+            "" if level != logging.INFO else " (later pushes at DEBUG)",
         )
         return response
 

@@ -329,6 +329,7 @@ def test_format_step_line_renders_fields_in_fixed_order():
             "time/sync_s": 0.431,
             "perf/tokens_per_s": 1234.5,
             "grpo/kl_ref": 0.0012,
+            "rollout/kl": 3e-05,
             "grpo/pg_loss": torch.tensor(-0.01234),
             "reward/std": 0.2314,
             "reward/mean": 0.5123,
@@ -339,7 +340,7 @@ def test_format_step_line_renders_fields_in_fixed_order():
         },
     )
     assert line == (
-        "step 12/100 | reward 0.5123±0.2314 | loss -0.01234 | kl 0.0012 | 1.23k tok/s"
+        "step 12/100 | reward 0.5123±0.2314 | loss -0.01234 | kl_ref 0.0012 | rollout_kl 3e-05 | 1.23k tok/s"
         " | 4.56s (wait 0.12 compute 4.01 sync 0.43)"
     )
 
