@@ -343,12 +343,16 @@ class DataConfig:
     batch_wait_s: float = 5.0
     """How long one request for a batch waits at the bridge (seconds); the trainer asks again until a
     batch comes, checking for SIGTERM in between."""
+    wait_report_s: float = 30.0
+    """While no batch comes, rank 0 logs one line this often (seconds) saying how long it has waited and
+    why, in the bridge's named stalls; 0 turns the line off."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", "must be > 0")
         _require(self.max_token_len > 0, "data.max_token_len", "must be > 0")
         _require(self.pad_to_multiple_of > 0, "data.pad_to_multiple_of", "must be > 0")
         _require(self.batch_wait_s > 0, "data.batch_wait_s", "must be > 0")
+        _require(self.wait_report_s >= 0, "data.wait_report_s", "must be >= 0 (0: off)")
         _require(
             self.micro_batch_tokens >= self.max_token_len,
             "data.micro_batch_tokens",
@@ -394,6 +398,15 @@ class BridgeConfig:
     """Sent to Atropos at registration (Atropos requires it; wandb itself is optional)."""
     wandb_project: str = "atropos-megatron"
     """Sent to Atropos at registration."""
+    atropos_watch_s: float = 5.0
+    """How often the bridge reads the Atropos API's state (seconds): `/status`, `/info` and `/status-env`
+    per environment, beside the batch poll; `status` and the trainer's waiting line show what it saw."""
+    stall_after_s: float = 30.0
+    """How long the bridge must have had no batch ready before it names a stall (seconds)."""
+    disconnect_quiet_envs_s: float | None = None
+    """Disconnect (`POST /disconnect-env`) an environment that posted nothing for this long (seconds)
+    while its `min_batch_allocation` keeps the API from forming any batch (a killed env stays registered
+    and blocks every batch); logged in one line. null or 0: never (the stall is only named)."""
 
     def __post_init__(self) -> None:
         host, sep, port = self.address.rpartition(":")
@@ -423,6 +436,13 @@ class BridgeConfig:
             "set tls_cert and tls_key together",
         )
         _require(self.max_message_bytes > 0, "bridge.max_message_bytes", "must be > 0")
+        _require(self.atropos_watch_s > 0, "bridge.atropos_watch_s", "must be > 0")
+        _require(self.stall_after_s >= 0, "bridge.stall_after_s", "must be >= 0")
+        _require(
+            self.disconnect_quiet_envs_s is None or self.disconnect_quiet_envs_s >= 0,
+            "bridge.disconnect_quiet_envs_s",
+            "must be >= 0 or null (off)",
+        )
 
 
 WEIGHT_TRANSPORTS = ("grpc", "distributed", "disk")

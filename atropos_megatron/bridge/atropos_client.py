@@ -362,3 +362,39 @@ class AtroposClient:
             log.warning(
                 "Atropos API at %s answering again after %.1f s", self.base_url, time.monotonic() - since
             )
+
+    # ------------------------------------------------------------------------- environments (watcher)
+
+    def status_env(self, env_id: int, *, timeout_s: float | None = None) -> dict | None:
+        """``GET /status-env`` (a GET with a JSON body): one env's view, or None when the API answers 500.
+
+        Atropos answers 500 for an ``env_id`` past the last registered one (that is how envs are
+        enumerated), with no env or no trainer registered, or when every connected env has weight 0;
+        so a 500 is an answer here, not an outage, and is not logged. Side effect (as for every env's
+        own call): the API raises the env's recorded group_size to its largest queued group. Raises
+        :class:`AtroposUnavailable` when the API cannot be reached or answers something unusable.
+        """
+        try:
+            response = self._http.request(
+                "GET", "/status-env", json={"env_id": env_id}, timeout=timeout_s or self.timeout_s
+            )
+        except httpx.TransportError as exc:
+            raise AtroposUnavailable(f"GET /status-env: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 500:
+            return None
+        try:
+            response.raise_for_status()
+            body = json.loads(response.content)
+        except (httpx.HTTPStatusError, ValueError) as exc:
+            raise AtroposUnavailable(f"GET /status-env: {exc}") from exc
+        if not isinstance(body, dict):
+            raise AtroposUnavailable(f"GET /status-env answered a non-object: {str(body)[:200]}")
+        return body
+
+    def disconnect_env(self, env_id: int) -> bool:
+        """``POST /disconnect-env``: Atropos stops counting the env's weight and ``min_batch_allocation``.
+
+        Returns whether the API said ``success`` (it answers ``failure`` for an unknown env_id). An env
+        cannot be reconnected; it may still post, and its groups are still batched. Not retried.
+        """
+        return self.post_json("/disconnect-env", {"env_id": env_id}).get("status") == "success"

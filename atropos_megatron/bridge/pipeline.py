@@ -32,6 +32,20 @@ FetchGroups = Callable[[float, threading.Event], "list[dict] | None"]
 
 
 @dataclass(frozen=True)
+class WaitState:
+    """What the bridge knows about waiting (for naming stalls); times are ``time.monotonic()``."""
+
+    no_batch_since: float | None
+    """Since when no batch has been ready for the trainer (None while one is)."""
+    last_handed_out: float | None
+    """When a batch was last handed out (None: never, since the bridge started)."""
+    rejections_since_batch: dict[str, int]
+    """Groups rejected, by reason, since the last batch the bridge accepted."""
+    last_acked_batch_id: str
+    last_acked_step: int
+
+
+@dataclass(frozen=True)
 class Limits:
     """What a valid sequence must satisfy (from the trainer's registration)."""
 
@@ -57,6 +71,11 @@ class BatchPipeline:
         self._thread: threading.Thread | None = None
         self.rejections: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        self._rejections_since_batch: Counter[str] = Counter()
+        self._env_seen: dict[int, float] = {}
+        self._no_batch_since: float | None = None if self._ready else time.monotonic()
+        self._last_handed_out: float | None = None
+        self._last_acked = ("", 0)
         if self._ready:
             logger.info("spool holds %d un-acknowledged batches; they are served first", len(self._ready))
 
@@ -105,6 +124,7 @@ class BatchPipeline:
             self._handed_out.clear()  # every handed-out batch is in the replay
             self._registrations += 1  # a request still waiting from the trainer's previous life gets nothing
             self._replay = deque(replay)
+            self._note_readiness()
             self.counters["replayed"] += len(replay)
             self.counters["committed"] += committed
             self._cond.notify_all()
@@ -154,6 +174,8 @@ class BatchPipeline:
             queue.popleft()
             self._handed_out[batch.batch_id] = batch
             self.counters["served"] += 1
+            self._last_handed_out = time.monotonic()
+            self._note_readiness()
             self._cond.notify_all()  # room in the prefetch queue
             return batch
 
@@ -165,9 +187,11 @@ class BatchPipeline:
             # An ack may also name a batch still queued (handed out before a bridge restart).
             self._ready = deque(b for b in self._ready if b.batch_id != batch_id)
             self._replay = deque(b for b in self._replay if b.batch_id != batch_id)
+            self._note_readiness()
         known = self.spool.ack(batch_id, trained_step)
         if known:
             self.counters["acked"] += 1
+            self._last_acked = (batch_id, trained_step)
         return known
 
     def commit(self, step: int) -> int:
@@ -194,6 +218,33 @@ class BatchPipeline:
                 "rejected_groups": dict(self.rejections),
                 "next_step": self.spool.next_step,
             }
+
+    def wait_state(self) -> WaitState:
+        """A copy of what the bridge knows about waiting, for ``stalls.diagnose``."""
+        with self._cond:
+            return WaitState(
+                no_batch_since=self._no_batch_since,
+                last_handed_out=self._last_handed_out,
+                rejections_since_batch=dict(self._rejections_since_batch),
+                last_acked_batch_id=self._last_acked[0],
+                last_acked_step=self._last_acked[1],
+            )
+
+    def env_seen(self) -> dict[int, float]:
+        """Per env_id, the monotonic time its groups last reached the bridge."""
+        with self._cond:
+            return dict(self._env_seen)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _note_readiness(self) -> None:
+        """Keep ``_no_batch_since`` current (call with ``_cond`` held, after the queues changed)."""
+        if self._ready or self._replay:
+            self._no_batch_since = None
+        elif self._no_batch_since is None:
+            self._no_batch_since = time.monotonic()
 
     # -- Atropos side -----------------------------------------------------------------------------
 
@@ -223,6 +274,13 @@ class BatchPipeline:
             max_token_len=limits.max_token_len,
             fetched_unix_s=time.time(),
         )
+        seen = time.monotonic()
+        with self._cond:
+            for group in groups:
+                env_id = group.get("env_id") if isinstance(group, dict) else None
+                if type(env_id) is int:
+                    self._env_seen[env_id] = seen
+            self._rejections_since_batch.update(r.reason for r in rejections)
         for rejection in rejections:
             self.rejections[rejection.reason] += 1
             logger.warning(
@@ -237,4 +295,6 @@ class BatchPipeline:
         self.spool.put(message)  # durable before anyone can receive it
         with self._cond:
             self._ready.append(message)
+            self._rejections_since_batch.clear()
+            self._note_readiness()
             self._cond.notify_all()

@@ -94,7 +94,14 @@ class _AgentStream:
             self._client.close()
         return [
             ServerSnapshot(
-                s.url, s.healthy, s.weight_version, s.sglang_version, s.tp_size, s.last_error, s.updated
+                s.url,
+                s.healthy,
+                s.weight_version,
+                s.sglang_version,
+                s.tp_size,
+                s.last_error,
+                s.updated,
+                flushes_skipped=s.cache_flushes_skipped,
             )
             for s in response.servers
         ]

@@ -3,17 +3,22 @@
 Decisions live elsewhere (``pipeline.BatchPipeline`` for batches, ``atropos_client`` for Atropos,
 ``weight_sync.WeightSync`` for weights); each method here checks its request, calls one of them and
 maps failures to gRPC status codes. A bridge in ``agent`` mode has no Atropos side: its batch calls
-answer FAILED_PRECONDITION.
+answer FAILED_PRECONDITION. GetStatus also carries the Atropos API's side as ``atropos_watch`` last read
+it and the stalls ``stalls.diagnose`` names; the watcher's thread logs a stall when it is first named
+and disconnects quiet environments when ``bridge.disconnect_quiet_envs_s`` asks for it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import grpc
 
+from atropos_megatron.bridge import stalls
 from atropos_megatron.bridge.atropos_client import AtroposClient, AtroposUnavailable, Registration
+from atropos_megatron.bridge.atropos_watch import AtroposWatch
 from atropos_megatron.bridge.client import TRANSPORT_NAMES, WEIGHT_DTYPE_NAMES
 from atropos_megatron.bridge.pipeline import BatchPipeline, Limits
 from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
@@ -51,6 +56,66 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
         self._shared_buffer = None  # grpc transport: one bucket of shared memory, made on first use
         self._registered: tuple[str, bridge_pb2.RegisterRunResponse] | None = None
         self._lock = threading.Lock()
+        self.stall_policy = stalls.StallPolicy(stall_after_s=cfg.stall_after_s)
+        self._logged_stalls: tuple[str, ...] = ()
+        self.watch: AtroposWatch | None = None
+        if atropos is not None and pipeline is not None:
+            self.watch = AtroposWatch(
+                atropos,
+                interval_s=cfg.atropos_watch_s,
+                env_activity=pipeline.env_seen,
+                on_view=self._after_atropos_poll,
+                alive=lambda: not pipeline.stopped,
+            )
+
+    # -- naming stalls (the Atropos watcher's thread calls _after_atropos_poll) ---------------------
+
+    def start_watch(self) -> None:
+        """Start reading the Atropos API's state (idempotent; RegisterRun and GetStatus start it too)."""
+        if self.watch is not None:
+            self.watch.start()
+
+    def stop_watch(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+
+    def stall_snapshot(self) -> stalls.Snapshot:
+        """What ``stalls.diagnose`` looks at, from the watcher's last reading and the pipeline."""
+        wait = self.pipeline.wait_state()
+        return stalls.Snapshot(
+            atropos=self.watch.view if self.watch is not None else None,
+            bridge_registered=self._registered is not None,
+            no_batch_since=wait.no_batch_since,
+            rejections_since_batch=wait.rejections_since_batch,
+            servers_behind=self.weights.servers_behind,
+            atropos_url=self.cfg.atropos_url,
+        )
+
+    def _after_atropos_poll(self, view: stalls.AtroposView) -> None:
+        """Log a stall when it is first named (one line per change) and disconnect quiet envs if asked."""
+        now = time.monotonic()
+        snapshot = self.stall_snapshot()
+        named = stalls.diagnose(snapshot, now, self.stall_policy)
+        codes = tuple(stall.code for stall in named)
+        if codes != self._logged_stalls:
+            if named:
+                waited = now - snapshot.no_batch_since if snapshot.no_batch_since is not None else 0.0
+                logger.warning(
+                    "no batch ready for %.0f s: %s",
+                    waited,
+                    "; ".join(f"{s.code}: {s.message}" for s in named),
+                )
+            else:
+                logger.info("no stall named any more (was: %s)", ", ".join(self._logged_stalls))
+            self._logged_stalls = codes
+        quiet_s = self.cfg.disconnect_quiet_envs_s or 0.0
+        for env_id in stalls.envs_to_disconnect(snapshot, now, quiet_s, self.stall_policy):
+            env = next(e for e in view.envs if e.env_id == env_id)
+            self.watch.disconnect(
+                env_id,
+                f"it posted nothing for {now - env.last_active:.0f} s while environments' min_batch_allocation "
+                f"kept the API from forming any batch (bridge.disconnect_quiet_envs_s={quiet_s:g})",
+            )
 
     def RegisterRun(self, request, context):  # noqa: N802 - gRPC's method name
         self._require_job_mode(context)
@@ -81,6 +146,7 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
         )
         limits = Limits(vocab_size=request.vocab_size or None, max_token_len=request.max_token_len)
         self.pipeline.start(limits)
+        self.start_watch()
         response = bridge_pb2.RegisterRunResponse()
         response.CopyFrom(registered)
         response.replayed_batches = replayed
@@ -150,6 +216,9 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
     def GetStatus(self, request, context):  # noqa: N802
         snapshot = self.pipeline.snapshot() if self.pipeline is not None else {}
         self.weights.refresh()
+        if self.pipeline is not None:
+            self.start_watch()
+            snapshot.update(self._waiting_fields())
         return bridge_pb2.BridgeStatus(
             registered=self._registered is not None,
             atropos_url=self.cfg.atropos_url if self.atropos is not None else "",
@@ -161,6 +230,20 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
             mode=self.cfg.mode,
             **snapshot,
         )
+
+    def _waiting_fields(self) -> dict:
+        """BridgeStatus's Atropos view, named stalls and waiting times."""
+        now = time.monotonic()
+        wait = self.pipeline.wait_state()
+        named = stalls.diagnose(self.stall_snapshot(), now, self.stall_policy)
+        return {
+            "atropos": _atropos_to_proto(self.watch.view if self.watch else None, now),
+            "stalls": [bridge_pb2.Stall(code=s.code, message=s.message) for s in named],
+            "seconds_since_batch": -1.0 if wait.last_handed_out is None else now - wait.last_handed_out,
+            "seconds_without_batch": 0.0 if wait.no_batch_since is None else now - wait.no_batch_since,
+            "last_acked_batch_id": wait.last_acked_batch_id,
+            "last_acked_step": wait.last_acked_step,
+        }
 
     def PushWeights(self, request_iterator, context):  # noqa: N802
         messages = iter(request_iterator)
@@ -314,4 +397,34 @@ def _server_to_proto(server: ServerSnapshot) -> bridge_pb2.InferenceServerStatus
         tp_size=server.tp_size,
         last_error=server.last_error,
         updated=server.updated,
+        cache_flushes_skipped=server.flushes_skipped,
+    )
+
+
+def _atropos_to_proto(view: stalls.AtroposView | None, now: float) -> bridge_pb2.AtroposQueue:
+    if view is None:
+        return bridge_pb2.AtroposQueue(observed=False)
+    return bridge_pb2.AtroposQueue(
+        observed=True,
+        reachable=view.reachable,
+        error=view.error,
+        age_s=now - view.observed_at,
+        batches_formed=view.batches_formed,
+        queued_groups=view.queued_groups,
+        batch_size=view.batch_size,
+        max_token_len=view.max_token_len,
+        largest_group=view.largest_group,
+        min_allocation_claimed=view.min_allocation_claimed,
+        posting_rate=-1.0 if view.posting_rate is None else view.posting_rate,
+        seconds_since_posted=-1.0 if view.last_posted is None else now - view.last_posted,
+        envs=[
+            bridge_pb2.AtroposEnv(
+                env_id=env.env_id,
+                queued_groups=env.queued_groups,
+                seconds_quiet=now - env.last_active,
+                weight=env.weight,
+                disconnected=env.disconnected,
+            )
+            for env in view.envs
+        ],
     )

@@ -390,10 +390,16 @@ class Trainer:
         Returns the batch, None to stop, or ``CATCH_UP`` when, with no batch in sight, an inference
         server is paused waiting for this trainer's weights (it was restarted): with one server no
         batch would come before it has them, so the caller pushes them first (``pushing``: there are
-        servers to push to).
+        servers to push to). Waiting is never silent: every ``data.wait_report_s`` without a batch,
+        one line says for how long and why (the bridge's named stalls), and one more when batches
+        come again.
         """
         message: list[Any] = [None]
         if self.layout.rank == 0:
+            report_s = self.cfg.data.wait_report_s
+            since = time.monotonic()
+            next_report = since + report_s if report_s > 0 else float("inf")
+            reported = False
             while self._stop_signal is None:
                 try:
                     batch = self.bridge.next_batch(
@@ -404,10 +410,22 @@ class Trainer:
                         raise
                     break  # Slurm stops the whole job at once: the bridge may be gone already
                 if batch is None:
-                    if pushing and self._servers_behind():
+                    now = time.monotonic()
+                    report = now >= next_report
+                    status = self._bridge_status() if pushing or report else None  # one call for both
+                    if pushing and status is not None and status.servers_behind:
                         message[0] = CATCH_UP
                         break
+                    if report:
+                        logger.warning(_waiting_line(now - since, status))
+                        reported = True
+                        next_report = now + report_s
                     continue
+                if reported:
+                    logger.info(
+                        "a batch came after %.0f s of waiting; training goes on", time.monotonic() - since
+                    )
+                    reported = False
                 self._redeliver = False
                 if batch.batch_id in self.progress.batch_history:
                     logger.warning(
@@ -422,12 +440,13 @@ class Trainer:
         dist.broadcast_object_list(message, src=0)
         return message[0]
 
-    def _servers_behind(self) -> int:
+    def _bridge_status(self) -> Any | None:
+        """The bridge's status (servers behind, named stalls), or None when it cannot be read now."""
         try:
-            return self.bridge.status().servers_behind
+            return self.bridge.status()
         except Exception as exc:  # noqa: BLE001 - a status that fails now is asked again next poll
             logger.warning("could not read the bridge's status: %s", exc)
-            return 0
+            return None
 
     def _ack(self, batch_id: str) -> None:
         try:
@@ -476,6 +495,17 @@ class Trainer:
     def _log(self, message: str) -> None:
         if self.layout.rank == 0:
             logger.info(message)
+
+
+def _waiting_line(waited_s: float, status: Any | None) -> str:
+    """One line for a person: how long rank 0 has waited for a batch, and what it waits on."""
+    head = f"no batch for {waited_s:.0f} s"
+    if status is None:
+        return f"{head}: the bridge's status could not be read"
+    named = list(getattr(status, "stalls", ()))
+    if not named:
+        return f"{head}: the bridge names no stall yet (see `atropos-megatron status`)"
+    return f"{head}: " + "; ".join(f"{stall.code}: {stall.message}" for stall in named)
 
 
 def _to_payload(batch: Any) -> types.SimpleNamespace:

@@ -180,7 +180,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class BridgeStatus(_message.Message):
-    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable", "weight_version", "servers", "weight_pushes", "mode", "retained", "committed_step", "batches_committed", "batches_replayed", "spool_bytes", "servers_behind")
+    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable", "weight_version", "servers", "weight_pushes", "mode", "retained", "committed_step", "batches_committed", "batches_replayed", "spool_bytes", "servers_behind", "atropos", "stalls", "seconds_since_batch", "seconds_without_batch", "last_acked_batch_id", "last_acked_step")
     class RejectedGroupsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,12 @@ class BridgeStatus(_message.Message):
     BATCHES_REPLAYED_FIELD_NUMBER: _ClassVar[int]
     SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVERS_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    ATROPOS_FIELD_NUMBER: _ClassVar[int]
+    STALLS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_WITHOUT_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACKED_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACKED_STEP_FIELD_NUMBER: _ClassVar[int]
     registered: bool
     queue_depth: int
     unacked: int
@@ -228,7 +234,65 @@ class BridgeStatus(_message.Message):
     batches_replayed: int
     spool_bytes: int
     servers_behind: int
-    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ..., weight_version: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ..., weight_pushes: _Optional[int] = ..., mode: _Optional[str] = ..., retained: _Optional[int] = ..., committed_step: _Optional[int] = ..., batches_committed: _Optional[int] = ..., batches_replayed: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., servers_behind: _Optional[int] = ...) -> None: ...
+    atropos: AtroposQueue
+    stalls: _containers.RepeatedCompositeFieldContainer[Stall]
+    seconds_since_batch: float
+    seconds_without_batch: float
+    last_acked_batch_id: str
+    last_acked_step: int
+    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ..., weight_version: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ..., weight_pushes: _Optional[int] = ..., mode: _Optional[str] = ..., retained: _Optional[int] = ..., committed_step: _Optional[int] = ..., batches_committed: _Optional[int] = ..., batches_replayed: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., servers_behind: _Optional[int] = ..., atropos: _Optional[_Union[AtroposQueue, _Mapping]] = ..., stalls: _Optional[_Iterable[_Union[Stall, _Mapping]]] = ..., seconds_since_batch: _Optional[float] = ..., seconds_without_batch: _Optional[float] = ..., last_acked_batch_id: _Optional[str] = ..., last_acked_step: _Optional[int] = ...) -> None: ...
+
+class Stall(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AtroposQueue(_message.Message):
+    __slots__ = ("observed", "reachable", "error", "age_s", "batches_formed", "queued_groups", "batch_size", "max_token_len", "largest_group", "min_allocation_claimed", "posting_rate", "seconds_since_posted", "envs")
+    OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FORMED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKEN_LEN_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_GROUP_FIELD_NUMBER: _ClassVar[int]
+    MIN_ALLOCATION_CLAIMED_FIELD_NUMBER: _ClassVar[int]
+    POSTING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_POSTED_FIELD_NUMBER: _ClassVar[int]
+    ENVS_FIELD_NUMBER: _ClassVar[int]
+    observed: bool
+    reachable: bool
+    error: str
+    age_s: float
+    batches_formed: int
+    queued_groups: int
+    batch_size: int
+    max_token_len: int
+    largest_group: int
+    min_allocation_claimed: float
+    posting_rate: float
+    seconds_since_posted: float
+    envs: _containers.RepeatedCompositeFieldContainer[AtroposEnv]
+    def __init__(self, observed: _Optional[bool] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., age_s: _Optional[float] = ..., batches_formed: _Optional[int] = ..., queued_groups: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_token_len: _Optional[int] = ..., largest_group: _Optional[int] = ..., min_allocation_claimed: _Optional[float] = ..., posting_rate: _Optional[float] = ..., seconds_since_posted: _Optional[float] = ..., envs: _Optional[_Iterable[_Union[AtroposEnv, _Mapping]]] = ...) -> None: ...
+
+class AtroposEnv(_message.Message):
+    __slots__ = ("env_id", "queued_groups", "seconds_quiet", "weight", "disconnected")
+    ENV_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_QUIET_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECTED_FIELD_NUMBER: _ClassVar[int]
+    env_id: int
+    queued_groups: int
+    seconds_quiet: float
+    weight: float
+    disconnected: bool
+    def __init__(self, env_id: _Optional[int] = ..., queued_groups: _Optional[int] = ..., seconds_quiet: _Optional[float] = ..., weight: _Optional[float] = ..., disconnected: _Optional[bool] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("header", "bucket", "data")
@@ -309,7 +373,7 @@ class PushWeightsResponse(_message.Message):
     def __init__(self, weight_version: _Optional[str] = ..., buckets: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ...) -> None: ...
 
 class InferenceServerStatus(_message.Message):
-    __slots__ = ("url", "healthy", "weight_version", "sglang_version", "tp_size", "last_error", "updated")
+    __slots__ = ("url", "healthy", "weight_version", "sglang_version", "tp_size", "last_error", "updated", "cache_flushes_skipped")
     URL_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +381,7 @@ class InferenceServerStatus(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FLUSHES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     url: str
     healthy: bool
     weight_version: str
@@ -324,4 +389,5 @@ class InferenceServerStatus(_message.Message):
     tp_size: int
     last_error: str
     updated: bool
-    def __init__(self, url: _Optional[str] = ..., healthy: _Optional[bool] = ..., weight_version: _Optional[str] = ..., sglang_version: _Optional[str] = ..., tp_size: _Optional[int] = ..., last_error: _Optional[str] = ..., updated: _Optional[bool] = ...) -> None: ...
+    cache_flushes_skipped: int
+    def __init__(self, url: _Optional[str] = ..., healthy: _Optional[bool] = ..., weight_version: _Optional[str] = ..., sglang_version: _Optional[str] = ..., tp_size: _Optional[int] = ..., last_error: _Optional[str] = ..., updated: _Optional[bool] = ..., cache_flushes_skipped: _Optional[int] = ...) -> None: ...

@@ -110,7 +110,9 @@ class BridgeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """Unary. Counters and queue state, for `atropos-megatron bridge-status` and dashboards.
+        """Unary. Counters and queue state, the Atropos API's queue and environments as the bridge last read
+        them, and the named reasons why no batch comes (stalls): for `atropos-megatron status`,
+        `bridge-status`, the trainer's waiting line and dashboards.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
