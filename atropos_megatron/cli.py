@@ -31,6 +31,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from atropos_megatron.demo.run import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["run"]:  # its own parser: the environment script, then `--` and its flags
+        from atropos_megatron.demo.run_env import main as run_main
+
+        return run_main(argv[1:])
+    if argv[:1] == ["status"]:  # its own parser: the run's config, --json
+        from atropos_megatron.status import main as status_main
+
+        return status_main(argv[1:])
     if argv[:1] == ["launch"]:  # its own parser: plan / run / stop
         from atropos_megatron.launch.cli import main as launch_main
 
@@ -132,6 +140,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole loop on this machine: a tiny model learns a toy Atropos task in minutes on CPU "
         "(see demo --help)",
+        add_help=False,
+    )
+    commands.add_parser(
+        "run",
+        help="train on your own Atropos environment script, every process on this machine (see run --help)",
+        add_help=False,
+    )
+    commands.add_parser(
+        "status",
+        help="one view of a running job (Atropos queue and environments, bridge, inference, trainer) "
+        "and why no batch comes (see status --help)",
         add_help=False,
     )
     commands.add_parser(

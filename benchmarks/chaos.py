@@ -626,13 +626,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.min_interval_s <= args.max_interval_s:
         print("error: need 0 < --min-interval-s <= --max-interval-s", file=sys.stderr)
         return 2
-    from atropos_megatron.demo.run import DemoError
+    from atropos_megatron.demo.local import RunError
 
     chaos = ChaosRun(args)
     try:
         with sigterm_as_keyboard_interrupt():
             report = chaos.run()
-    except (DemoError, ChaosError) as exc:
+    except (RunError, ChaosError) as exc:
         print(f"error: {exc}\nevery process was stopped.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

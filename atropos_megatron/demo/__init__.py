@@ -1,12 +1,14 @@
-"""The one-command CPU demo (`atropos-megatron demo`): every part of the system on one machine.
+"""Local runs: every process of a cluster run on one machine (`atropos-megatron demo` and `run`).
 
-A tiny random Qwen2 model learns a toy Atropos task in minutes on 2 CPU cores, with the real
-processes a cluster run has: the Atropos API, an inference server, the bridge, the trainer and an
-environment. Modules, in the order the demo uses them:
+The Atropos API, an inference server, the bridge, the trainer and an environment, started in order on
+loopback. Modules:
 
-- ``assets``: the character tokenizer, the tiny checkpoint and the task (prompts, reward), built locally;
-- ``processes``: a small supervisor that starts, watches and always stops child processes;
-- ``run``: the command itself (ports, resolved config, start order, progress, summary);
+- ``local``: the machinery (ports, resolved config, the environment's flags, start order, progress,
+  summary), shared by both commands and ``benchmarks/chaos.py``;
+- ``run``: ``atropos-megatron demo``, the built-in toy task a tiny model learns in a minute;
+- ``run_env``: ``atropos-megatron run ENV_SCRIPT``, any atroposlib environment script;
+- ``env_launcher``: starts an environment script with two fixes for atroposlib 0.4.0;
+- ``assets``: tiny Qwen2 models with character or byte-level tokenizers, and the toy task;
 - ``report``: the summary and the reward-curve PNG, from ``metrics.jsonl``.
 
 Importing this package is cheap: no torch, transformers or matplotlib until a function needs them.

@@ -1,0 +1,157 @@
+"""The pieces of `atropos-megatron run` that need no processes: the environment's command line, the
+argument split, and the launcher's two fixes for atroposlib 0.4.0 (checked against atroposlib itself)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atropos_megatron.demo.local import RunSpec, _group_size_flag, environment_command, merge_flags
+from atropos_megatron.demo.run_env import split_env_flags
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_merge_flags_lets_the_users_flag_replace_the_runs_own_in_either_spelling():
+    ours = ["--env.use_wandb", "false", "--openai.base_url", "http://a/v1", "--slurm", "false"]
+    assert merge_flags(ours, ["--env.use_wandb", "true"]) == [
+        "--openai.base_url", "http://a/v1", "--slurm", "false", "--env.use_wandb", "true",
+    ]  # fmt: skip
+    assert merge_flags(ours, ["--openai.base_url=http://b/v1"]) == [
+        "--env.use_wandb", "false", "--slurm", "false", "--openai.base_url=http://b/v1",
+    ]  # fmt: skip
+    assert merge_flags(ours, []) == ours
+
+
+def test_split_env_flags_cuts_at_the_first_double_dash():
+    assert split_env_flags(["env.py", "--steps", "3", "lr=1", "--", "--env.group_size", "4", "--", "x"]) == (
+        ["env.py", "--steps", "3", "lr=1"],
+        ["--env.group_size", "4", "--", "x"],
+    )
+    assert split_env_flags(["env.py"]) == (["env.py"], [])
+
+
+def test_group_size_flag_reads_the_last_one_given():
+    assert _group_size_flag(["--env.group_size", "8", "--env.group_size=4"]) == 4
+    assert _group_size_flag(["--env.seed", "1"]) is None
+
+
+def test_environment_command_connects_the_script_and_passes_the_users_flags_last(tmp_path):
+    from types import SimpleNamespace
+
+    spec = RunSpec(
+        env_script=tmp_path / "my_env.py",
+        config_path=tmp_path / "c.yaml",
+        env_flags=["--env.group_size", "4", "--openai.health_check", "true"],
+    )
+    urls = {"api": "http://127.0.0.1:1", "inference": "http://127.0.0.1:2"}
+    command = environment_command(
+        spec, SimpleNamespace(steps=5), urls, urls["api"], tmp_path / "model", tmp_path / "tok"
+    )
+    assert command[:5] == [
+        sys.executable,
+        "-m",
+        "atropos_megatron.demo.env_launcher",
+        str(spec.env_script),
+        "serve",
+    ]
+    flags = command[5:]
+    pairs = dict(zip(flags[::2], flags[1::2], strict=True))
+    assert pairs["--env.rollout_server_url"] == "http://127.0.0.1:1"
+    assert pairs["--openai.base_url"] == "http://127.0.0.1:2/v1"
+    assert pairs["--openai.server_type"] == "sglang"
+    assert pairs["--env.tokenizer_name"] == pairs["--openai.tokenizer_name"] == str(tmp_path / "tok")
+    assert pairs["--env.use_wandb"] == "false"
+    assert pairs["--env.total_steps"] == "110"
+    assert flags[-4:] == ["--env.group_size", "4", "--openai.health_check", "true"]
+    assert flags.count("--openai.health_check") == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The environment launcher's fixes, against atroposlib 0.4.0 itself
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_single_server_config_with_a_url_reaches_that_url():
+    """Unpatched, atroposlib ignores base_url of a single APIServerConfig (localhost:9004-9007)."""
+    code = r"""
+from atroposlib.envs.server_handling.server_baseline import APIServerConfig
+from atroposlib.envs.server_handling.server_manager import ServerManager
+config = APIServerConfig(server_type="openai", base_url="http://127.0.0.1:5/v1", model_name="m", api_key="x", health_check=False)
+before = [s.config.base_url for s in ServerManager(config).servers]
+from atropos_megatron.demo.env_launcher import use_configured_server_urls
+use_configured_server_urls(); use_configured_server_urls()  # idempotent
+after = [s.config.base_url for s in ServerManager(config).servers]
+print(before[0], len(before), after)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first_before, count_before, after = out.stdout.split(maxsplit=2)
+    assert "localhost:9004" in first_before and count_before == "4"
+    assert after.strip() == "['http://127.0.0.1:5/v1']"
+
+
+def test_tokenize_for_trainer_gets_token_lists_under_transformers_5(tmp_path):
+    from atropos_megatron.demo.assets import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    chat = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi\nthere"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    code = r"""
+import json, sys
+from transformers import AutoTokenizer
+from atropos_megatron.demo.env_launcher import tokenize_for_trainer_with_token_lists
+tokenize_for_trainer_with_token_lists()
+from atroposlib.utils.tokenize_for_trainer import tokenize_for_trainer
+out = tokenize_for_trainer(AutoTokenizer.from_pretrained(sys.argv[1]), json.loads(sys.argv[2]))
+print(json.dumps({"tokens": list(out["tokens"]), "masks": [int(m) for m in out["masks"]]}))
+"""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "tok"), json.dumps(chat)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert result["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
+    unmasked = [t for t, m in zip(result["tokens"], result["masks"], strict=True) if m != -100]
+    assert tokenizer.decode(unmasked, skip_special_tokens=True) == "hello"
+
+
+def test_the_launcher_runs_a_script_as_main_with_its_directory_importable(tmp_path):
+    (tmp_path / "helper_mod.py").write_text("VALUE = 41\n")
+    script = tmp_path / "env.py"
+    script.write_text(
+        "import sys, helper_mod\nif __name__ == '__main__':\n    print(helper_mod.VALUE + 1, sys.argv[1:])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "atropos_megatron.demo.env_launcher", str(script), "serve", "--x", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "42 ['serve', '--x', '1']"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"), [([], "env_launcher path/to/my_env.py"), (["/no/such/env.py"], "not found")]
+)
+def test_the_launcher_refuses_a_missing_script(argv, says):
+    out = subprocess.run(
+        [sys.executable, "-m", "atropos_megatron.demo.env_launcher", *argv], capture_output=True, text=True
+    )
+    assert out.returncode == 2 if not argv else out.returncode != 0
+    assert says in out.stdout + out.stderr
