@@ -184,6 +184,7 @@ def serve(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stopped.wait()
+    service.stop_watch(wait_s=0)  # the other processes stop too: their absence is no stall worth a line
     server.stop(SHUTDOWN_GRACE_S).wait()
     service.weights.stop()
     if service.pipeline is not None:

@@ -75,9 +75,10 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
         if self.watch is not None:
             self.watch.start()
 
-    def stop_watch(self) -> None:
+    def stop_watch(self, *, wait_s: float = 10.0) -> None:
+        """Stop watching the Atropos API (``wait_s``: how long to wait for a reading in progress)."""
         if self.watch is not None:
-            self.watch.stop()
+            self.watch.stop(timeout_s=wait_s)
 
     def stall_snapshot(self) -> stalls.Snapshot:
         """What ``stalls.diagnose`` looks at, from the watcher's last reading and the pipeline."""

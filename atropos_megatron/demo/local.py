@@ -390,7 +390,7 @@ def _follow_training(
                 return
             if time.monotonic() > deadline:
                 raise RunError(
-                    f"the trainer did not finish {steps} steps within {timeout_s / 60:.0f} min "
+                    f"the trainer did not finish {steps} steps within {timeout_s / 60:g} min "
                     f"(logs: {supervisor.log_dir}); every process was stopped"
                 )
             time.sleep(0.5)

@@ -105,7 +105,7 @@ def split_env_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     own, env_flags = split_env_flags(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(own)
+    args = build_parser().parse_intermixed_args(own)
     script = Path(args.env_script).resolve()
     overrides = [f"data.max_token_len={args.context}", *args.overrides]  # the user's come later and win
     if args.model:

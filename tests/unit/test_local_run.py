@@ -155,3 +155,14 @@ def test_the_launcher_refuses_a_missing_script(argv, says):
     )
     assert out.returncode == 2 if not argv else out.returncode != 0
     assert says in out.stdout + out.stderr
+
+
+def test_run_takes_options_and_overrides_in_any_order():
+    from atropos_megatron.demo.run_env import build_parser
+
+    own, env = split_env_flags(
+        ["my_env.py", "--steps", "5", "data.batch_size=8", "--no-progress", "lr=1", "--", "-x"]
+    )
+    args = build_parser().parse_intermixed_args(own)
+    assert (args.env_script, args.steps, args.no_progress) == ("my_env.py", 5, True)
+    assert args.overrides == ["data.batch_size=8", "lr=1"] and env == ["-x"]
