@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 CHAOS_ARGS ?=
 
-.PHONY: help install demo chaos test test-fast lint format protos clean
+.PHONY: help install demo run chaos test test-fast lint format protos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml tools/bootstrap_venv.sh
 
 demo: install  ## the one-command demo: a tiny model learns a toy Atropos task on CPU (~1 min; runs/demo)
 	$(VENV)/bin/atropos-megatron demo $(DEMO_ARGS)
+
+run: install  ## train on your own environment script, every process on this machine: make run ENV_SCRIPT=my_env.py [RUN_ARGS="--steps 50 -- --env.group_size 8"]
+	@test -n "$(ENV_SCRIPT)" || { echo 'usage: make run ENV_SCRIPT=path/to/my_env.py [RUN_ARGS="..."] (see: .venv/bin/atropos-megatron run --help)'; exit 2; }
+	$(VENV)/bin/atropos-megatron run $(ENV_SCRIPT) $(RUN_ARGS)
 
 chaos: install  ## the demo's processes killed and restarted for 8 min: 0 batches lost or duplicated? (runs/chaos)
 	$(PY) benchmarks/chaos.py $(CHAOS_ARGS)

@@ -463,13 +463,18 @@ class Trainer:
             return
         version = str(self.progress.step)
         try:
-            pusher.push(self.state.chunks, weight_version=version)
+            response = pusher.push(self.state.chunks, weight_version=version)
         except Exception as exc:  # noqa: BLE001 - the next push carries the full weights again
             logger.error("weight push %s failed: %s (training goes on; the next push retries)", version, exc)
             if output is not None:
                 output.count("weights/push_failures")
             return
         self.progress = replace(self.progress, weight_version=version)
+        if (
+            output is not None and response is not None
+        ):  # expected with retract / in_place: counted, not logged
+            skipped = sum(server.cache_flushes_skipped for server in response.servers)
+            output.set_total("weights/cache_flushes_skipped", skipped)
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if os.getpid() != self._pid:  # a forked helper (Slurm signals every process): die as it would

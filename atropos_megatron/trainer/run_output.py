@@ -36,6 +36,10 @@ class RunOutput:
     def count(self, name: str) -> None:
         self._counters[name] = self._counters.get(name, 0) + 1
 
+    def set_total(self, name: str, total: int) -> None:
+        """A running total kept elsewhere (e.g. by the bridge), logged with every later step."""
+        self._counters[name] = total
+
     def log_step(self, step: int, metrics: dict[str, Any]) -> None:
         metrics = {**metrics, **self._counters}
         self.metrics.log(step, metrics)

@@ -9,6 +9,7 @@ supervisor itself being killed.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -69,6 +70,15 @@ def test_demo_reward_rises_and_every_process_exits_cleanly(tmp_path, report):
     assert result.exits["trainer"].how == "finished"
     assert all(e.clean for e in result.exits.values()), result.exits
     assert result.plot_path.read_bytes().startswith(b"\x89PNG")
+    # Logs a person reads: no line per poll, request or push.
+    logs = result.run_dir / "logs"
+    bridge_log = (logs / "bridge.log").read_text()
+    assert "HTTP Request:" not in bridge_log and bridge_log.count("weight push") <= 2
+    assert bridge_log.count("prefix cache not flushed") <= 1  # then counted: weights/cache_flushes_skipped
+    assert '"GET /batch' not in (logs / "atropos-api.log").read_text()
+    assert (logs / "inference.log").read_text().count("weights updated") == 1
+    last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "weights/cache_flushes_skipped" in last
 
 
 # ------------------------------------------------------------------------------------------------
