@@ -620,8 +620,15 @@ class EnvironmentLaunchConfig:
     command: str
     """Command line (split like a shell would, never run by one). Placeholders: `{api_url}`,
     `{inference_url}` (the first server), `{inference_urls}` (comma-separated), `{model_path}`,
-    `{run_dir}`, `{seed}`, `{python}` (the launcher's interpreter). The same values are in the environment variables ATROPOS_API_URL,
+    `{run_dir}`, `{seed}`, `{python}` (the launcher's interpreter), `{env_launcher}` (`{python} -m
+    atropos_megatron.demo.env_launcher`: runs `SCRIPT serve ...` with the fixes `atropos-megatron run`
+    applies for atroposlib 0.4.0). The same values are in the environment variables ATROPOS_API_URL,
     INFERENCE_URLS and MODEL_PATH."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for this process only (values take the same placeholders), e.g.
+    `{HF_HOME: /shared/hf, MY_ENV_SEED: "{seed}"}`."""
+    cwd: str | None = None
+    """Working directory of the process (placeholders allowed; null: the launcher's)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "launch.environments.name", "must not be empty")
@@ -648,7 +655,7 @@ class LaunchConfig:
     trainer_procs_per_node: int | None = None
     """Trainer ranks per training node (null: the node's GPUs left to the trainer; 1 without GPUs)."""
     api_url: str | None = None
-    """An Atropos API that already runs elsewhere (null: start `run-api` on the head node)."""
+    """An Atropos API that already runs elsewhere (null: start atroposlib's API on the head node)."""
     api_port: int = 8000
     """Port of the Atropos API started on the head node."""
     bridge_port: int = 50051

@@ -20,7 +20,7 @@ from pathlib import Path
 from atropos_megatron.logs import configure_logging
 
 ENVIRONMENT_OVERRIDES = (
-    ("ATROPOS_API_URL", "launch.api_url", "an Atropos API that already runs (no run-api is started)"),
+    ("ATROPOS_API_URL", "launch.api_url", "an Atropos API that already runs (none is started)"),
     ("MODEL_PATH", "model.hf_path", "the HF checkpoint to train (and serve)"),
     ("OUTPUT_DIR", "logging.run_dir", "run directory: checkpoints, metrics, logs"),
     ("NUM_GPUS", "launch.gpus_per_node", "GPUs per node (0: CPU)"),
@@ -42,7 +42,7 @@ Start the processes of a training run on the nodes of a Slurm allocation (or on 
   launch stop --plan PLAN                  ask every node to stop as on SIGTERM: the trainer writes a
                                            checkpoint first (the sbatch scripts' time-limit trap)
 
-Roles: Atropos API (run-api) + bridge + environments on the head node, inference servers (SGLang or
+Roles: Atropos API + bridge + environments on the head node, inference servers (SGLang or
 the reference server), trainer ranks (one process per rank, torchrun's variables, static rendezvous
 on the first training node). Logs: <run_dir>/logs/<session>/<node>/<role>.log. A role that dies ends
 the job on every node with its log's tail; SIGTERM stops the trainer first so that it checkpoints.

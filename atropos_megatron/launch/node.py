@@ -196,6 +196,7 @@ def _to_role(role: RoleSpec, plan: LaunchPlan, log_dir: Path) -> Role:
         env=env,
         ready_timeout_s=plan.startup_timeout_s,
         exits_when_done=role.kind == TRAINER,
+        cwd=Path(role.cwd) if role.cwd else None,
     )
 
 

@@ -68,6 +68,8 @@ class RoleSpec:
     needs: tuple[ProbeSpec, ...] = ()
     gpu_slots: tuple[int, int] | None = None
     """(first, count) into this node's visible GPUs; the launcher sets CUDA_VISIBLE_DEVICES to them."""
+    cwd: str | None = None
+    """Working directory (None: the launcher's)."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,6 @@ def build_plan(
     *,
     config_file: str | Path,
     python: str = sys.executable,
-    run_api: str | None = None,
 ) -> tuple[LaunchPlan, TrainConfig]:
     """The plan, and the config with the allocation-dependent fields filled in (save it to
     ``config_file``: every role reads that file).
@@ -160,7 +161,6 @@ def build_plan(
         allocation: the job's nodes, in Slurm's order.
         config_file: where the resolved config will be written (the roles' ``--config``).
         python: interpreter for our own roles (and SGLang unless ``launch.inference.python``).
-        run_api: the ``run-api`` executable (default: next to ``python``).
     """
     launch = cfg.launch
     try:
@@ -218,10 +218,11 @@ def build_plan(
         roles[0].append(
             RoleSpec(
                 name=ATROPOS_API,
-                command=(run_api or str(Path(python).parent / "run-api"), "--host", head.address)
+                # atroposlib's API app, as run-api serves it, minus a log line per request
+                command=(python, "-m", "atropos_megatron.launch.atropos_api", "--host", head.address)
                 + ("--port", str(launch.api_port)),
                 kind="service",
-                summary=f"Atropos API (run-api) {api_url}",
+                summary=f"Atropos API {api_url}",
                 env=base_env,
                 ready=api_probe,
             )
@@ -276,16 +277,20 @@ def build_plan(
         "run_dir": str(run_dir),
         "seed": str(cfg.seed),
         "python": python,
+        "env_launcher": f"{shlex.quote(python)} -m atropos_megatron.demo.env_launcher",
     }
     for environment in launch.environments:
+        where = f"launch.environments[{environment.name}]"
+        own_env = {key: _fill(value, values, f"{where}.env.{key}") for key, value in environment.env.items()}
         roles[0].append(
             RoleSpec(
                 name=f"env-{environment.name}",
                 command=_environment_command(environment.command, values, environment.name),
                 kind="environment",
                 summary=f"environment: {environment.command[:70]}",
-                env=environment_env,
+                env=environment_env | own_env,
                 needs=(api_probe, *server_probes),
+                cwd=_fill(environment.cwd, values, f"{where}.cwd") if environment.cwd else None,
             )
         )
     trainer_needs = (bridge_probe, *server_probes, *agent_probes)
@@ -421,13 +426,19 @@ def _server_command(
 
 
 def _environment_command(template: str, values: dict[str, str], name: str) -> tuple[str, ...]:
+    where = f"launch.environments[{name}].command"
+    words = tuple(_fill(arg, values, where) for arg in shlex.split(template))
+    # {env_launcher} stands for several words; split it where it stands alone.
+    launcher = values["env_launcher"]
+    return tuple(w for word in words for w in (shlex.split(word) if word == launcher else (word,)))
+
+
+def _fill(template: str, values: dict[str, str], where: str) -> str:
     try:
-        return tuple(arg.format_map(values) for arg in shlex.split(template))
+        return template.format_map(values)
     except (KeyError, ValueError, IndexError) as exc:
         known = ", ".join("{" + key + "}" for key in values)
-        raise PlanError(
-            f"launch.environments[{name}].command: bad placeholder {exc} (known: {known})"
-        ) from None
+        raise PlanError(f"{where}: bad placeholder {exc} (known: {known})") from None
 
 
 def _slots(first: int, count: int) -> tuple[int, int] | None:

@@ -235,3 +235,27 @@ def test_slurm_allocation_reads_nodes_and_their_addresses():
     allocation = slurm_allocation(environ, scontrol="/nonexistent/scontrol")  # falls back to the names
     assert allocation.nodes == (Node("node1", "node1"), Node("node2", "node2"))
     assert allocation.session == "job12-1"
+
+
+def test_an_environment_gets_its_own_variables_working_directory_and_the_env_launcher(tmp_path):
+    env = (
+        "launch.environments=[{name: mine, command: '{env_launcher} my_env.py serve --env.seed {seed}',"
+        " env: {MY_DATA: '{run_dir}/data', HF_HOME: /shared/hf}, cwd: '{run_dir}/envs'}]"
+    )
+    plan, _ = _plan([env, "seed=7"], 2, tmp_path)
+    role = _role(plan, 0, "env-mine")
+    assert role.command == (
+        "py",
+        "-m",
+        "atropos_megatron.demo.env_launcher",
+        "my_env.py",
+        "serve",
+        "--env.seed",
+        "7",
+    )
+    assert role.env["MY_DATA"] == f"{tmp_path}/run/data" and role.env["HF_HOME"] == "/shared/hf"
+    assert role.env["ATROPOS_API_URL"]  # the shared variables stay
+    assert role.cwd == f"{tmp_path}/run/envs"
+    assert LaunchPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(PlanError, match=r"launch.environments\[mine\].env.X: bad placeholder"):
+        _plan(["launch.environments=[{name: mine, command: x, env: {X: '{nope}'}}]"], 2, tmp_path)
