@@ -437,6 +437,18 @@ def format_result(result: RunResult, *, headline: str) -> str:
     return "\n".join(lines)
 
 
+def add_run_options(parser, *, timeout_min: float, example: str) -> None:
+    """The options every local-run command ends with: --timeout-min, --no-progress, KEY=VALUE."""
+    parser.add_argument(
+        "--timeout-min",
+        type=float,
+        default=timeout_min,
+        help=f"stop everything after this long (default {timeout_min:g})",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {example}")
+
+
 def run_from_command_line(run: Callable[[], RunResult], format_result: Callable[[RunResult], str]) -> int:
     """Exit status and messages of a local-run command: 0 done, 1 a process failed (named, with its
     log's tail), 2 a bad config or run directory, 130 interrupted (Ctrl-C or SIGTERM)."""

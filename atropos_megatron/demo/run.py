@@ -22,6 +22,7 @@ from atropos_megatron.demo.local import (
     RunResult,
     RunSetup,
     RunSpec,
+    add_run_options,
     format_result,
     prepare_run,
     run_from_command_line,
@@ -121,13 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG), metavar="YAML", help="demo config (default %(default)s)"
     )
-    parser.add_argument(
-        "--timeout-min", type=float, default=30.0, help="stop everything after this long (default 30)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optimizer.lr=1e-3"
-    )
+    add_run_options(parser, timeout_min=30.0, example="optimizer.lr=1e-3")
     return parser
 
 

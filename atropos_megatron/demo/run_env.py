@@ -17,6 +17,7 @@ from atropos_megatron.demo.local import (
     REPO,
     AssetOptions,
     RunSpec,
+    add_run_options,
     format_result,
     run_from_command_line,
     run_local,
@@ -84,13 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(MODEL_SIZES),
         help="size of the built model: tiny 0.1M, small 4M, base 32M parameters (default tiny)",
     )
-    parser.add_argument(
-        "--timeout-min", type=float, default=60.0, help="stop everything after this long (default 60)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optimizer.lr=1e-4"
-    )
+    add_run_options(parser, timeout_min=60.0, example="optimizer.lr=1e-4")
     return parser
 
 
