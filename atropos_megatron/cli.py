@@ -240,6 +240,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if cfg is None:
         return 2
+    if cfg.model.lora.rank > 0:  # refused rather than silently training every weight
+        print(
+            "error: model.lora.rank > 0: LoRA adapters exist on the model (equal to PEFT's) but training, "
+            "checkpoints and weight sync with them are not wired yet; set model.lora.rank=0",
+            file=sys.stderr,
+        )
+        return 2
     if args.dry_run:
         from atropos_megatron.trainer.dry_run import dry_run
 

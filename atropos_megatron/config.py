@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,58 @@ def _require_choice(value: str, name: str, choices: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 DTYPES = ("fp32", "bf16", "fp16")
+
+
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """Low-rank adapters on the decoder's linear layers, one per HuggingFace projection (PEFT's layout).
+
+    The adapters are named and shaped like HF PEFT's (``...q_proj.lora_A.weight`` ``[rank, in]``,
+    ``lora_B.weight`` ``[out, rank]``) even where Megatron fuses q/k/v or gate/up, so PEFT is the
+    exchange format. With ``rank > 0`` every base weight is frozen and the reference model is the
+    base with the adapters switched off.
+    """
+
+    rank: int = 0
+    """Rank r of each adapter (columns of B, rows of A); 0 turns LoRA off and trains every weight."""
+    alpha: float = 16.0
+    """Scaling numerator: each adapter adds ``alpha / r * B A x`` (``alpha / sqrt(r)`` with rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout probability on an adapter's input (PEFT's ``lora_dropout``); the base path has none."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r`` (PEFT's ``use_rslora``)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    """HF projections that get an adapter, from q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = off), got {self.rank}")
+        _require(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        unknown = [name for name in self.target_modules if name not in LORA_TARGET_MODULES]
+        _require(
+            not unknown,
+            "model.lora.target_modules",
+            f"unknown module(s) {', '.join(map(repr, unknown))}; choose from {', '.join(LORA_TARGET_MODULES)}",
+        )
+        _require(
+            len(set(self.target_modules)) == len(self.target_modules) and bool(self.target_modules),
+            "model.lora.target_modules",
+            f"must name each module at most once and at least one, got {list(self.target_modules)}",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the model carries adapters at all."""
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """The factor on ``B A x``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (PEFT's ``scaling``)."""
+        _require(self.enabled, "model.lora.rank", "the scale of disabled LoRA (rank 0) is undefined")
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
 
 @dataclass(kw_only=True)
@@ -94,8 +147,13 @@ class ModelConfig:
     """Std of the normal init for freshly built models (ignored when weights are loaded)."""
     dtype: str = "fp32"
     """Parameter and compute dtype: `fp32`, `bf16` or `fp16`."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (off by default); a choice of the run, not of the architecture."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            # A ModelConfig rebuilt from ``dataclasses.asdict`` (checkpoint sidecars) has a plain dict here.
+            self.lora = LoraConfig(**self.lora)
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
             _require(getattr(self, name) > 0, f"model.{name}", "must be > 0")
         if self.head_dim is None:
@@ -819,13 +877,10 @@ def _describe_omegaconf_error(exc: OmegaConfBaseException) -> str:
 
 
 def _known_keys(section: str) -> list[str]:
-    """Field names of the top-level config (``section == ""``) or of one of its sections."""
-    schema = _SECTION_TYPES.get(section) if section else TrainConfig
-    return [f.name for f in dataclasses.fields(schema)] if schema else []
-
-
-_SECTION_TYPES: dict[str, type] = {
-    f.name: f.default_factory  # type: ignore[misc]
-    for f in dataclasses.fields(TrainConfig)
-    if f.default_factory is not dataclasses.MISSING
-}
+    """Field names of the top-level config (``section == ""``) or of a (nested) section (``model.lora``)."""
+    schema: object = TrainConfig
+    for part in filter(None, section.split(".")):
+        schema = typing.get_type_hints(schema).get(part)
+        if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+            return []
+    return [f.name for f in dataclasses.fields(schema)]

@@ -22,7 +22,10 @@ from typing import Any
 from atropos_megatron.config import ModelConfig
 
 # ModelConfig fields that are choices of the run, not of the network's function.
-NON_ARCHITECTURE_FIELDS = frozenset({"hf_path", "dtype", "make_vocab_size_divisible_by", "init_method_std"})
+# LoRA adapters are trained on top of a base network, so a checkpoint's base architecture matches with any.
+NON_ARCHITECTURE_FIELDS = frozenset(
+    {"hf_path", "dtype", "make_vocab_size_divisible_by", "init_method_std", "lora"}
+)
 
 # Megatron-Core 0.16's llama3 RoPE scaling hard-codes these (RotaryEmbedding._apply_scaling).
 _LLAMA3_ROPE_FIXED = {
@@ -140,7 +143,7 @@ def resolve_architecture(model: ModelConfig) -> ModelConfig:
     """``model`` with its architecture read from ``model.hf_path``'s config.json when that is set.
 
     Fields that are not architecture (``dtype``, ``make_vocab_size_divisible_by``,
-    ``init_method_std``) keep the configured values.
+    ``init_method_std``, ``lora``) keep the configured values.
     """
     if model.hf_path is None:
         return model

@@ -126,6 +126,38 @@ def megatron_targets(hf_name: str, model: ModelConfig) -> tuple[str, ...] | None
     return (f"decoder.layers.{match.group(1)}.{target}",) if target else None
 
 
+def linear_projections(linear: str) -> tuple[str, ...]:
+    """HF projection modules that the Megatron linear ``linear`` computes, in its output-row order.
+
+    ``linear`` is relative to a decoder layer (``self_attention.linear_qkv`` -> ``self_attn.q_proj``,
+    ``self_attn.k_proj``, ``self_attn.v_proj``). LoRA's canonical adapters hang off these HF names.
+
+    Raises:
+        ValueError: ``linear`` is not one of the layer's four linear layers.
+    """
+    weight = f"{linear}.weight"
+    if weight in _FUSED:
+        return tuple(part.removesuffix(".weight") for part in _FUSED[weight])
+    for hf_suffix, mcore_suffix in _LAYER_RENAMES.items():
+        if mcore_suffix == weight and hf_suffix.endswith("_proj.weight"):
+            return (hf_suffix.removesuffix(".weight"),)
+    raise ValueError(f"{linear!r} is not a linear layer of a decoder layer")
+
+
+def fuse_rows(linear: str, parts: list[torch.Tensor], model: ModelConfig) -> torch.Tensor:
+    """``linear``'s output rows built from its HF projections' rows (per-group q/k/v, ``[gate; up]``).
+
+    The layout :func:`hf_to_megatron` gives the fused weights, for any tensor whose first dimension
+    is output channels (weights, biases, LoRA ``B`` factors). With ``model``'s heads and groups
+    divided by the TP size it gives one TP rank's rows from that rank's rows of each part.
+    """
+    weight = f"{linear}.weight"
+    if weight not in _FUSED:
+        (only,) = parts
+        return only
+    return _fuse(weight, parts, model)
+
+
 def megatron_to_hf(
     mcore_tensors: Iterable[tuple[str, torch.Tensor]], model: ModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:

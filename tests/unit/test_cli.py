@@ -33,3 +33,8 @@ def test_info_reports_versions_and_launcher(capsys, monkeypatch):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_train_refuses_lora_until_the_loop_trains_adapters(capsys):
+    assert main(["train", "model.lora.rank=8", "--dry-run"]) == 2
+    assert "model.lora.rank > 0" in capsys.readouterr().err
