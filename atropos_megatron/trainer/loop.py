@@ -477,9 +477,10 @@ class Trainer:
             output.set_total("weights/cache_flushes_skipped", skipped)
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        if os.getpid() != self._pid:  # a forked helper (Slurm signals every process): die as it would
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if os.getpid() != self._pid:
+            # A forked helper, signalled with the whole process group (Slurm, supervisors): Megatron
+            # forks one writer per checkpoint save and waits until each has reported, so a writer that
+            # died here would hang the save that this very signal asks for. The trainer decides.
             return
         if self._stop_signal is None:
             logger.warning("signal %d: finishing this step, writing a checkpoint, then stopping", signum)
