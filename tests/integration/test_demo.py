@@ -168,8 +168,8 @@ def test_children_stop_when_the_supervisor_is_killed_or_terminated(tmp_path):
         from atropos_megatron.launch.supervisor import Role, Supervisor, sigterm_as_keyboard_interrupt
         with sigterm_as_keyboard_interrupt(), Supervisor({str(tmp_path)!r}, grace_s=5) as s:
             s.start(Role("sleeper", {SLEEP!r}))
-            print(s._running["sleeper"].proc.pid, flush=True)
-            try:
+            try:  # the pid tells the test to signal: from then on the signal must land in this try
+                print(s._running["sleeper"].proc.pid, flush=True)
                 time.sleep(600)
             except KeyboardInterrupt:
                 print("interrupted", flush=True)

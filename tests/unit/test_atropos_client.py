@@ -213,7 +213,9 @@ def test_api_restart_mid_run_reregisters_with_resume_step(fresh_api: AtroposAPI,
     assert client.info()["batch_size"] == 4
     assert len(warnings_matching(caplog, "unavailable")) == 1
     assert warnings_matching(caplog, "re-registering with starting_step=7")
-    # fetch_batch polled /batch after re-registering, so environments can register again.
+    # The next poll (the bridge polls without pause) marks the trainer started again, so
+    # environments can register again.
+    assert client.fetch_batch(wait_s=1.0) is None
     env = {"max_token_length": 64, "desired_name": "e", "weight": 1.0, "group_size": 2}
     assert client.post_json("/register-env", env)["status"] == "success"
 
