@@ -240,7 +240,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if cfg is None:
         return 2
-    if cfg.model.lora.rank > 0:  # refused rather than silently training every weight
+    if cfg.model.lora.enabled:  # refused rather than silently training every weight
         print(
             "error: model.lora.rank > 0: LoRA adapters exist on the model (equal to PEFT's) but training, "
             "checkpoints and weight sync with them are not wired yet; set model.lora.rank=0",

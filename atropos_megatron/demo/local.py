@@ -53,7 +53,8 @@ class AssetOptions:
 
     tokenizer: str = "bytes"
     """``bytes`` (any text, a chat template) or ``chars`` (the demo's 99 printable characters)."""
-    context: int = 2048
+    context: int | None = None
+    """Positions of the model (None: the tokenizer kind's default, 2048 bytes / 128 chars)."""
     size: str = "tiny"
 
 
@@ -85,8 +86,6 @@ class RunSetup:
     """The five processes in start order: atropos-api, inference, bridge, trainer, env."""
     addresses: dict[str, str]
     """Where the serving roles listen: ``atropos-api`` and ``inference`` URLs, ``bridge`` host:port."""
-    model_dir: Path
-    tokenizer_dir: Path
 
     @property
     def metrics_path(self) -> Path:
@@ -134,8 +133,7 @@ def prepare_run(
     if cfg.model.hf_path is None:
         from atropos_megatron.demo.assets import build_assets
 
-        model_dir = run_dir / "model"
-        cfg.model.hf_path = str(model_dir)
+        cfg.model.hf_path = str(run_dir / "model")
         assets = build_assets(
             run_dir,
             seed=cfg.seed,
@@ -162,8 +160,6 @@ def prepare_run(
         config_file=config_file,
         roles=roles,
         addresses=addresses,
-        model_dir=model_dir,
-        tokenizer_dir=tokenizer_dir,
     )
 
 

@@ -42,7 +42,7 @@ def demo_spec(config_path: str | Path = DEFAULT_CONFIG) -> RunSpec:
         config_path=Path(config_path),
         env_defaults=lambda cfg: ["--env.group_size", str(GROUP_SIZE), "--env.seed", str(cfg.seed)],
         # The task scores characters and is tuned for the 99-character vocabulary and 128 positions.
-        assets=AssetOptions(tokenizer="chars", context=128, size="tiny"),
+        assets=AssetOptions(tokenizer="chars"),
         title="atropos-megatron demo: alphabet_match",
     )
 

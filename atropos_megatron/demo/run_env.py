@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from atropos_megatron.demo.assets import MODEL_SIZES
+from atropos_megatron.demo.assets import BYTE_CONTEXT, MODEL_SIZES
 from atropos_megatron.demo.local import (
     REPO,
     AssetOptions,
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     built.add_argument(
         "--context",
         type=int,
-        default=2048,
-        help="positions of the built model (default 2048); also data.max_token_len",
+        default=BYTE_CONTEXT,
+        help=f"positions of the built model (default {BYTE_CONTEXT}); also data.max_token_len",
     )
     built.add_argument(
         "--model-size",
