@@ -212,6 +212,9 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--served-model-name", default=None, help="model name in /v1 (default: --model)")
     serve.add_argument("--max-batch", type=int, default=16, help="most samples decoded together (default 16)")
     serve.add_argument("--seed", type=int, default=0, help="seed for sampling without sampling_seed")
+    from atropos_megatron.inference.lora_options import add_lora_arguments  # argparse + stdlib only
+
+    add_lora_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
 
 
@@ -239,13 +242,6 @@ servers after every step (weights.*), metrics go to <logging.run_dir>/metrics.js
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if cfg is None:
-        return 2
-    if cfg.model.lora.enabled:  # refused rather than silently training every weight
-        print(
-            "error: model.lora.rank > 0: LoRA adapters exist on the model (equal to PEFT's) but training, "
-            "checkpoints and weight sync with them are not wired yet; set model.lora.rank=0",
-            file=sys.stderr,
-        )
         return 2
     if args.dry_run:
         from atropos_megatron.trainer.dry_run import dry_run

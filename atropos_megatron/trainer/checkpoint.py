@@ -14,6 +14,11 @@ uses the keys of ``weights/dist_checkpoint.save_model``, so a training checkpoin
 checkpoint (``convert mcore-to-hf`` and ``model.dist_checkpoint`` read it). Model and optimizer state
 load at any TP/PP/DP (the optimizer's ``fully_reshardable`` format); the per-rank RNG streams only
 when the layout is unchanged.
+
+A LoRA run's checkpoint holds only the adapters, their optimizer state and the progress (megabytes
+for a 70B model). Its sidecar names the base (``model.hf_path`` or ``model.dist_checkpoint``) and its
+fingerprint (``weights/fingerprint.py``); resuming checks both, so adapters never continue on a base
+they were not trained on.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from atropos_megatron.durable import fsync_directory, fsync_tree, write_atomical
 from atropos_megatron.trainer import parallel
 from atropos_megatron.weights import dist_checkpoint
 from atropos_megatron.weights.export import unwrap_chunk
+from atropos_megatron.weights.lora_layout import is_adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,37 @@ def resolve(root: str | Path, load: str) -> Path | None:
     return Path(root) / pointer.read_text().strip()
 
 
+@dataclass(frozen=True)
+class LoraBase:
+    """The frozen base a LoRA run trains on: what its checkpoints record and resuming checks."""
+
+    path: str
+    """``model.hf_path`` or ``model.dist_checkpoint``."""
+    fingerprint: str
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> LoraBase:
+        from atropos_megatron.weights.fingerprint import fingerprint_directory
+
+        path = lora_base_path(model)
+        return cls(path=path, fingerprint=fingerprint_directory(path))
+
+
+def lora_base_path(model: ModelConfig) -> str:
+    """Where a LoRA run's frozen base comes from.
+
+    Raises:
+        ValueError: neither ``model.hf_path`` nor ``model.dist_checkpoint`` is set.
+    """
+    path = model.hf_path or model.dist_checkpoint
+    if path is None:
+        raise ValueError(
+            "model.lora needs a base to adapt: set model.hf_path or model.dist_checkpoint (a randomly "
+            "initialised base could not be rebuilt on resume, nor served)"
+        )
+    return str(path)
+
+
 def save(
     root: str | Path,
     progress: Progress,
@@ -87,8 +124,14 @@ def save(
     padded_vocab: int,
     keep_last: int,
     hf_files: Sequence[Path] = (),
+    lora_base: LoraBase | None = None,
 ) -> Path:
-    """Write a checkpoint of this step (collective). Returns its final directory."""
+    """Write a checkpoint of this step (collective). Returns its final directory.
+
+    ``lora_base``: set for a LoRA run (``model.lora.enabled``): only the adapters are saved.
+    """
+    if model.lora.enabled != (lora_base is not None):
+        raise ValueError("a LoRA run's checkpoint needs its lora_base, and only a LoRA run's has one")
     from megatron.core import dist_checkpointing
 
     from atropos_megatron.trainer.megatron_patches import shield_checkpoint_writer
@@ -101,17 +144,17 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = _sharded_state(chunks, optimizer, is_loading=False, with_rng=True)
+    adapters_only = lora_base is not None
+    state = _sharded_state(chunks, optimizer, is_loading=False, with_rng=True, adapters_only=adapters_only)
     state["scheduler"] = scheduler.state_dict()
     state["progress"] = asdict(progress)
     dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
     if dist.get_rank() == 0:
+        extra: dict[str, Any] = {"progress": asdict(progress)}
+        if lora_base is not None:
+            extra.update(lora=asdict(model.lora), base=asdict(lora_base))
         dist_checkpoint.write_sidecar(
-            tmp,
-            model=model,
-            padded_vocab=padded_vocab,
-            hf_files=hf_files,
-            extra={"progress": asdict(progress)},
+            tmp, model=model, padded_vocab=padded_vocab, hf_files=hf_files, extra=extra
         )
         fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)  # a retried save of the same step
@@ -123,19 +166,41 @@ def save(
     return final
 
 
-def load(path: str | Path, *, chunks: Sequence[torch.nn.Module], optimizer: Any, scheduler: Any) -> Progress:
-    """Restore a checkpoint written by :func:`save` into this run's (possibly different) layout."""
+def load(
+    path: str | Path,
+    *,
+    chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    model: ModelConfig,
+    lora_base: LoraBase | None = None,
+) -> Progress:
+    """Restore a checkpoint written by :func:`save` into this run's (possibly different) layout.
+
+    Raises:
+        ValueError: LoRA on one side only, different adapters (rank, alpha, rsLoRA, target modules),
+            or a base whose fingerprint is not the one the adapters were trained on.
+    """
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     sidecar = json.loads((path / dist_checkpoint.SIDECAR).read_text())
+    check_same_lora(path, sidecar, model, lora_base)
     saved = sidecar["progress"]
     layout = parallel.current_layout()
     same_layout = tuple(saved["layout"]) == (layout.tp, layout.pp, layout.dp)
-    state = _sharded_state(chunks, optimizer, is_loading=True, with_rng=same_layout)
+    adapters_only = lora_base is not None
+    state = _sharded_state(
+        chunks, optimizer, is_loading=True, with_rng=same_layout, adapters_only=adapters_only
+    )
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(chunks):
-        unwrap_chunk(chunk).load_state_dict(loaded[f"model{i}"])
+        # A LoRA checkpoint fills the adapters; the base weights stay as loaded from the base.
+        missing, unexpected = unwrap_chunk(chunk).load_state_dict(
+            loaded[f"model{i}"], strict=not adapters_only
+        )
+        if unexpected or any(is_adapter_name(name) for name in missing):
+            raise ValueError(f"{path}: adapters do not match the model's ({missing=}, {unexpected=})")
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
@@ -150,6 +215,41 @@ def load(path: str | Path, *, chunks: Sequence[torch.nn.Module], optimizer: Any,
     return progress_from_dict(loaded["progress"])
 
 
+def check_same_lora(
+    path: Path, sidecar: dict[str, Any], model: ModelConfig, lora_base: LoraBase | None
+) -> None:
+    """Refuse to resume adapters on another base or with other adapter shapes, naming what differs."""
+    saved = sidecar.get("lora")
+    if saved is None and lora_base is None:
+        return
+    if saved is None:
+        raise ValueError(
+            f"{path} holds a full model, not LoRA adapters: to train adapters on it, start a new run with "
+            f"model.dist_checkpoint={path} (and checkpoint.load unset)"
+        )
+    if lora_base is None:
+        raise ValueError(
+            f"{path} holds LoRA adapters (rank {saved['rank']}); resume with the same model.lora "
+            f"(model.lora.rank={saved['rank']}) or merge them first (`convert mcore-to-hf --merge`)"
+        )
+    ours = asdict(model.lora)
+    for name in ("rank", "alpha", "use_rslora", "target_modules"):
+        same = set(ours[name]) == set(saved[name]) if name == "target_modules" else ours[name] == saved[name]
+        if not same:
+            raise ValueError(
+                f"{path} was trained with model.lora.{name}={saved[name]!r}, this run has {ours[name]!r}"
+            )
+    base = sidecar["base"]
+    if base["fingerprint"] != lora_base.fingerprint:
+        raise ValueError(
+            f"{path}'s adapters were trained on the base {base['path']} ({base['fingerprint'][:19]}...), but "
+            f"{lora_base.path} has other weights ({lora_base.fingerprint[:19]}...): point model.hf_path or "
+            "model.dist_checkpoint at the base they were trained on"
+        )
+    if base["path"] != lora_base.path and parallel.current_layout().rank == 0:
+        logger.info("base moved from %s to %s (same fingerprint)", base["path"], lora_base.path)
+
+
 def progress_from_dict(saved: dict[str, Any]) -> Progress:
     """A checkpoint's progress record (also one written before ``batch_history`` existed)."""
     fields = dict(saved)
@@ -159,10 +259,14 @@ def progress_from_dict(saved: dict[str, Any]) -> Progress:
     return Progress(**fields, batch_history=tuple(history))
 
 
-def _sharded_state(chunks, optimizer, *, is_loading: bool, with_rng: bool) -> dict[str, Any]:
+def _sharded_state(
+    chunks, optimizer, *, is_loading: bool, with_rng: bool, adapters_only: bool
+) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model_state = dist_checkpoint.model_sharded_state_dict([unwrap_chunk(chunk) for chunk in chunks])
+    model_state = dist_checkpoint.model_sharded_state_dict(
+        [unwrap_chunk(chunk) for chunk in chunks], adapters_only=adapters_only
+    )
     state: dict[str, Any] = dict(model_state)
     state["optimizer"] = optimizer.sharded_state_dict(
         model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA

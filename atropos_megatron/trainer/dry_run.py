@@ -17,6 +17,7 @@ from pathlib import Path
 
 from atropos_megatron.config import LaunchConfig, ModelConfig, TrainConfig
 from atropos_megatron.launch.topology import check_topology, trainer_procs_per_node, trainer_world_size
+from atropos_megatron.trainer.checkpoint import lora_base_path
 from atropos_megatron.trainer.memory import estimate_memory, parameter_counts
 from atropos_megatron.trainer.model import check_model_layout
 
@@ -29,6 +30,7 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
         check_topology(cfg.launch)
     except ValueError as exc:  # TopologyError: the launch section cannot be laid out
         raise ValueError(f"launch section: {exc}") from None
+    base = lora_base_path(cfg.model) if cfg.model.lora.enabled else None
     model, note = _architecture(cfg.model)
     check_model_layout(model, cfg.parallel)
     if cfg.data.max_token_len > model.max_position_embeddings:
@@ -63,8 +65,21 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
             f"{stage.total:,} parameters"
         )
     lines.append(estimate.format_table())
+    if cfg.grpo.kl_coef == 0:
+        reference = "not built (grpo.kl_coef = 0)"
+    elif model.lora.enabled:
+        reference = "the frozen base with the LoRA adapters off (no second copy)"
+    else:
+        reference = "built (grpo.kl_coef > 0)"
+    if model.lora.enabled:
+        lora = model.lora
+        lines.append(
+            f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}{' (rsLoRA)' if lora.use_rslora else ''} on "
+            f"{', '.join(lora.target_modules)}; the base ({base}) is frozen, "
+            "checkpoints hold the adapters and their optimizer state only"
+        )
     lines.append(
-        f"reference model: {'built (grpo.kl_coef > 0)' if cfg.grpo.kl_coef > 0 else 'not built (grpo.kl_coef = 0)'}; "
+        f"reference model: {reference}; "
         f"attention: {'fused (Transformer Engine)' if te_available() else 'local spec (unfused, s^2 scores)'}"
     )
     lines.append(spool_estimate(cfg))

@@ -15,7 +15,8 @@ so the loss pass first checks that every micro-batch was planned for this pass's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -56,10 +57,24 @@ def token_logprobs_pass(
         )
         return logits.new_zeros(()), {"logprobs": logprobs}
 
-    results = forward_backward(chunks, micro_batches, loss_fn=loss_fn, forward_only=True)
+    with eval_mode(chunks):  # no dropout (LoRA's) in log-probs that stand for a policy
+        results = forward_backward(chunks, micro_batches, loss_fn=loss_fn, forward_only=True)
     if not parallel.current_layout().is_last_stage:
         return None
     return [result["logprobs"] for result in results]
+
+
+@contextlib.contextmanager
+def eval_mode(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """The chunks in eval mode inside (dropout off), their previous modes restored after."""
+    previous = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for chunk, training in zip(chunks, previous, strict=True):
+            chunk.train(training)
 
 
 def grpo_loss_pass(

@@ -70,7 +70,12 @@ def resolve_model(model: ModelConfig) -> tuple[ModelConfig, int | None]:
         info = read_checkpoint_info(model.dist_checkpoint)
         if info.model is None:
             return model, info.padded_vocab  # another tool's checkpoint: the config's architecture
-        kept = {"dtype": model.dtype, "dist_checkpoint": model.dist_checkpoint, "hf_path": None}
+        kept = {
+            "dtype": model.dtype,
+            "dist_checkpoint": model.dist_checkpoint,
+            "hf_path": None,
+            "lora": model.lora,
+        }
         return replace(info.model, **kept), info.padded_vocab
     return model, None
 
@@ -106,6 +111,8 @@ class Trainer:
         self.layout = parallel.init_distributed(cfg.parallel, seed=cfg.seed)
         self.model, fixed_vocab = resolve_model(cfg.model)
         check_model_layout(self.model, cfg.parallel)
+        # A LoRA run records its base (path + fingerprint) in each checkpoint and checks it on resume.
+        self.lora_base = checkpoint.LoraBase.of(cfg.model) if cfg.model.lora.enabled else None
         self.padded_vocab = fixed_vocab or padded_vocab_size(
             self.model.vocab_size, self.model.make_vocab_size_divisible_by, 1
         )
@@ -113,7 +120,11 @@ class Trainer:
         # TP only while initialising, and the weight export needs those marks.
         chunks = build_model(self.model, cfg.parallel, padded_vocab=self.padded_vocab)
         self._load_initial_weights(chunks)
-        self.reference = self._build_reference(chunks) if cfg.grpo.kl_coef > 0 else None
+        # LoRA: adapters on the loaded base, before DDP (it buckets only what needs gradients), so the
+        # optimizer holds only adapters; the reference is the base itself with the adapters off.
+        self.lora = self._install_lora(chunks)
+        needs_copy = cfg.grpo.kl_coef > 0 and not self.lora
+        self.reference = self._build_reference(chunks) if needs_copy else None
         self.state = build_train_state(
             chunks, self.model, cfg.optimizer, total_steps=cfg.steps * cfg.grpo.updates_per_batch
         )
@@ -131,6 +142,8 @@ class Trainer:
                     chunks=self.state.chunks,
                     optimizer=self.state.optimizer,
                     scheduler=self.state.scheduler,
+                    model=self.model,
+                    lora_base=self.lora_base,
                 )
                 self.progress = replace(restored, layout=(self.layout.tp, self.layout.pp, self.layout.dp))
                 self._log(f"resumed from {path} at step {self.progress.step}")
@@ -152,6 +165,30 @@ class Trainer:
                 tp_rank=self.layout.tp_rank,
                 tp_size=self.layout.tp,
             )
+
+    def _install_lora(self, chunks: list[torch.nn.Module]) -> bool:
+        """Install ``model.lora``'s adapters and freeze the base; whether LoRA is on."""
+        lora = self.cfg.model.lora
+        if not lora.enabled:
+            return False
+        from atropos_megatron.trainer.lora import apply_lora, trainable_parameters
+
+        apply_lora(chunks, lora, self.model, seed=self.cfg.seed)
+        if lora.adapter:  # continue training an existing PEFT adapter
+            from atropos_megatron.weights.lora_state import load_adapter_state
+            from atropos_megatron.weights.peft_adapter import check_same_adapters, read_peft_adapter
+
+            adapter = read_peft_adapter(lora.adapter)
+            check_same_adapters(adapter.lora, lora, source=lora.adapter)
+            load_adapter_state(chunks, adapter.tensors)
+            self._log(f"LoRA adapters start from {lora.adapter}")
+        trained = sum(p.numel() for _, p in trainable_parameters(chunks))
+        total = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+        self._log(
+            f"LoRA rank {lora.rank} (alpha {lora.alpha:g}) on {', '.join(lora.target_modules)}: "
+            f"{trained:,} of {total:,} parameters train on this rank ({trained / total:.2%}); base frozen"
+        )
+        return True
 
     def _build_reference(self, actor: list[torch.nn.Module]) -> list[torch.nn.Module]:
         """A frozen copy of the actor's initial weights, same layout."""
@@ -189,7 +226,7 @@ class Trainer:
         )
         for plan, mini in zip(plans, minis, strict=True):  # all before the first update
             self._attach_old_logprobs(plan, recompute=not use_inference)
-            if self.reference is not None:
+            if cfg.grpo.kl_coef > 0:
                 self._attach_ref_logprobs(plan, mini)
         per_micro_batch: list[dict[str, Any]] = []
         for update, plan in enumerate(plans):
@@ -252,6 +289,16 @@ class Trainer:
             mb["ref_logprobs"] = ref
 
     def _reference_pass(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor] | None:
+        if self.lora:
+            from atropos_megatron.trainer.lora import adapters_disabled
+
+            with adapters_disabled(self.state.chunks):  # the frozen base is the reference model
+                return token_logprobs_pass(
+                    self.state.chunks,
+                    micro_batches,
+                    vocab_size=self.model.vocab_size,
+                    kernel=self.cfg.grpo.kernel,
+                )
         offload = self.cfg.grpo.reference_offload and torch.cuda.is_available()
         if offload:
             for chunk in self.reference:
@@ -280,6 +327,7 @@ class Trainer:
             padded_vocab=self.padded_vocab,
             keep_last=self.cfg.checkpoint.keep_last,
             hf_files=self._hf_side_files(),
+            lora_base=self.lora_base,
         )
         self._log(f"checkpoint {path} written in {time.monotonic() - started:.1f} s")
         if self.bridge is not None:

@@ -122,6 +122,24 @@ class LinearAdapters(nn.Module):
             h = tensor_parallel.reduce_from_tensor_model_parallel_region(h, group=self._tp_group)
         return F.linear(h, self.adapter(key).lora_B.weight) * self.scale
 
+    @torch.no_grad()
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of ``W + scale * B A`` (a new tensor, ``weight``'s dtype), whatever the split.
+
+        The delta of a shard is computed from this rank's factors alone, so merged weights are
+        gathered over TP like any other weight: column-parallel, this rank's fused ``B`` rows times
+        every projection's (whole) ``A``; row-parallel, the whole ``B`` times this rank's ``A``
+        columns. Computed in fp32 and rounded once, as PEFT's merge does for half precision.
+        """
+        if self.site.parallel == "column":
+            b = self._fused_b()
+            a = torch.cat([self.adapter(key).lora_A.weight for key in self.keys], dim=0)
+        else:
+            (key,) = self.keys
+            b, a = self.adapter(key).lora_B.weight, self.adapter(key).lora_A.weight
+        delta = (b.float() @ a.float()) * self.scale
+        return (weight.float() + delta).to(weight.dtype)
+
     def _down(self, key: str, x: torch.Tensor) -> torch.Tensor:
         adapter = self.adapter(key)
         return F.linear(adapter.dropout(x), adapter.lora_A.weight)

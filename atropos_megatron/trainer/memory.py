@@ -138,6 +138,57 @@ def params_per_pipeline_rank(model: ModelConfig, layout: ParallelConfig) -> list
     return totals
 
 
+def lora_layer_parameters(model: ModelConfig, tensor_parallel_size: int) -> int:
+    """LoRA adapter parameters of one transformer layer on one TP rank (0 without LoRA).
+
+    Per targeted projection ``A`` ``[r, in]`` and ``B`` ``[out, r]``, the factor that TP splits divided
+    by TP (``weights/lora_layout.py``): ``B`` of column-parallel, ``A`` of row-parallel layers.
+    """
+    from atropos_megatron.weights.lora_layout import factor_shape, sites_for
+
+    lora = model.lora
+    if not lora.enabled:
+        return 0
+    total = 0
+    for site, keys in sites_for(lora.target_modules):
+        for key in keys:
+            for factor in ("A", "B"):
+                shape = factor_shape(site, key, factor, rank=lora.rank, model=model, tp=tensor_parallel_size)
+                total += math.prod(shape)
+    return total
+
+
+def lora_dropout_activation_bytes(model: ModelConfig, layout: ParallelConfig, *, tokens: int) -> int:
+    """Bytes one layer's LoRA dropout saves for ``tokens`` tokens: each targeted projection's dropped
+    input (model dtype) and its mask (1 byte). 0 without LoRA or with ``dropout == 0``.
+
+    Not small: with all seven projections it adds ~``7*T*h*(d+1)`` to a layer's ~``32*T*h*d``. The
+    adapters' own ``r``-wide activations are ``r/h`` of that and ignored.
+    """
+    from atropos_megatron.weights.lora_layout import projection_features, sites_for
+
+    lora = model.lora
+    if not (lora.enabled and lora.dropout > 0):
+        return 0
+    tp = layout.tensor_parallel_size
+    sp = tp if layout.sequence_parallel else 1
+    elements = 0
+    for site, keys in sites_for(lora.target_modules):
+        for key in keys:
+            in_features, _ = projection_features(key, model)
+            # column-parallel input: the (sequence-gathered) hidden states; row-parallel: a TP slice
+            elements += tokens * in_features // (sp if site.parallel == "column" else tp)
+    return elements * (DTYPE_BYTES[model.dtype] + 1)
+
+
+def lora_params_per_pipeline_rank(model: ModelConfig, layout: ParallelConfig) -> list[int]:
+    """LoRA adapter parameters held by one GPU of each pipeline rank (0s without LoRA)."""
+    layers = model.num_layers // layout.pipeline_parallel_size
+    return [
+        layers * lora_layer_parameters(model, layout.tensor_parallel_size)
+    ] * layout.pipeline_parallel_size
+
+
 def total_parameters(model: ModelConfig) -> int:
     """Parameters of the whole model as built (padded vocabulary; a tied embedding counted once)."""
     return sum(params_per_pipeline_rank(model, ParallelConfig()))
@@ -154,12 +205,15 @@ class StageMemory:
 
     pp_rank: int
     params: int
-    """Parameters on this GPU (all its chunks, one TP shard)."""
+    """Parameters on this GPU (all its chunks, one TP shard), LoRA adapters included."""
+    trained_params: int
+    """Those that train (all of them, or the LoRA adapters alone): gradients and optimizer state."""
     weights_bytes: int
     grads_bytes: int
     optimizer_bytes: int
     reference_bytes: int
-    """Frozen reference model (weights only); 0 when ``grpo.kl_coef == 0``."""
+    """Frozen reference model (weights only); 0 when ``grpo.kl_coef == 0`` or with LoRA (the reference
+    is the base with the adapters off)."""
     activations_bytes: int
     """Saved activations of every micro-batch in flight on this rank, plus attention workspace."""
     logits_bytes: int
@@ -188,6 +242,8 @@ class MemoryEstimate:
     data_parallel_size: int
     total_params: int
     """Whole-model parameters (see :func:`total_parameters`)."""
+    lora_params: int
+    """Whole-model LoRA adapter parameters (0 without LoRA), not in ``total_params``."""
     chunk_passes_in_flight: tuple[int, ...]
     """Chunk forward passes whose activations a GPU of each pipeline rank holds at its peak."""
 
@@ -208,8 +264,11 @@ class MemoryEstimate:
         """A per-stage table in GiB and one verdict line per device capacity."""
         columns = ("weights", "grads", "optim", "ref", "activ", "logits", "other", "total")
         header = f"{'stage':>5} {'params':>9} " + " ".join(f"{name:>8}" for name in columns)
+        lora = ""
+        if self.lora_params:
+            lora = f" + {_count(self.lora_params)} LoRA ({self.lora_params / self.total_params:.2%}; only they train)"
         lines = [
-            f"parameters: {_count(self.total_params)} total; data parallel size {self.data_parallel_size}",
+            f"parameters: {_count(self.total_params)} total{lora}; data parallel size {self.data_parallel_size}",
             "estimated peak memory per GPU (GiB):",
             header,
         ]
@@ -347,7 +406,9 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
     (fp32 buffer, :data:`GRAD_BYTES`), optimizer state (:func:`optimizer_bytes_per_param`, divided
     by the data-parallel size with ``optimizer.use_distributed_optimizer``, as Megatron-LM's
     ``theoretical_memory_usage`` does: ``6 + 12/DP`` bytes per bf16 parameter with Adam) and the
-    frozen reference model (model dtype, weights only, when ``grpo.kl_coef > 0``).
+    frozen reference model (model dtype, weights only, when ``grpo.kl_coef > 0``). With LoRA
+    (``model.lora.rank > 0``) the adapters add their weights, only they have gradients and optimizer
+    state, and there is no reference copy (the base with adapters off is the reference).
 
     Approximate:
 
@@ -385,6 +446,8 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
         )
     dp = world_size // layout.model_parallel_size
     params = params_per_pipeline_rank(model, layout)
+    adapters = lora_params_per_pipeline_rank(model, layout)
+    lora = model.lora.enabled
     d, tp, pp = DTYPE_BYTES[model.dtype], layout.tensor_parallel_size, layout.pipeline_parallel_size
     optimizer_per_param = optimizer_bytes_per_param(cfg.optimizer.name, model.dtype)
     optimizer_shards = dp if cfg.optimizer.use_distributed_optimizer else 1
@@ -396,7 +459,7 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
     num_micro_batches = math.ceil(sequences_per_rank / sequences_per_micro_batch)
     layer_bytes = layer_activation_bytes(
         model, layout, tokens=tokens, attention_length=attention_length, fused_attention=fused_attention
-    )
+    ) + lora_dropout_activation_bytes(model, layout, tokens=tokens)
     layers_per_chunk = model.num_layers // (pp * (layout.virtual_pipeline_parallel_size or 1))
     workspace = (
         0 if fused_attention else (model.num_attention_heads // tp) * tokens * attention_length * (d + 4)
@@ -404,7 +467,9 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
     vocab_shard = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp) // tp
 
     stages, in_flight = [], []
-    for pp_rank, rank_params in enumerate(params):
+    for pp_rank, (base_params, adapter_params) in enumerate(zip(params, adapters, strict=True)):
+        rank_params = base_params + adapter_params
+        trained = adapter_params if lora else rank_params
         passes = in_flight_chunk_passes(layout, pp_rank, num_micro_batches)
         activations = passes * layers_per_chunk * layer_bytes + workspace
         logits = 0
@@ -416,10 +481,11 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
             StageMemory(
                 pp_rank=pp_rank,
                 params=rank_params,
+                trained_params=trained,
                 weights_bytes=rank_params * d,
-                grads_bytes=rank_params * GRAD_BYTES,
-                optimizer_bytes=math.ceil(rank_params * optimizer_per_param / optimizer_shards),
-                reference_bytes=rank_params * d if cfg.grpo.kl_coef > 0 else 0,
+                grads_bytes=trained * GRAD_BYTES,
+                optimizer_bytes=math.ceil(trained * optimizer_per_param / optimizer_shards),
+                reference_bytes=base_params * d if cfg.grpo.kl_coef > 0 and not lora else 0,
                 activations_bytes=activations,
                 logits_bytes=logits,
                 overhead_bytes=CUDA_OVERHEAD_BYTES,
@@ -430,5 +496,6 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
         stages=tuple(stages),
         data_parallel_size=dp,
         total_params=total_parameters(model),
+        lora_params=lora_params_per_pipeline_rank(model, ParallelConfig())[0],
         chunk_passes_in_flight=tuple(in_flight),
     )

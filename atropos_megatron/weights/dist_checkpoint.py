@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from atropos_megatron.config import ModelConfig
+from atropos_megatron.weights.lora_layout import is_adapter_name
 from atropos_megatron.weights.megatron_shards import TE_NORM_NAMES
 
 SIDECAR = "atropos_megatron.json"
@@ -73,13 +74,20 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     if backend != "torch_dist":
         raise NotADistCheckpointError(f"{path} uses sharded_backend={backend!r}; only torch_dist is read")
     tensors = dist_checkpointing.load_tensors_metadata(str(path))
-    if _EMBEDDING_KEY not in tensors:
-        raise NotADistCheckpointError(f"{path} holds no {_EMBEDDING_KEY} (not a GPT model checkpoint?)")
-    embedding = tensors[_EMBEDDING_KEY]
     model = None
     sidecar = path / SIDECAR
-    if sidecar.is_file():
-        model = ModelConfig(**json.loads(sidecar.read_text())["model"])
+    facts = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if _EMBEDDING_KEY not in tensors:
+        if "lora" in facts:
+            base = facts.get("base", {})
+            raise NotADistCheckpointError(
+                f"{path} holds LoRA adapters only (trained on the base {base.get('path')}): resume it with "
+                "checkpoint.load, or make a full model with `convert mcore-to-hf --merge`"
+            )
+        raise NotADistCheckpointError(f"{path} holds no {_EMBEDDING_KEY} (not a GPT model checkpoint?)")
+    embedding = tensors[_EMBEDDING_KEY]
+    if "model" in facts:
+        model = ModelConfig(**facts["model"])
     hf_dir = path / HF_CONFIG_DIR
     return CheckpointInfo(
         path=path,
@@ -173,14 +181,57 @@ def load_model(
         chunk.load_state_dict(loaded[f"model{i}"])
 
 
-def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, dict]:
+def model_sharded_state_dict(
+    chunks: Sequence[torch.nn.Module], *, adapters_only: bool = False
+) -> dict[str, dict]:
     """The chunks' Megatron sharded state dicts under ``model0``, ``model1``, ... (the keys of every
-    checkpoint we write, model-only or training)."""
+    checkpoint we write, model-only or training).
+
+    ``adapters_only``: just the LoRA factors (a LoRA run's checkpoint; the base is read elsewhere).
+    """
     # One sub-dict per virtual stage, as Megatron-LM nests them; ShardedTensor keys are global
     # either way (layer offsets come from each chunk's own layer numbers).
     sharded = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
     whole_fc1_where_unsplit(sharded)
+    split_adapter_factors(sharded)
+    if adapters_only:
+        sharded = {key: {n: v for n, v in sd.items() if is_adapter_name(n)} for key, sd in sharded.items()}
     return sharded
+
+
+def split_adapter_factors(sharded: dict[str, dict]) -> None:
+    """Describe each TP-split LoRA factor as the slice of the whole factor that this rank holds.
+
+    Megatron's linear layers describe every parameter below them (our ``lora`` children too) as
+    their own weight would be if unsplit: replicated over TP. For a factor that TP splits
+    (column-parallel ``B`` rows, row-parallel ``A`` columns; ``weights/lora_layout.py``) that would
+    save one rank's slice as the whole tensor. Replicated factors keep Megatron's description.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.parallel_state import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+
+    tp, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    for chunk_sd in sharded.values():
+        for name, value in chunk_sd.items():
+            param = getattr(value, "data", None)
+            if not (isinstance(value, ShardedTensor) and is_adapter_name(name)):
+                continue
+            if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+                continue
+            prepend = value.prepend_axis_num
+            layer_axes = [(i, value.global_offset[i], value.axis_fragmentations[i]) for i in range(prepend)]
+            replica_id = (*value.replica_id[:1], 0, *value.replica_id[2:])  # one copy per TP slice
+            chunk_sd[name] = ShardedTensor.from_rank_offsets(
+                value.key,
+                param,
+                *layer_axes,
+                (prepend + param.partition_dim, tp_rank, tp),
+                replica_id=replica_id,
+                prepend_axis_num=prepend,
+            )
 
 
 def whole_fc1_where_unsplit(sharded: dict[str, dict]) -> None:

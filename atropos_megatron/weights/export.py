@@ -12,6 +12,10 @@ one *sender* rank (pipeline stage 0, TP rank 0, data-parallel replica 0):
 - the sender maps each Megatron tensor to HF tensors (``hf_mapping.megatron_to_hf``: fused q/k/v and
   gate/up split, vocabulary padding cut), optionally casts them, and packs them into buckets.
 
+With LoRA the adapters are merged: a linear layer that carries them is exported as
+``W + scale * B A``, computed per shard before the TP gather (``LinearAdapters.merged_weight``), and
+the factors themselves are not sent, so the servers run a plain HF model.
+
 Other data-parallel replicas hold the same weights and take no part. With tied embeddings the last
 stage's copy of the embedding (``output_layer.weight``) is never sent: HF checkpoints of tied models
 have no ``lm_head``. Memory beyond the model: the sender holds one bucket plus the tensor in flight (and its HF parts),
@@ -33,6 +37,7 @@ import torch.distributed as dist
 from atropos_megatron.config import ModelConfig
 from atropos_megatron.trainer import parallel
 from atropos_megatron.weights.hf_mapping import megatron_to_hf
+from atropos_megatron.weights.lora_layout import ADAPTER_MODULE, is_adapter_name
 from atropos_megatron.weights.megatron_shards import gather_shards, iter_global_params
 
 Progress = Callable[[int], object]
@@ -143,9 +148,10 @@ def export_hf_tensors(
         for chunk in chunks
         for name, param in iter_global_params(unwrap_chunk(chunk))
         if not (model.tie_word_embeddings and name == _OUTPUT)  # HF has no lm_head when tied
+        and not is_adapter_name(name)  # merged into their layer's weight instead
     ]
     _check_split_attributes(params, layout.tp)
-    for name, full in _full_tensors(params, layout):
+    for name, full in _full_tensors(params, layout, _adapters_by_weight(chunks)):
         hf_tensors = megatron_to_hf([(name, full)], model)
         del full  # (and every other reference below) so that the next gather is the only full tensor
         for hf_name, tensor in hf_tensors:
@@ -211,10 +217,26 @@ def _check_split_attributes(params: list[tuple[str, torch.nn.Parameter]], tp_siz
         )
 
 
+def _adapters_by_weight(chunks: Sequence[torch.nn.Module]) -> dict[int, torch.nn.Module]:
+    """``id(weight) -> adapters`` of every linear layer that carries LoRA adapters (none without LoRA)."""
+    found = {}
+    for chunk in chunks:
+        for module in unwrap_chunk(chunk).modules():
+            adapters = getattr(module, ADAPTER_MODULE, None)
+            if adapters is not None and hasattr(adapters, "merged_weight"):
+                found[id(module.weight)] = adapters
+    return found
+
+
 def _full_tensors(
-    params: list[tuple[str, torch.nn.Parameter]], layout: parallel.ParallelLayout
+    params: list[tuple[str, torch.nn.Parameter]],
+    layout: parallel.ParallelLayout,
+    adapters: dict[int, torch.nn.Module],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full Megatron ``(global name, tensor)`` of every stage on the sender, stage by stage."""
+    """Full Megatron ``(global name, tensor)`` of every stage on the sender, stage by stage.
+
+    A weight in ``adapters`` is sent merged with its layer's LoRA adapters.
+    """
     tp_group = parallel.tensor_parallel_group()
     pp_group = parallel.pipeline_parallel_group()
     sender = layout.pp_rank == 0 and layout.tp_rank == 0
@@ -224,7 +246,9 @@ def _full_tensors(
         stages = [[] for _ in range(layout.pp)]
         dist.all_gather_object(stages, local, group=pp_group)
     for name, param in params:
-        full = _gather_tp(param, layout, tp_group)
+        wrapped = adapters.get(id(param))
+        local = param.detach() if wrapped is None else wrapped.merged_weight(param.detach())
+        full = _gather_tp(param, local, layout, tp_group)
         if sender:
             yield name, full
         elif full is not None:
@@ -252,10 +276,13 @@ def _full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
 
 
 def _gather_tp(
-    param: torch.nn.Parameter, layout: parallel.ParallelLayout, tp_group: dist.ProcessGroup
+    param: torch.nn.Parameter,
+    data: torch.Tensor,
+    layout: parallel.ParallelLayout,
+    tp_group: dist.ProcessGroup,
 ) -> torch.Tensor | None:
-    """The full tensor on TP rank 0 (None on the other TP ranks)."""
-    data = param.detach()
+    """The full tensor of which ``data`` is this rank's shard (split as ``param``), on TP rank 0 (None on
+    the other TP ranks)."""
     if layout.tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return data if layout.tp_rank == 0 else None
     data = data.contiguous()

@@ -35,6 +35,10 @@ def test_no_command_prints_help(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
-def test_train_refuses_lora_until_the_loop_trains_adapters(capsys):
+def test_dry_run_with_lora_reports_adapters_and_needs_a_base(capsys):
     assert main(["train", "model.lora.rank=8", "--dry-run"]) == 2
-    assert "model.lora.rank > 0" in capsys.readouterr().err
+    assert "model.lora needs a base" in capsys.readouterr().err
+    config = "examples/configs/llama3.1-70b_4+4nodes.yaml"
+    assert main(["train", "--config", config, "model.lora.rank=64", "grpo.kl_coef=0.01", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA (1.17%; only they train)" in out and "frozen base with the LoRA adapters off" in out

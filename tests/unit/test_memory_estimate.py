@@ -10,6 +10,7 @@ import pytest
 from atropos_megatron.config import (
     DataConfig,
     GRPOConfig,
+    LoraConfig,
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
@@ -20,6 +21,7 @@ from atropos_megatron.trainer.memory import (
     GIB,
     estimate_memory,
     in_flight_chunk_passes,
+    lora_params_per_pipeline_rank,
     micro_batch_shape,
     parameter_counts,
     params_per_pipeline_rank,
@@ -59,11 +61,13 @@ LAYOUTS = {
     "PP=2": dict(pipeline_parallel_size=2),
     "PP=2xVPP=2": dict(pipeline_parallel_size=2, virtual_pipeline_parallel_size=2),
 }
+LORA = LoraConfig(rank=4, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
 
 
 def _count_megatron_params(rank, world_size):
     """``{(model, layout): (pp_rank, [numel per chunk])}`` of the models Megatron builds on this rank."""
     from atropos_megatron.trainer import parallel
+    from atropos_megatron.trainer.lora import apply_lora, trainable_parameters
     from atropos_megatron.trainer.model import build_model
 
     parallel.init_distributed(ParallelConfig(), seed=0)
@@ -72,9 +76,12 @@ def _count_megatron_params(rank, world_size):
         layout = ParallelConfig(**layout_kwargs)
         placement = parallel.setup_model_parallel(layout, seed=0)
         for model_name, model_kwargs in MODELS.items():
-            chunks = build_model(ModelConfig(**model_kwargs), layout, initialize=False)
+            model = ModelConfig(**model_kwargs)
+            chunks = build_model(model, layout, initialize=False)
             numels = [sum(p.numel() for p in chunk.parameters()) for chunk in chunks]
-            counts[model_name, layout_name] = (placement.pp_rank, numels)
+            apply_lora(chunks, LORA, model)
+            adapters = sum(p.numel() for _, p in trainable_parameters(chunks))
+            counts[model_name, layout_name] = (placement.pp_rank, numels, adapters)
     return counts
 
 
@@ -85,10 +92,14 @@ def test_parameter_counts_match_megatron_models_on_every_rank():
     for (model_name, layout_name), _ in per_rank[0].items():
         model = ModelConfig(**MODELS[model_name])
         expected = parameter_counts(model, ParallelConfig(**LAYOUTS[layout_name]))
+        lora = lora_params_per_pipeline_rank(
+            dataclasses.replace(model, lora=LORA), ParallelConfig(**LAYOUTS[layout_name])
+        )
         for rank_counts in per_rank:
-            pp_rank, numels = rank_counts[model_name, layout_name]
+            pp_rank, numels, adapters = rank_counts[model_name, layout_name]
             mine = [stage.total for stage in expected if stage.pp_rank == pp_rank]
             assert mine == numels, (model_name, layout_name, pp_rank)
+            assert lora[pp_rank] == adapters, (model_name, layout_name, pp_rank, "LoRA")
             checked += 1
         if layout_name == "TP=1":
             assert total_parameters(model) == per_rank[0][model_name, layout_name][1][0]
@@ -211,6 +222,24 @@ def test_reference_weights_only_with_a_kl_penalty():
     assert without.reference_bytes == 0
     assert with_kl.reference_bytes == with_kl.weights_bytes
     assert with_kl.total_bytes - without.total_bytes == with_kl.weights_bytes
+
+
+def test_lora_trains_only_adapters_and_needs_no_reference_copy():
+    full = estimate_memory(*_small_run(grpo=GRPOConfig(kl_coef=0.05))).stages[0]
+    cfg, world = _small_run(grpo=GRPOConfig(kl_coef=0.05))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=LORA))
+    estimate = estimate_memory(cfg, world)
+    lora = estimate.stages[0]
+    adapters = lora_params_per_pipeline_rank(cfg.model, cfg.parallel)[0]
+    assert 0 < adapters == lora.trained_params == lora.params - full.params
+    assert lora.reference_bytes == 0
+    assert lora.grads_bytes == adapters * 4  # the fp32 gradient buffer holds adapters only
+    assert lora.optimizer_bytes < full.optimizer_bytes * adapters / full.params * 1.01
+    assert lora.total_bytes < full.total_bytes
+    assert "LoRA" in estimate.format_table()
+    dropout = dataclasses.replace(cfg.model, lora=dataclasses.replace(LORA, dropout=0.1))
+    with_dropout = estimate_memory(dataclasses.replace(cfg, model=dropout), world).stages[0]
+    assert with_dropout.activations_bytes > lora.activations_bytes  # dropped copies of the inputs
 
 
 def test_world_size_not_divisible_by_the_model_parallel_size_is_an_error():
