@@ -5,6 +5,7 @@ TP rank, each a ``multiprocessing`` ForkingPickler dump (what SGLang's
 ``MultiprocessingSerializer.serialize(obj, output_str=True)`` produces). A tensor pickles as a handle to
 shared memory (CPU: a ``/dev/shm`` file under the ``file_system`` strategy; CUDA: an IPC handle), not as
 its bytes, so the producer must keep its tensors alive until the server has answered.
+``POST /load_lora_adapter_from_tensors`` carries adapters the same way (:func:`decode_lora_tensors`).
 
 The trainer side (encode) and the reference server (decode) share this module, so the two cannot
 drift. Decoding never uses plain ``pickle.loads``: :class:`SafeUnpickler` admits only the exact globals
@@ -257,3 +258,24 @@ def decode_tensor_update(entry: str | bytes, load_format: str | None) -> list[tu
             named.append((item[0], item[1]))
         return named
     raise PayloadError(f"unsupported load_format {load_format!r} (None, 'direct' or {FLATTENED_BUCKET!r})")
+
+
+def decode_lora_tensors(entry: str | bytes, load_format: str | None) -> dict[str, torch.Tensor]:
+    """One rank's entry of ``/load_lora_adapter_from_tensors``'s ``serialized_named_tensors`` -> tensors.
+
+    Not the weight update's shape: without a bucket the payload is a dict ``{name: tensor}`` (SGLang
+    0.5.23 ``TpModelWorker.load_lora_adapter_from_tensors`` takes any other ``load_format`` than
+    ``flattened_bucket`` as that dict); ``flattened_bucket`` is the weight update's bucket.
+    """
+    if load_format == FLATTENED_BUCKET:
+        return dict(decode_tensor_update(entry, FLATTENED_BUCKET))
+    if load_format not in DIRECT_FORMATS:
+        raise PayloadError(
+            f"unsupported load_format {load_format!r} (None, 'direct' or {FLATTENED_BUCKET!r})"
+        )
+    payload = deserialize_payload(entry)
+    if not isinstance(payload, dict) or not all(
+        isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in payload.items()
+    ):
+        raise PayloadError("a LoRA tensor payload must be a dict {name: tensor} (or a flattened_bucket)")
+    return payload

@@ -18,7 +18,8 @@ from tests.subprocess_server import SubprocessServer
 
 
 class ReferenceServer(SubprocessServer):
-    """One ``serve`` process on ``127.0.0.1:port``; keyword options become ``--flag value`` arguments."""
+    """One ``serve`` process on ``127.0.0.1:port``; keyword options become ``--flag value`` arguments
+    (``True``: a bare ``--flag``; a list: ``--flag v1 v2``)."""
 
     name = "reference-server"
 
@@ -26,8 +27,13 @@ class ReferenceServer(SubprocessServer):
         super().__init__(startup_timeout_s=startup_timeout_s)
         self._args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in cli_options.items():
-            if value is not None:
-                self._args += [f"--{key.replace('_', '-')}", str(value)]
+            flag = f"--{key.replace('_', '-')}"
+            if value is True:  # a switch: enable_lora=True -> --enable-lora
+                self._args.append(flag)
+            elif isinstance(value, list | tuple):  # nargs: lora_target_modules=["q_proj", ...]
+                self._args += [flag, *map(str, value)]
+            elif value is not None:
+                self._args += [flag, str(value)]
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "atropos_megatron.cli", "serve", *self._args]
@@ -39,13 +45,15 @@ class ReferenceServer(SubprocessServer):
             return False
 
 
-def served_logprobs(url: str, tokens: Sequence[int]) -> tuple[list[float], str]:
-    """The server's log-prob of each token of ``tokens`` after the first, and its ``weight_version``."""
+def served_logprobs(url: str, tokens: Sequence[int], lora_path: str | None = None) -> tuple[list[float], str]:
+    """The server's log-prob of each token of ``tokens`` after the first (with LoRA adapter ``lora_path``),
+    and its ``weight_version``."""
     body = {
         "input_ids": list(tokens),
         "sampling_params": {"max_new_tokens": 1, "temperature": 0},
         "return_logprob": True,
         "logprob_start_len": 0,
+        **({"lora_path": lora_path} if lora_path is not None else {}),
     }
     meta = httpx.post(url + "/generate", json=body, timeout=60).json()["meta_info"]
     return [item[0] for item in meta["input_token_logprobs"][1:]], meta["weight_version"]

@@ -1,8 +1,10 @@
 """The reference server's engine: model + tokenizer, one generation worker, pause and update rules.
 
 One worker thread takes queued requests as a static batch (up to ``max_batch`` rows; the ``n``
-samples of a request are rows of one batch) and decodes it to completion (``generation.py``). Batches
-never overlap, so a forward pass never races a weight copy. Weight updates follow SGLang's ordering:
+samples of a request are rows of one batch; with LoRA at most ``max_loras_per_batch`` distinct
+adapters, the base model counting as one) and decodes it to completion (``generation.py``), each row
+with its request's adapter (``lora_runtime``). Batches never overlap, so a forward pass never races a
+weight copy. Weight updates follow SGLang's ordering:
 
 - not paused: an update waits until the running batch finished (no new batch starts meanwhile);
 - paused (``pause(mode)``): the worker is frozen between two decode steps and updates run at once;
@@ -37,6 +39,8 @@ from atropos_megatron.inference.generation import (
     SampleOutput,
     generate_batch,
 )
+from atropos_megatron.inference.lora_options import LoraOptions
+from atropos_megatron.inference.lora_runtime import LoraRuntime
 from atropos_megatron.inference.sampling import FinishReason, finished_text
 from atropos_megatron.logs import FirstTimeInfo
 
@@ -63,6 +67,7 @@ class EngineOptions:
     max_batch: int = 16  # rows (samples) per batch; one request is never split
     seed: int = 0
     return_original_logprob: bool = False  # SGLANG_RETURN_ORIGINAL_LOGPROB=1: unscaled logprobs
+    lora: LoraOptions | None = None  # --enable-lora and its limits; None: LoRA off
 
 
 class Engine:
@@ -76,6 +81,7 @@ class Engine:
         self.context_length = int(getattr(model.config, "max_position_embeddings", 4096))
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.lora = LoraRuntime(model, options.lora.target_modules) if options.lora else None
         self._rng = random.Random(options.seed)
         self._restart_log = FirstTimeInfo()  # retract pauses restart requests on every update
         self._cond = threading.Condition()
@@ -95,12 +101,19 @@ class Engine:
     # ----- requests
     def submit(self, request: GenerateRequest) -> concurrent.futures.Future[list[SampleOutput]]:
         """Queue a request; the future gets its ``n`` samples (raises nothing: errors are in results)."""
-        job = _Job(request)
+        return self.submit_many([request])[0]
+
+    def submit_many(
+        self, requests: Sequence[GenerateRequest]
+    ) -> list[concurrent.futures.Future[list[SampleOutput]]]:
+        """Queue requests together: the prompts of one batched request start in one batch if they fit."""
+        jobs = [_Job(request) for request in requests]
         with self._cond:
-            job.arrived_paused = self._paused
-            self._queue.append(job)
+            for job in jobs:
+                job.arrived_paused = self._paused
+                self._queue.append(job)
             self._cond.notify_all()
-        return job.future
+        return [job.future for job in jobs]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -227,9 +240,15 @@ class Engine:
         return not (self._paused or self._updating or self._updates_waiting)
 
     def _take_batch_locked(self) -> list[_Job]:
+        """Queued jobs in order while they fit: ``max_batch`` rows, ``max_loras_per_batch`` adapters."""
         jobs = [self._queue.popleft()]
         rows = jobs[0].request.params.n
+        max_adapters = self.options.lora.max_loras_per_batch if self.options.lora else 1
+        adapters = {_adapter_id(jobs[0])}  # the base model counts as one, as in SGLang
         while self._queue and rows + self._queue[0].request.params.n <= self.options.max_batch:
+            if len(adapters | {_adapter_id(self._queue[0])}) > max_adapters:
+                break
+            adapters.add(_adapter_id(self._queue[0]))
             rows += self._queue[0].request.params.n
             jobs.append(self._queue.popleft())
         return jobs
@@ -245,9 +264,10 @@ class Engine:
         while True:
             with self._cond:
                 epoch, version = self._epoch, self._weight_version
-            outputs = generate_batch(
-                self.model, [j.request for j in jobs], ctx, functools.partial(self._gate, jobs, epoch)
-            )
+            with self._lora_rows(jobs):
+                outputs = generate_batch(
+                    self.model, [j.request for j in jobs], ctx, functools.partial(self._gate, jobs, epoch)
+                )
             if outputs is not None:
                 break
             logger.log(
@@ -259,6 +279,12 @@ class Engine:
             for sample in samples:
                 sample.weight_version = version
             job.future.set_result(samples)
+
+    def _lora_rows(self, jobs: list[_Job]) -> contextlib.AbstractContextManager[None]:
+        """Each batch row's adapter, in generate_batch's row order (a request's ``n`` rows together)."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        return self.lora.rows([job.request.adapter for job in jobs for _ in range(job.request.params.n)])
 
     def _gate(self, jobs: list[_Job], epoch: int) -> GateDecision:
         """Between decode steps: report aborts, wait while paused or updating, detect weight changes."""
@@ -326,6 +352,10 @@ class _TicketLock:
             with self._cond:
                 self._serving += 1
                 self._cond.notify_all()
+
+
+def _adapter_id(job: _Job) -> str | None:
+    return None if job.request.adapter is None else job.request.adapter.lora_id
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from atropos_megatron.inference.sampling import (
     sample_tokens,
 )
 
+if TYPE_CHECKING:
+    from atropos_megatron.inference.lora_adapters import LoraAdapter
+
 
 @dataclass(frozen=True, kw_only=True)
 class GenerateRequest:
@@ -35,6 +39,7 @@ class GenerateRequest:
     logprob_start_len: int = -1  # -1: output logprobs only; k >= 0: input logprobs from position k
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    adapter: LoraAdapter | None = None  # the LoRA adapter its rows run (held until it finishes); None: base
 
 
 @dataclass(kw_only=True)

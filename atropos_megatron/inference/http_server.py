@@ -1,7 +1,9 @@
 """The reference server's FastAPI app: SGLang's routes, status codes and auth rules, plus ``serve()``.
 
-Routes only translate HTTP <-> the engine, the request parsers (``native_api``, ``openai_api``) and
-the weight updater (``weight_updates``); blocking work runs in threads, never on the event loop.
+Routes only translate HTTP <-> the engine, the request parsers (``native_api``, ``openai_api``), the
+weight updater (``weight_updates``) and the LoRA service (``lora_api``: adapter routes, and the
+adapters a request names, held from admission until its samples exist); blocking work runs in
+threads, never on the event loop.
 Auth follows SGLang: ``--api-key`` guards generation and /v1 (not /health*); ``--admin-api-key``
 guards the weight, pause, flush and version routes, and then only that key is accepted there (without
 it, those routes fall back to the api key). Streaming is not implemented (``stream: true`` -> 400).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +28,7 @@ from atropos_megatron import sglang_wire
 from atropos_megatron.inference import openai_api
 from atropos_megatron.inference.engine import PAUSE_MODES, Engine
 from atropos_megatron.inference.generation import GenerateRequest
+from atropos_megatron.inference.lora_api import LoraService, openai_lora_path, update_output
 from atropos_megatron.inference.native_api import RequestError, parse_generate, sample_json
 from atropos_megatron.inference.sampling import SamplingParams
 from atropos_megatron.inference.weight_loader import WeightUpdateError
@@ -70,6 +74,10 @@ def _error(message: str, status_code: int = 400) -> Response:
     return json_response({"error": {"message": message}}, status_code)
 
 
+def _openai_error(message: str, status_code: int = 400) -> Response:
+    return json_response(openai_api.error_json(message, status_code), status_code)
+
+
 def create_app(
     engine: Engine,
     *,
@@ -80,14 +88,16 @@ def create_app(
     """The app for ``engine``; ``sglang_version`` picks the protocol generation (sessions from 0.5.21)."""
     version = parse_version(sglang_version)
     updater = WeightUpdater(engine, sessions_required=version >= SESSION_VERSION)
+    lora = LoraService(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         updater.close()  # leave no weight-sync group behind
+        lora.close()  # an unload still waiting for its requests gives up
 
     app = FastAPI(title="atropos-megatron reference SGLang server", version=sglang_version, lifespan=lifespan)
-    app.state.engine, app.state.updater = engine, updater
+    app.state.engine, app.state.updater, app.state.lora = engine, updater, lora
     user_keys = {api_key} if api_key else set()
     admin_keys = {admin_api_key} if admin_api_key else user_keys
 
@@ -118,8 +128,16 @@ def create_app(
             raise RequestError(f"the body is not valid JSON: {exc}") from exc
 
     async def run_samples(requests: list[GenerateRequest]):
-        futures = [asyncio.wrap_future(engine.submit(r)) for r in requests]
-        return await asyncio.gather(*futures)
+        futures = engine.submit_many(requests)
+        for request, future in zip(requests, futures, strict=True):
+            if request.adapter is not None:  # held since admission; given back once the samples exist
+                future.add_done_callback(lambda _done, adapter=request.adapter: lora.release(adapter))
+        return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+
+    async def with_adapters(requests: list[GenerateRequest], lora_path: Any) -> list[GenerateRequest]:
+        """Each prompt's adapter (SGLang's lora_path rules), held from here until its samples exist."""
+        adapters = await lora.resolve(lora_path, len(requests))
+        return [dataclasses.replace(r, adapter=a) for r, a in zip(requests, adapters, strict=True)]
 
     # ----- health and info
     @route("/health", methods=("GET",), public=True)
@@ -182,28 +200,32 @@ def create_app(
         start = time.monotonic()
         try:
             parsed = parse_generate(await body_of(request), engine)
+            requests = await with_adapters(parsed.requests, parsed.lora_path)
         except RequestError as exc:
             return _error(str(exc))
-        results = await run_samples(parsed.requests)
+        results = await run_samples(requests)
         latency = time.monotonic() - start
         out = [
             sample_json(sample, req, engine, e2e_latency_s=latency)
-            for req, samples in zip(parsed.requests, results, strict=True)
+            for req, samples in zip(requests, results, strict=True)
             for sample in samples
         ]
         return json_response(out if parsed.batched or len(out) > 1 else out[0])
 
     @route("/v1/models", methods=("GET",))
     async def models(request: Request) -> Response:
-        return json_response(openai_api.models_json(engine))
+        listing = openai_api.models_json(engine)
+        listing["data"] += lora.model_cards(created=listing["data"][0]["created"]) if lora.enabled else []
+        return json_response(listing)
 
     @route("/v1/completions")
     async def completions(request: Request) -> Response:
         try:
             body = await body_of(request)
             requests = openai_api.parse_completion(body, engine)
+            requests = await with_adapters(requests, openai_lora_path(body, engine.options.served_model_name))
         except RequestError as exc:
-            return _error(str(exc))
+            return _openai_error(str(exc))
         results = await run_samples(requests)
         model = body.get("model") or engine.options.served_model_name
         return json_response(openai_api.completion_json(model, requests, results, engine))
@@ -212,9 +234,12 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         try:
             body = await body_of(request)
-            chat = openai_api.parse_chat(body, engine)
+            (chat,) = await with_adapters(
+                [openai_api.parse_chat(body, engine)],
+                openai_lora_path(body, engine.options.served_model_name),
+            )
         except RequestError as exc:
-            return _error(str(exc))
+            return _openai_error(str(exc))
         (samples,) = await run_samples([chat])
         model = body.get("model") or engine.options.served_model_name
         return json_response(openai_api.chat_json(model, chat, samples, engine))
@@ -292,6 +317,23 @@ def create_app(
     if updater.sessions_required:
         weight_route("/begin_weight_update", lambda body: updater.begin())
         weight_route("/end_weight_update", lambda body: updater.end())
+
+    # ----- LoRA adapters (SGLang 0.5.23's LoRAUpdateOutput replies)
+    def lora_route(path: str, handler: Callable[[Any], Awaitable[tuple[dict[str, Any], int]]]) -> None:
+        async def run(request: Request) -> Response:
+            try:
+                body = await body_of(request)
+            except RequestError as exc:
+                return json_response(update_output(False, str(exc), None), 400)
+            reply, status = await handler(body)
+            return json_response(reply, status)
+
+        run.__name__ = path.strip("/")
+        route(path, admin=True)(run)
+
+    lora_route("/load_lora_adapter", lora.load_from_path)
+    lora_route("/load_lora_adapter_from_tensors", lora.load_from_tensors)
+    lora_route("/unload_lora_adapter", lora.unload)
     return app
 
 
@@ -323,7 +365,13 @@ def serve(args: Any) -> int:
     import uvicorn
 
     from atropos_megatron.inference.engine import EngineOptions, load_engine
+    from atropos_megatron.inference.lora_options import LoraOptionsError, lora_options_from_args
 
+    try:
+        lora = lora_options_from_args(args)
+    except LoraOptionsError as exc:
+        logger.error("serve: %s", exc)
+        return 2
     options = EngineOptions(
         model_path=args.model,
         served_model_name=args.served_model_name or args.model,
@@ -334,8 +382,13 @@ def serve(args: Any) -> int:
         # Read once here, at the entry point, as SGLang reads it at start-up.
         return_original_logprob=os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "0").lower()
         in ("1", "true"),
+        lora=lora,
     )
-    engine = load_engine(args.model, device=args.device, dtype=args.dtype, options=options)
+    try:
+        engine = load_engine(args.model, device=args.device, dtype=args.dtype, options=options)
+    except LoraOptionsError as exc:  # a --lora-target-modules the model does not have
+        logger.error("serve: %s", exc)
+        return 2
     app = create_app(
         engine, api_key=args.api_key, admin_api_key=args.admin_api_key, sglang_version=args.sglang_version
     )

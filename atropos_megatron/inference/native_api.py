@@ -25,8 +25,7 @@ _IGNORED_AT_DEFAULT: dict[str, Any] = {
     "rid": ...,  # any value: ids are generated per sample
     "stream": False,
     "return_hidden_states": False,
-    "lora_path": None,
-    "lora_id": None,
+    "lora_id": ...,  # internal: SGLang overwrites it with the adapter's id
     "image_data": None,
     "audio_data": None,
     "video_data": None,
@@ -45,13 +44,14 @@ _IGNORED_AT_DEFAULT: dict[str, Any] = {
     "return_routed_experts": False,
 }
 _FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len"}
-_FIELDS |= {"top_logprobs_num", "return_text_in_logprobs"}
+_FIELDS |= {"top_logprobs_num", "return_text_in_logprobs", "lora_path"}
 
 
 @dataclass(frozen=True)
 class ParsedGenerate:
     requests: list[GenerateRequest]
     batched: bool  # the input was a list of prompts: always answer with a list
+    lora_path: Any = None  # adapter name(s) as sent: resolved by the LoRA service (lora_api)
 
 
 def parse_generate(body: Any, engine) -> ParsedGenerate:
@@ -81,7 +81,7 @@ def parse_generate(body: Any, engine) -> ParsedGenerate:
         except SamplingParamsError as exc:
             raise RequestError(str(exc)) from exc
         requests.append(build_request(ids, params, engine, **options))
-    return ParsedGenerate(requests, batched or len(requests) > 1)
+    return ParsedGenerate(requests, batched or len(requests) > 1, body.get("lora_path"))
 
 
 def build_request(ids: list[int], params: SamplingParams, engine, **options: Any) -> GenerateRequest:

@@ -3,8 +3,9 @@
 Requests become :class:`GenerateRequest` objects (SGLang maps them onto ``/generate`` the same way)
 and finished samples become the JSON SGLang 0.5.x returns (notes: sglang-protocol.md sections
 4.1-4.2): legacy completion logprobs with ``text_offset`` -1, chat ``logprobs.content`` entries with
-UTF-8 ``bytes``, ``matched_stop``, ``usage`` and ``metadata.weight_version``. Unknown fields are
-ignored, as SGLang's pydantic models do; streaming is refused (not implemented here).
+UTF-8 ``bytes``, ``matched_stop``, ``usage`` and ``metadata.weight_version``; a bad request gets SGLang's
+``ErrorResponse``. Unknown fields are ignored, as SGLang's pydantic models do; streaming is refused
+(not implemented here). LoRA selection (``model="<served>:<adapter>"``) lives in ``lora_api``.
 """
 
 from __future__ import annotations
@@ -203,6 +204,11 @@ def chat_json(model: str, request: GenerateRequest, samples: list[SampleOutput],
     return _envelope("chat.completion", model, choices, [request], [samples])
 
 
+def error_json(message: str, code: int = 400) -> dict[str, Any]:
+    """SGLang's OpenAI ``ErrorResponse`` (``serving_base.create_error_response``) for a bad request."""
+    return {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": code}
+
+
 def models_json(engine) -> dict[str, Any]:
     name = engine.options.served_model_name
     return {
@@ -214,6 +220,7 @@ def models_json(engine) -> dict[str, Any]:
                 "created": int(time.time()),
                 "owned_by": "sglang",
                 "root": name,
+                "parent": None,
                 "max_model_len": engine.context_length,
             }
         ],
