@@ -239,11 +239,20 @@ def build_byte_tokenizer(*, context: int = BYTE_CONTEXT):
 
 
 def build_model(
-    *, seed: int, size: ModelSize = "tiny", context: int = MAX_POSITIONS, vocab: Vocabulary = CHAR_VOCABULARY
+    *,
+    seed: int,
+    size: ModelSize = "tiny",
+    context: int = MAX_POSITIONS,
+    vocab: Vocabulary = CHAR_VOCABULARY,
+    output_std: float | None = None,
 ):
     """A randomly initialised fp32 ``Qwen2ForCausalLM`` of ``MODEL_SIZES[size]``; same seed, same weights.
 
-    The global torch RNG is forked, so building assets does not change the caller's random stream.
+    ``output_std``: draw the output layer with this standard deviation instead of the initialiser's
+    0.02. A frozen base needs it for LoRA to learn anything: behind the final norm, a 0.02-wide output
+    layer caps every logit near 1, so no adapter on the linear layers can make the model confident
+    (trained models' output layers are much wider). The global torch RNG is forked, so building
+    assets does not change the caller's random stream.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -260,6 +269,9 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
+        if output_std is not None:
+            with torch.no_grad():
+                model.lm_head.weight.normal_(0.0, output_std)
     return model.float().eval()
 
 
@@ -281,11 +293,12 @@ def build_assets(
     tokenizer: TokenizerKind = "chars",
     context: int | None = None,
     size: ModelSize = "tiny",
+    output_std: float | None = None,
 ) -> DemoAssets:
     """Write a model to ``directory/model`` and its tokenizer to ``directory/tokenizer``.
 
     ``context`` defaults to the tokenizer's :data:`DEFAULT_CONTEXT` (128 chars, 2048 bytes); the
-    defaults give the demo's assets. Deterministic: the same arguments give byte-identical files.
+    defaults give the demo's assets; ``output_std`` as in :func:`build_model`. Deterministic: the same arguments give byte-identical files.
     """
     from transformers.utils import logging as hf_logging
 
@@ -308,7 +321,8 @@ def build_assets(
     bar_was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is only noise here
     try:
-        build_model(seed=seed, size=size, context=context, vocab=vocab).save_pretrained(assets.model_dir)
+        model = build_model(seed=seed, size=size, context=context, vocab=vocab, output_std=output_std)
+        model.save_pretrained(assets.model_dir)
         build(context=context).save_pretrained(assets.tokenizer_dir)
     finally:
         if bar_was_enabled:

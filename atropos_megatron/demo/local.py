@@ -56,6 +56,8 @@ class AssetOptions:
     context: int | None = None
     """Positions of the model (None: the tokenizer kind's default, 2048 bytes / 128 chars)."""
     size: str = "tiny"
+    output_std: float | None = None
+    """The output layer's initial std (None: the initialiser's); see ``assets.build_model``."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ def prepare_run(
             tokenizer=spec.assets.tokenizer,
             context=spec.assets.context,
             size=spec.assets.size,
+            output_std=spec.assets.output_std,
         )
         model_dir, tokenizer_dir = assets.model_dir, assets.tokenizer_dir
     else:

@@ -33,18 +33,30 @@ DEFAULT_CONFIG = REPO / "examples/configs/demo_cpu.yaml"
 ENV_SCRIPT = REPO / "examples/envs/alphabet_match.py"
 GROUP_SIZE = 8
 """Completions per prompt; ``data.batch_size`` must be a multiple (Atropos never splits a group)."""
+LORA_OUTPUT_STD = 0.25
+"""The output layer's std for a LoRA demo's base (see ``assets.build_model``): wide enough that
+adapters on the frozen model's linear layers can make it confident."""
 
 
-def demo_spec(config_path: str | Path = DEFAULT_CONFIG) -> RunSpec:
-    """The demo as a local run: the toy environment, its group size and seed, the character model."""
+def demo_spec(config_path: str | Path = DEFAULT_CONFIG, *, lora_rank: int = 0) -> RunSpec:
+    """The demo as a local run: the toy environment, its group size and seed, the character model.
+
+    ``lora_rank > 0``: LoRA adapters of that rank (alpha = 2 x rank) on a frozen base whose output
+    layer is :data:`LORA_OUTPUT_STD` wide.
+    """
     return RunSpec(
         env_script=ENV_SCRIPT,
         config_path=Path(config_path),
         env_defaults=lambda cfg: ["--env.group_size", str(GROUP_SIZE), "--env.seed", str(cfg.seed)],
         # The task scores characters and is tuned for the 99-character vocabulary and 128 positions.
-        assets=AssetOptions(tokenizer="chars"),
-        title="atropos-megatron demo: alphabet_match",
+        assets=AssetOptions(tokenizer="chars", output_std=LORA_OUTPUT_STD if lora_rank else None),
+        title=f"atropos-megatron demo: alphabet_match{f', LoRA rank {lora_rank}' if lora_rank else ''}",
     )
+
+
+def lora_overrides(lora_rank: int) -> list[str]:
+    """The config overrides of ``--lora RANK`` (none for 0)."""
+    return [f"model.lora.rank={lora_rank}", f"model.lora.alpha={2 * lora_rank}"] if lora_rank else []
 
 
 def prepare_demo(
@@ -76,13 +88,17 @@ def run_demo(
     trainer_command: Sequence[str] | None = None,
     timeout_s: float = 1800.0,
     progress: bool = True,
+    lora_rank: int = 0,
 ) -> RunResult:
-    """Run the demo and return what it measured (see :func:`~atropos_megatron.demo.local.run_local`)."""
+    """Run the demo and return what it measured (see :func:`~atropos_megatron.demo.local.run_local`).
+
+    ``lora_rank``: train LoRA adapters of this rank instead of every weight (see :func:`demo_spec`).
+    """
     return run_local(
-        demo_spec(config_path),
+        demo_spec(config_path, lora_rank=lora_rank),
         run_dir,
         steps=steps,
-        overrides=overrides,
+        overrides=[*lora_overrides(lora_rank), *overrides],
         trainer_command=trainer_command,
         timeout_s=timeout_s,
         progress=progress,
@@ -101,6 +117,7 @@ the alphabet of the prompt). About a minute on 2 cores; the mean reward climbs f
 
   atropos-megatron demo                                  # 40 steps into runs/demo
   atropos-megatron demo --steps 60 optimizer.lr=1e-3     # any config field, as key=value
+  atropos-megatron demo --lora 8                         # LoRA adapters of rank 8 on a frozen base
 
 Afterwards, in the run directory:
   reward_curve.png   reward per step and its 5-step mean
@@ -122,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG), metavar="YAML", help="demo config (default %(default)s)"
     )
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="RANK",
+        help="train LoRA adapters of this rank (alpha = 2 x RANK) on a frozen base instead of every "
+        "weight; the base's output layer is drawn wider so that adapters can learn (default 0: off)",
+    )
     add_run_options(parser, timeout_min=30.0, example="optimizer.lr=1e-3")
     return parser
 
@@ -136,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_path=args.config,
             timeout_s=args.timeout_min * 60,
             progress=not args.no_progress,
+            lora_rank=args.lora,
         ),
         _format_result,
     )

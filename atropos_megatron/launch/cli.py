@@ -27,6 +27,7 @@ ENVIRONMENT_OVERRIDES = (
     ("BATCH_SIZE", "data.batch_size", "sequences per step"),
     ("MAX_EPOCHS", "steps", "training steps (the name users of the Atropos-VeRL integration know)"),
     ("INFERENCE_BACKEND", "launch.inference.backend", "sglang, or reference for the built-in server"),
+    ("LORA_RANK", "model.lora.rank", "LoRA adapter rank; 0 trains every weight (as in Atropos-VeRL)"),
 )
 """Environment variables ``launch plan`` turns into overrides: after the YAML, before the command line."""
 

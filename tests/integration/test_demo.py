@@ -81,6 +81,29 @@ def test_demo_reward_rises_and_every_process_exits_cleanly(tmp_path, report):
     assert "weights/cache_flushes_skipped" in last
 
 
+@pytest.mark.slow
+def test_the_lora_demo_learns_with_the_base_frozen(tmp_path, report):
+    """``demo --lora 8``: adapters of rank 8 alone raise the reward, and the checkpoint holds only them."""
+    from megatron.core import dist_checkpointing
+
+    from atropos_megatron.demo.run import run_demo
+
+    result = run_demo(tmp_path / "demo", steps=40, progress=False, timeout_s=900, lora_rank=8)
+    summary = result.summary
+    report(
+        f"LoRA rank 8: reward {summary.first_mean:.3f} -> {summary.last_mean:.3f} ({summary.gain:+.3f}) "
+        f"in {summary.last_step} steps, {result.wall_s:.0f} s"
+    )
+    assert summary.last_step == 40 and result.exits["trainer"].how == "finished"
+    assert summary.gain >= 0.4, f"reward rose only {summary.gain:+.3f}"
+    assert "LoRA rank 8" in (result.run_dir / "logs" / "trainer.log").read_text()
+    latest = result.run_dir / "checkpoints" / (result.run_dir / "checkpoints" / "latest").read_text().strip()
+    model_keys = [
+        k for k in dist_checkpointing.load_tensors_metadata(str(latest)) if not k.startswith("optimizer")
+    ]
+    assert model_keys and all(".lora." in key for key in model_keys)
+
+
 # ------------------------------------------------------------------------------------------------
 # The supervisor
 # ------------------------------------------------------------------------------------------------

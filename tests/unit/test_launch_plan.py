@@ -202,6 +202,7 @@ def test_environment_variables_become_overrides():
         "MAX_EPOCHS": "30",
         "INFERENCE_BACKEND": "reference",
         "ATROPOS_API_URL": "http://h:8000",
+        "LORA_RANK": "64",
         "UNRELATED": "x",
         "CONFIG": "",
     }
@@ -214,6 +215,7 @@ def test_environment_variables_become_overrides():
     )
     assert (cfg.data.batch_size, cfg.steps, cfg.launch.inference.backend) == (128, 30, "reference")
     assert cfg.launch.api_url == "http://h:8000"
+    assert cfg.model.lora.rank == 64 and cfg.model.lora.enabled
     assert environment_overrides({"MODEL_PATH": " "}) == []
 
 
