@@ -509,6 +509,7 @@ class BridgeConfig:
 
 WEIGHT_TRANSPORTS = ("grpc", "distributed", "disk")
 PAUSE_MODES = ("abort", "retract", "in_place")
+LORA_SYNCS = ("merged", "adapter")
 
 
 @dataclass(kw_only=True)
@@ -557,9 +558,36 @@ class WeightsConfig:
     """Backend of the `distributed` transport: null picks `nccl` with CUDA, else `gloo`."""
     master_port: int = 0
     """TCP port trainer rank 0 listens on for the `distributed` group (0: any free port)."""
+    lora_sync: str = "merged"
+    """With LoRA (`model.lora.rank > 0`): `merged` sends `W + scale*B*A` as full weights (any transport;
+    the servers run a plain model), `adapter` sends only the adapters, loaded as a new SGLang LoRA
+    adapter per push (`/load_lora_adapter` for `disk`, `/load_lora_adapter_from_tensors` for `grpc`;
+    servers need `--enable-lora`). Environments must then reach the servers through the bridge's
+    adapter proxies (`lora_proxy_ports`), which name the newest adapter in every generation request:
+    SGLang applies an adapter only to requests that name it, and atroposlib names none."""
+    lora_proxy_ports: list[int] = field(default_factory=list)
+    """With `lora_sync: adapter`: one port per inference server (same order) on which the bridge
+    forwards HTTP to that server, adding `lora_path` = its newest adapter to `/generate` and `/v1`
+    generation requests that name none. Point the environments' `base_url` at these."""
+    lora_proxy_host: str = "127.0.0.1"
+    """Address the adapter proxies listen on (0.0.0.0 to serve environments on other hosts)."""
 
     def __post_init__(self) -> None:
         _require_choice(self.transport, "weights.transport", WEIGHT_TRANSPORTS)
+        _require_choice(self.lora_sync, "weights.lora_sync", LORA_SYNCS)
+        _require(
+            self.lora_sync != "adapter" or self.transport in ("grpc", "disk"),
+            "weights.lora_sync",
+            "adapter needs transport grpc or disk: SGLang has no route that takes adapters from a "
+            "process group (distributed)",
+        )
+        _require(
+            not self.lora_proxy_ports or len(self.lora_proxy_ports) == len(self.inference_servers),
+            "weights.lora_proxy_ports",
+            f"needs one port per inference server ({len(self.inference_servers)}), got {self.lora_proxy_ports}",
+        )
+        for port in self.lora_proxy_ports:
+            _require(0 < port < 65536, "weights.lora_proxy_ports", f"{port} is not a TCP port")
         _require_choice(self.pause_mode, "weights.pause_mode", PAUSE_MODES)
         _require(self.bucket_bytes > 0, "weights.bucket_bytes", "must be > 0")
         _require(
@@ -794,6 +822,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "steps", "must be > 0")
+        _require(
+            self.weights.lora_sync == "merged" or self.model.lora.enabled,
+            "weights.lora_sync",
+            "adapter needs LoRA adapters to send (model.lora.rank > 0)",
+        )
         # With an HF or Megatron checkpoint the architecture is read from it later (the fields here are
         # then placeholders), so these checks run again on the resolved architecture.
         explicit = self.model.hf_path is None and self.model.dist_checkpoint is None

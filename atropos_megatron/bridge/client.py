@@ -16,6 +16,7 @@ queue in the background, and a full queue blocks the sender, so memory stays bou
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import queue
 import time
@@ -197,11 +198,14 @@ class BridgeClient:
         num_buckets: int = 0,
         total_bytes: int = 0,
         timeout_s: float | None = None,
+        lora_name: str = "",
+        lora_config: dict | None = None,
     ) -> WeightPushStream:
         """Start a ``PushWeights`` call; send buckets on the returned stream, then ``finish()`` it.
 
         ``group`` (``distributed`` only): the ``DistributedGroup`` fields as a dict (master_address,
-        master_port, group_name, backend, world_size, init).
+        master_port, group_name, backend, world_size, init). ``lora_name`` and ``lora_config`` (its
+        PEFT ``adapter_config.json``): the push is that LoRA adapter, not full weights.
         """
         header = bridge_pb2.WeightsHeader(
             request_id=_request_id(),
@@ -211,6 +215,9 @@ class BridgeClient:
             group=bridge_pb2.DistributedGroup(**group) if group else None,
             num_buckets=num_buckets,
             total_bytes=total_bytes,
+            lora=bridge_pb2.LoraAdapter(name=lora_name, config_json=json.dumps(lora_config))
+            if lora_name
+            else None,
         )
         return WeightPushStream(self._push_weights, header, metadata=self._metadata, timeout_s=timeout_s)
 

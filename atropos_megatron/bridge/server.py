@@ -82,7 +82,8 @@ class _AgentStream:
         self._client = BridgeClient(
             address, token=cfg.auth_token, tls_ca=cfg.tls_ca, max_message_bytes=cfg.max_message_bytes
         )
-        self._stream = self._client.open_weight_push(header.weight_version, transport="grpc")
+        lora = {"lora_name": header.lora.name, "lora_config": header.lora.config} if header.lora else {}
+        self._stream = self._client.open_weight_push(header.weight_version, transport="grpc", **lora)
 
     def send_bucket(self, index, tensors, chunks) -> None:
         self._stream.send_bucket(index, tensors, chunks)
@@ -167,6 +168,7 @@ def _add_bridge_service(service: BridgeService, server: grpc.Server) -> None:
 def serve(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> None:
     """Run the bridge until SIGTERM/SIGINT, then finish in-flight calls and stop."""
     service = build_service(cfg, weights)
+    proxies = _start_lora_proxies(service)  # before the port opens: whoever waits on it finds them up
     server, port = create_server(cfg, service)
     security = ("TLS" if cfg.tls_cert else "plaintext") + (", token auth" if cfg.auth_token else "")
     upstream = "weights agent (no Atropos)" if cfg.mode == "agent" else f"Atropos at {cfg.atropos_url}"
@@ -186,7 +188,30 @@ def serve(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> None:
     stopped.wait()
     service.stop_watch(wait_s=0)  # the other processes stop too: their absence is no stall worth a line
     server.stop(SHUTDOWN_GRACE_S).wait()
+    for proxy in proxies:
+        proxy.stop()
     service.weights.stop()
     if service.pipeline is not None:
         service.pipeline.stop()
         service.atropos.close()
+
+
+def _start_lora_proxies(service: BridgeService) -> list:
+    """With ``weights.lora_sync: adapter``, one adapter proxy per inference server (``lora_proxy.py``)."""
+    cfg = service.weights.cfg
+    if cfg.lora_sync != "adapter":
+        return []
+    if not cfg.lora_proxy_ports:
+        logger.warning(
+            "weights.lora_sync is adapter but weights.lora_proxy_ports is empty: environments that name no "
+            "adapter in their requests (atroposlib's do not) sample from the frozen base model"
+        )
+        return []
+    from atropos_megatron.bridge.lora_proxy import start_proxies
+
+    return start_proxies(
+        service.weights.servers,
+        cfg.lora_proxy_ports,
+        host=cfg.lora_proxy_host,
+        timeout_s=cfg.request_timeout_s,
+    )

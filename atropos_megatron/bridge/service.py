@@ -10,6 +10,7 @@ and disconnects quiet environments when ``bridge.disconnect_quiet_envs_s`` asks 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from atropos_megatron.bridge.v1 import bridge_pb2, bridge_pb2_grpc
 from atropos_megatron.bridge.weight_sync import (
     BucketTensor,
     GroupSpec,
+    LoraPush,
     PushHeader,
     PushRefused,
     ServerSnapshot,
@@ -320,7 +322,20 @@ def _push_header(header: bridge_pb2.WeightsHeader) -> PushHeader:
                 "and world_size >= 2"
             )
         group = GroupSpec(g.master_address, g.master_port, g.group_name, g.backend, g.world_size, g.init)
-    return PushHeader(header.weight_version, transport, header.disk_path, group)
+    lora = None
+    if header.HasField("lora"):
+        if transport == "distributed":
+            raise ValueError("a LoRA adapter push needs the GRPC or DISK transport")
+        if not header.lora.name:
+            raise ValueError("header.lora.name is empty")
+        try:
+            config = json.loads(header.lora.config_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"header.lora.config_json is not JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise ValueError("header.lora.config_json must be a JSON object (adapter_config.json)")
+        lora = LoraPush(header.lora.name, config)
+    return PushHeader(header.weight_version, transport, header.disk_path, group, lora)
 
 
 def _bucket_tensors(bucket: bridge_pb2.WeightBucket) -> list[BucketTensor]:
@@ -353,6 +368,8 @@ def _feed_push(push: WeightPush, messages, shared, *, max_bucket_bytes: int) -> 
                     f"bucket {message.bucket.index} started before the previous one was complete"
                 )
             tensors = _bucket_tensors(message.bucket)
+            if push.header.lora is not None and push.result.buckets:
+                raise _BadStream("a LoRA adapter push carries its adapter in one bucket")
             if message.bucket.nbytes > max_bucket_bytes:
                 raise _BadStream(
                     f"bucket {message.bucket.index} has {message.bucket.nbytes} bytes; weights.max_bucket_bytes "

@@ -180,6 +180,35 @@ class SGLangClient:
         body = {"model_path": model_path, "flush_cache": False}
         self._weight_call("/update_weights_from_disk", _with_version(body, weight_version))
 
+    # -- LoRA adapters (SGLang >= 0.5.8 for tensors; docs/sglang-lora.md) -------------------------
+
+    def load_lora_adapter(self, name: str, path: str, *, pinned: bool = False) -> None:
+        """Load the PEFT directory ``path`` (on the server's filesystem) as adapter ``name``."""
+        self._weight_call("/load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": pinned})
+
+    def load_lora_adapter_from_tensors(
+        self,
+        name: str,
+        config: dict[str, Any],
+        serialized_named_tensors: list[str],
+        *,
+        load_format: str | None,
+        pinned: bool = False,
+    ) -> None:
+        """Load adapter ``name`` from tensors (one ``serialized_named_tensors`` entry per TP rank)."""
+        body = {
+            "lora_name": name,
+            "config_dict": config,
+            "serialized_named_tensors": serialized_named_tensors,
+            "load_format": load_format,
+            "pinned": pinned,
+        }
+        self._weight_call("/load_lora_adapter_from_tensors", body)
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Unload adapter ``name``; SGLang answers once the requests running on it have finished."""
+        self._weight_call("/unload_lora_adapter", {"lora_name": name})
+
     def close(self) -> None:
         self._http.close()
 
@@ -188,7 +217,8 @@ class SGLangClient:
     def _weight_call(self, route: str, body: dict[str, Any]) -> None:
         answer = self._request("POST", route, json=body)
         if isinstance(answer, dict) and answer.get("success") is False:
-            raise SGLangError(self.url, route, str(answer.get("message", "refused without a message")))
+            message = answer.get("message") or answer.get("error_message") or "refused without a message"
+            raise SGLangError(self.url, route, str(message))
 
     def _request(
         self,
@@ -226,6 +256,12 @@ def _error_text(response: httpx.Response) -> str:
     except ValueError:
         return f"HTTP {response.status_code}: {response.text[:300]}"
     if isinstance(body, dict):
-        detail = body.get("message") or body.get("detail") or body.get("error") or body
+        detail = (
+            body.get("message")
+            or body.get("error_message")
+            or body.get("detail")
+            or body.get("error")
+            or body
+        )
         return f"HTTP {response.status_code}: {detail}"
     return f"HTTP {response.status_code}: {body}"

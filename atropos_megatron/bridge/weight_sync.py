@@ -17,6 +17,16 @@ batch would ever come (the environments wait for that paused server).
 
 Per-node agents (``weights.bridge_agents``) receive ``grpc`` pushes as a forwarded stream and apply
 them to their own node's servers: tensors travel through shared memory, which only works on one host.
+
+A LoRA adapter push (``weights.lora_sync: adapter``; the header names the adapter) runs the same
+sequence with the update call replaced: the adapter is loaded under a new name per push
+(``/load_lora_adapter_from_tensors`` from the one bucket, or ``/load_lora_adapter`` from the PEFT
+directory on disk), and each server's newest adapter is what the adapter proxies
+(``bridge/lora_proxy.py``) name in requests from then on. Versioned names, not one name updated in
+place: every request runs from start to end on one adapter. The adapter before the newest stays
+loaded for one more push (a request the proxy named it in may still be on its way to the server, and
+SGLang fails a request whose adapter is gone); older ones are unloaded in the background (SGLang
+returns only when the requests using them have finished).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5.0
 RECHECK_S = 0.25
 """How often an unreachable server is probed: a restarted one is paused this soon after it answers."""
+KEPT_ADAPTERS = 2
+"""LoRA adapters kept loaded per server: the newest and the one requests in transit may still name."""
 FLATTENED_BUCKET = "flattened_bucket"  # = sglang_wire.FLATTENED_BUCKET (not imported: it loads torch)
 
 
@@ -60,11 +72,21 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class LoraPush:
+    """The LoRA adapter a push carries instead of full weights."""
+
+    name: str
+    config: dict[str, Any]
+    """Its PEFT ``adapter_config.json`` (SGLang's ``config_dict``)."""
+
+
+@dataclass(frozen=True)
 class PushHeader:
     weight_version: str
     transport: str  # "grpc" | "distributed" | "disk"
     disk_path: str = ""
     group: GroupSpec | None = None
+    lora: LoraPush | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +114,14 @@ class ServerState:
     last_error: str = ""
     held: bool = False  # paused by the bridge because it is behind; released by the next push
     flushes_skipped: int = 0  # updates after which the server refused /flush_cache (requests in flight)
+    adapters: list[str] = field(
+        default_factory=list
+    )  # LoRA adapters it holds, oldest first (lora_sync: adapter)
+
+    @property
+    def adapter(self) -> str | None:
+        """The newest LoRA adapter it holds (what the proxy names); None: the base model only."""
+        return self.adapters[-1] if self.adapters else None
 
     def snapshot(self, *, updated: bool = False) -> ServerSnapshot:
         return ServerSnapshot(
@@ -217,6 +247,7 @@ class WeightSync:
                 "inference server %s is reachable (weight_version %r)", server.url, info.weight_version
             )
             server.held = False  # possibly a new process: whatever paused the old one is gone
+            server.adapters = []  # ... and so are its adapters (the next push loads one again)
         server.info, server.reachable, server.weight_version = info, True, info.weight_version
         if not self.current_version or info.weight_version == self.current_version:
             return
@@ -357,6 +388,9 @@ class WeightPush:
 
     def apply_tensor_bucket(self, bucket) -> None:
         """``grpc`` transport: ``bucket`` is a complete ``tensor_payload.SharedBucket``."""
+        if self.header.lora is not None:
+            self._load_adapter_from_tensors(bucket)
+            return
 
         def update(server: ServerState) -> None:
             self._retrying(
@@ -372,6 +406,35 @@ class WeightPush:
             for address, stream in self._agents
         ]
         self._each(update)
+        for address, stream, future in forwards:
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - one agent failing must not stop the others
+                logger.warning("agent %s dropped from push %r: %s", address, self.header.weight_version, exc)
+                stream.cancel()
+                self._agents.remove((address, stream))
+        self._count(bucket.nbytes)
+
+    def _load_adapter_from_tensors(self, bucket) -> None:
+        lora = self.header.lora  # one bucket per adapter push (service._feed_push checks)
+
+        def load(server: ServerState) -> None:
+            self._retrying(
+                server,
+                "load_lora_adapter_from_tensors",
+                lambda: server.client.load_lora_adapter_from_tensors(
+                    lora.name,
+                    lora.config,
+                    [bucket.payload() for _ in range(server.info.tp_size)],
+                    load_format=FLATTENED_BUCKET,
+                ),
+            )
+
+        forwards = [
+            (address, stream, self.sync._pool.submit(self._forward, stream, bucket))
+            for address, stream in self._agents
+        ]
+        self._each(load)
         for address, stream, future in forwards:
             try:
                 future.result()
@@ -422,7 +485,14 @@ class WeightPush:
         """Load from disk (``disk``), then end, flush, version and continue every server."""
         if self.header.transport == "distributed":
             self._await_group()
-        if self.header.transport == "disk":
+        if self.header.transport == "disk" and self.header.lora is not None:
+            name, path = self.header.lora.name, self.header.disk_path
+            self._each(
+                lambda s: self._retrying(
+                    s, "load_lora_adapter", lambda: s.client.load_lora_adapter(name, path)
+                )
+            )
+        elif self.header.transport == "disk":
             path = self.header.disk_path
             self._each(
                 lambda s: self._retrying(
@@ -472,8 +542,20 @@ class WeightPush:
         except SGLangError as exc:
             self._note_flush_skipped(server, exc)
         self._retrying(server, "update_weight_version", lambda: server.client.update_weight_version(version))
+        if self.header.lora is not None:
+            # The proxy names it from the next request on; the one before stays for requests in transit.
+            server.adapters = [*server.adapters, self.header.lora.name]
+            retired, server.adapters = server.adapters[:-KEPT_ADAPTERS], server.adapters[-KEPT_ADAPTERS:]
+            for name in retired:  # returns once the requests still running on it are done: never wait here
+                self.sync._pool.submit(self._unload, server, name)
         self._retrying(server, "continue_generation", server.client.continue_generation)
         server.held, server.weight_version, server.last_error = False, version, ""
+
+    def _unload(self, server: ServerState, name: str) -> None:
+        try:
+            server.client.unload_lora_adapter(name)
+        except SGLangError as exc:  # the adapter stays loaded: memory, not correctness
+            logger.warning("%s: could not unload LoRA adapter %r: %s", server.url, name, exc)
 
     def _note_flush_skipped(self, server: ServerState, exc: SGLangError) -> None:
         """SGLang refuses ``/flush_cache`` while requests are in flight, which retract and in_place

@@ -124,8 +124,12 @@ def prepare_run(
             (nothing was changed then).
     """
     run_dir = Path(run_dir).resolve()
-    api_port, server_port, bridge_port = free_ports(3, HOST)
-    urls = {"api": f"http://{HOST}:{api_port}", "inference": f"http://{HOST}:{server_port}"}
+    api_port, server_port, bridge_port, proxy_port = free_ports(4, HOST)
+    urls = {
+        "api": f"http://{HOST}:{api_port}",
+        "inference": f"http://{HOST}:{server_port}",
+        "lora_proxy": f"http://{HOST}:{proxy_port}",
+    }
     # Everything that can be refused is checked before an earlier run's directory is cleared.
     cfg = _resolve_config(spec, run_dir, urls, f"{HOST}:{bridge_port}", steps, overrides)
     _check_prerequisites(spec.env_script)
@@ -212,6 +216,12 @@ def run_local(
 # ------------------------------------------------------------------------------------------------
 
 
+def generation_url(cfg, urls: dict[str, str]) -> str:
+    """Where environments generate: the server, or with ``weights.lora_sync: adapter`` the bridge's
+    proxy in front of it (it names the newest adapter in each request)."""
+    return urls["lora_proxy"] if cfg.weights.lora_sync == "adapter" else urls["inference"]
+
+
 def environment_command(
     spec: RunSpec, cfg, urls: dict[str, str], api_url: str, model_dir: Path, tokenizer_dir: Path
 ) -> list[str]:
@@ -227,7 +237,7 @@ def environment_command(
         # so leave room for groups the bridge might reject.
         "--env.total_steps", str(2 * cfg.steps + 100),
         "--openai.server_type", "sglang",
-        "--openai.base_url", urls["inference"] + "/v1",
+        "--openai.base_url", generation_url(cfg, urls) + "/v1",
         "--openai.model_name", str(model_dir),
         "--openai.tokenizer_name", str(tokenizer_dir),
         "--openai.api_key", "EMPTY",  # the openai client refuses an empty key; the server ignores it
@@ -292,6 +302,9 @@ def _resolve_config(
         owned.append(f"steps={steps}")
     try:
         cfg = load_config(spec.config_path, [*overrides, *owned])
+        if cfg.weights.lora_sync == "adapter":  # environments reach the server through the bridge's proxy
+            owned.append(f"weights.lora_proxy_ports=[{urls['lora_proxy'].rsplit(':', 1)[1]}]")
+            cfg = load_config(spec.config_path, [*overrides, *owned])
     except (ConfigError, FileNotFoundError) as exc:
         raise RunError(str(exc)) from None
     group_size = _group_size_flag([*spec.env_defaults(cfg), *spec.env_flags])
@@ -341,6 +354,9 @@ def _build_roles(
         "--max-batch", str(cfg.data.batch_size),  # one step's completions decode together
         "--seed", str(cfg.seed),
     ]
+    if cfg.weights.lora_sync == "adapter":  # each push arrives as a new SGLang LoRA adapter
+        lora = cfg.model.lora
+        serve += ["--enable-lora", "--max-lora-rank", str(lora.rank), "--lora-target-modules", *lora.target_modules]
     # fmt: on
     # One thread per process: five processes share the cores. Measured on 2 cores (40 demo steps):
     # 39 s with one thread each, 48-64 s with torch's default two (generation starves: the trainer

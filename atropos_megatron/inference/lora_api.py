@@ -35,8 +35,17 @@ from atropos_megatron.inference.lora_adapters import (
 )
 from atropos_megatron.inference.lora_registry import LoraRegistry
 from atropos_megatron.inference.native_api import RequestError
+from atropos_megatron.logs import FirstTimeInfo
 
 logger = logging.getLogger(__name__)
+
+
+def _first_time(first: FirstTimeInfo) -> tuple[int, str]:
+    """The level of a recurring line and, the first time, a note that later ones are at DEBUG."""
+    level = first.level()
+    return level, " (later ones at DEBUG)" if level == logging.INFO else ""
+
+
 NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
 _REQUIRED = object()
 _COMMON = {"rid": None, "http_worker_ipc": None, "lora_id": None}  # lora_id: SGLang overwrites it
@@ -129,6 +138,7 @@ class LoraService:
         self.engine = engine
         self.registry = LoraRegistry()
         self._update_lock = asyncio.Lock()  # SGLang's lora_update_lock: loads and unloads one at a time
+        self._load_log, self._unload_log = FirstTimeInfo(), FirstTimeInfo()  # a trainer loads one per step
 
     @property
     def enabled(self) -> bool:
@@ -161,7 +171,8 @@ class LoraService:
                 return _reply(False, str(exc), None)
             # In-flight requests finish on the adapter; the reply waits for them, as in SGLang.
             await asyncio.to_thread(self.registry.wait_unused, adapter)
-            logger.info("LoRA adapter %s unloaded", adapter.name)
+            level, note = _first_time(self._unload_log)
+            logger.log(level, "LoRA adapter %s unloaded%s", adapter.name, note)
             return _reply(True, "", self.registry.loaded_adapters())
 
     def model_cards(self, created: int) -> list[dict[str, Any]]:
@@ -221,7 +232,8 @@ class LoraService:
         except Exception as exc:  # SGLang reports any load failure as error_message=str(exc)
             logger.warning("LoRA adapter %s not loaded: %s: %s", name, type(exc).__name__, exc)
             return _reply(False, str(exc), self.registry.loaded_adapters())
-        logger.info("LoRA adapter %s loaded from %s (pinned=%s)", name, adapter.path, pinned)
+        level, note = _first_time(self._load_log)
+        logger.log(level, "LoRA adapter %s loaded from %s (pinned=%s)%s", name, adapter.path, pinned, note)
         return _reply(True, "", self.registry.loaded_adapters())
 
     async def _reload(self, name: str) -> None:

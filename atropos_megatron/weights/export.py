@@ -29,15 +29,15 @@ each run an export; ``parallel.py`` does not expose the CP rank yet).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
-from atropos_megatron.config import ModelConfig
+from atropos_megatron.config import LoraConfig, ModelConfig
 from atropos_megatron.trainer import parallel
 from atropos_megatron.weights.hf_mapping import megatron_to_hf
-from atropos_megatron.weights.lora_layout import ADAPTER_MODULE, is_adapter_name
+from atropos_megatron.weights.lora_layout import ADAPTER_MODULE, is_adapter_name, megatron_to_peft_name
 from atropos_megatron.weights.megatron_shards import gather_shards, iter_global_params
 
 Progress = Callable[[int], object]
@@ -157,6 +157,38 @@ def export_hf_tensors(
         for hf_name, tensor in hf_tensors:
             yield hf_name, tensor if dtype is None else tensor.to(dtype)
             del tensor
+
+
+def export_adapter_tensors(
+    chunks: Sequence[torch.nn.Module], lora: LoraConfig, *, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every LoRA factor, whole and PEFT-named, on the sender only, scaled for :func:`served_lora`.
+
+    Collective like :func:`export_hf_tensors` (same gather path). With rsLoRA each ``B`` is multiplied
+    by ``sqrt(r)``: SGLang scales adapters by ``lora_alpha / r`` and reads no ``use_rslora``, so the
+    rsLoRA factor travels inside ``B`` and the adapter is served (and loads in PEFT) as plain LoRA.
+    """
+    layout = parallel.current_layout()
+    if layout.dp_rank != 0:
+        return
+    params = [
+        (name, param)
+        for chunk in chunks
+        for name, param in iter_global_params(unwrap_chunk(chunk))
+        if is_adapter_name(name)
+    ]
+    _check_split_attributes(params, layout.tp)
+    fold = lora.scale / served_lora(lora).scale
+    for name, full in _full_tensors(params, layout, {}):
+        tensor = full * fold if fold != 1.0 and name.endswith("lora_B.weight") else full
+        del full
+        yield megatron_to_peft_name(name), tensor if dtype is None else tensor.to(dtype)
+        del tensor
+
+
+def served_lora(lora: LoraConfig) -> LoraConfig:
+    """The adapter as inference servers get it: plain LoRA (rsLoRA folded into ``B``), no dropout."""
+    return replace(lora, use_rslora=False, dropout=0.0, adapter=None)
 
 
 def export_hf_buckets(

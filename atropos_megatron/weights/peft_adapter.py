@@ -127,19 +127,10 @@ def check_same_adapters(adapter: LoraConfig, configured: LoraConfig, *, source: 
             )
 
 
-def write_peft_adapter(
-    path: str | Path, lora: LoraConfig, tensors: dict[str, torch.Tensor], *, base_model: str | None = None
-) -> None:
-    """Write ``tensors`` (PEFT names) and their ``adapter_config.json`` into the directory ``path``.
-
-    The config is what ``PeftModel.from_pretrained`` needs for plain LoRA; SGLang's and vLLM's
-    adapter loaders read the same two files.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {
+def peft_config(lora: LoraConfig, *, base_model: str | None = None) -> dict[str, Any]:
+    """``adapter_config.json`` of plain LoRA as PEFT writes it, trimmed to what loaders read: what
+    ``PeftModel.from_pretrained`` needs, and SGLang's ``config_dict`` for adapters sent as tensors."""
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -155,6 +146,20 @@ def write_peft_adapter(
         "init_lora_weights": True,
         "inference_mode": True,
     }
+
+
+def write_peft_adapter(
+    path: str | Path, lora: LoraConfig, tensors: dict[str, torch.Tensor], *, base_model: str | None = None
+) -> None:
+    """Write ``tensors`` (PEFT names) and their ``adapter_config.json`` into the directory ``path``.
+
+    PEFT, SGLang's and vLLM's adapter loaders all read these two files.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = peft_config(lora, base_model=base_model)
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     save_file(
         {name: t.contiguous() for name, t in tensors.items()},

@@ -11,6 +11,9 @@ only the sender rank talks to the bridge, with the transport that ``weights.tran
 - ``disk``: the sender writes ``<disk_dir>/weight_v<version>`` (safetensors, bucket-sized shards,
   written to a temporary name and renamed) and the stream names that directory.
 
+With LoRA and ``weights.lora_sync: adapter`` only the adapters travel, as a PEFT adapter named
+``policy-v<version>``: in one bucket (``grpc``) or as ``<disk_dir>/lora_v<version>`` (``disk``).
+
 The trainer never imports the bridge package (``bridge`` is passed in: anything with the
 ``BridgeClient`` methods used here). If the push fails on the sender, the export still runs to its
 end, so the other ranks' collectives match, and the error is raised afterwards: training may log it
@@ -38,12 +41,22 @@ from atropos_megatron.config import ModelConfig, WeightsConfig
 from atropos_megatron.logs import FirstTimeInfo
 from atropos_megatron.trainer import parallel
 from atropos_megatron.weights import sync_group
-from atropos_megatron.weights.export import WeightBucket, export_hf_buckets, is_export_sender
+from atropos_megatron.weights.export import (
+    WeightBucket,
+    export_adapter_tensors,
+    export_hf_buckets,
+    is_export_sender,
+    pack_buckets,
+    served_lora,
+)
+from atropos_megatron.weights.peft_adapter import peft_config, write_peft_adapter
 from atropos_megatron.weights.safetensors_io import ShardedSafetensorsWriter
 
 logger = logging.getLogger(__name__)
 
 KEEP_DISK_VERSIONS = 2
+ADAPTER_PREFIX = "policy-v"
+"""A pushed LoRA adapter's name on the servers: ``policy-v<weight_version>``."""
 GROUP_TIMEOUT_S = 300.0
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -83,9 +96,16 @@ class WeightPusher:
         self._group: _Group | None = None
         self._push_log = FirstTimeInfo()
 
+    @property
+    def sends_adapters(self) -> bool:
+        """Whether pushes carry the LoRA adapters alone (``weights.lora_sync: adapter``)."""
+        return self.model.lora.enabled and self.cfg.lora_sync == "adapter"
+
     def push(self, chunks, *, weight_version: str, progress: Callable[[int], object] | None = None):
         """Export ``chunks`` and push them as ``weight_version``. Collective; returns the bridge's answer
         (``PushWeightsResponse``) on the sender and None elsewhere."""
+        if self.sends_adapters:
+            return self._push_adapter(chunks, weight_version)
         device = self._bucket_device()
         buckets = export_hf_buckets(
             chunks,
@@ -123,6 +143,55 @@ class WeightPusher:
             self.cfg.transport,
             response.buckets,
             response.bytes / 1e6,
+            time.monotonic() - started,
+            updated,
+            len(response.servers),
+            "" if level != logging.INFO else " (later pushes at DEBUG)",
+        )
+        return response
+
+    def _push_adapter(self, chunks, version: str):
+        """The LoRA adapters alone, as the new adapter ``policy-v<version>`` (collective export)."""
+        tensors = list(export_adapter_tensors(chunks, self.model.lora, dtype=self.dtype))
+        if not is_export_sender():
+            return None
+        name = f"{ADAPTER_PREFIX}{version}"
+        moved = sum(t.numel() * t.element_size() for _, t in tensors)
+        lora = served_lora(self.model.lora)
+        config = peft_config(lora, base_model=self.model.hf_path or self.model.dist_checkpoint)
+        started = time.monotonic()
+        if self.cfg.transport == "disk":
+            root = Path(self.cfg.disk_dir)
+            final, partial = root / f"lora_v{version}", root / f".lora_v{version}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            write_peft_adapter(partial, lora, dict(tensors), base_model=config["base_model_name_or_path"])
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            stream = self.bridge.open_weight_push(
+                version, transport="disk", disk_path=str(final.resolve()), lora_name=name, lora_config=config
+            )
+            response = stream.finish()
+            _prune_versions(root, keep=final, pattern="lora_v*")
+        else:  # grpc: the whole adapter in one bucket, loaded with one call
+            (bucket,) = pack_buckets(tensors, bucket_bytes=max(moved, 1))
+            del tensors
+            stream = self.bridge.open_weight_push(
+                version, transport="grpc", lora_name=name, lora_config=config
+            )
+            try:
+                stream.send_bucket(bucket.index, _specs(bucket), memoryview(bucket.data.numpy()))
+            except BaseException:
+                stream.cancel()
+                raise
+            response = stream.finish()
+        updated = sum(server.updated for server in response.servers)
+        level = self._push_log.level() if updated == len(response.servers) else logging.WARNING
+        logger.log(
+            level,
+            "LoRA adapter %s pushed (%s): %.1f MB in %.2f s; %d/%d server(s) loaded it%s",
+            name,
+            self.cfg.transport,
+            moved / 1e6,
             time.monotonic() - started,
             updated,
             len(response.servers),
@@ -246,9 +315,9 @@ def _master_address(server_urls: tuple[str, ...]) -> str:
     return "127.0.0.1" if hosts <= set(_LOOPBACK) else socket.getfqdn()
 
 
-def _prune_versions(root: Path, *, keep: Path) -> None:
+def _prune_versions(root: Path, *, keep: Path, pattern: str = "weight_v*") -> None:
     """Delete all but the newest ``KEEP_DISK_VERSIONS`` pushed directories (servers read the newest)."""
-    versions = sorted(root.glob("weight_v*"), key=lambda p: p.stat().st_mtime)
+    versions = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
     for old in versions[:-KEEP_DISK_VERSIONS]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)

@@ -82,25 +82,37 @@ def test_demo_reward_rises_and_every_process_exits_cleanly(tmp_path, report):
 
 
 @pytest.mark.slow
-def test_the_lora_demo_learns_with_the_base_frozen(tmp_path, report):
-    """``demo --lora 8``: adapters of rank 8 alone raise the reward, and the checkpoint holds only them."""
+@pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
+def test_the_lora_demo_learns_with_the_base_frozen(tmp_path, report, lora_sync):
+    """``demo --lora 8``: adapters of rank 8 alone raise the reward, synced merged into the weights or
+    as SGLang adapters through the bridge's proxy; checkpoints hold only the adapters."""
     from megatron.core import dist_checkpointing
 
     from atropos_megatron.demo.run import run_demo
 
-    result = run_demo(tmp_path / "demo", steps=40, progress=False, timeout_s=900, lora_rank=8)
+    overrides = [f"weights.lora_sync={lora_sync}"]
+    result = run_demo(
+        tmp_path / "demo", steps=40, progress=False, timeout_s=900, lora_rank=8, overrides=overrides
+    )
     summary = result.summary
     report(
-        f"LoRA rank 8: reward {summary.first_mean:.3f} -> {summary.last_mean:.3f} ({summary.gain:+.3f}) "
-        f"in {summary.last_step} steps, {result.wall_s:.0f} s"
+        f"LoRA rank 8, {lora_sync} sync: reward {summary.first_mean:.3f} -> {summary.last_mean:.3f} "
+        f"({summary.gain:+.3f}) in {summary.last_step} steps, {result.wall_s:.0f} s"
     )
     assert summary.last_step == 40 and result.exits["trainer"].how == "finished"
     assert summary.gain >= 0.4, f"reward rose only {summary.gain:+.3f}"
-    assert "LoRA rank 8" in (result.run_dir / "logs" / "trainer.log").read_text()
+    assert all(e.clean for e in result.exits.values()), result.exits
+    logs = result.run_dir / "logs"
+    assert "LoRA rank 8" in (logs / "trainer.log").read_text()
+    inference_log = (logs / "inference.log").read_text()
+    if lora_sync == "adapter":  # one line for the first adapter loaded and unloaded, not one per step
+        assert inference_log.count("LoRA adapter policy-v") == 2, inference_log
+        assert "LoRA adapter proxy" in (logs / "bridge.log").read_text()
+    else:
+        assert "LoRA adapter" not in inference_log
     latest = result.run_dir / "checkpoints" / (result.run_dir / "checkpoints" / "latest").read_text().strip()
-    model_keys = [
-        k for k in dist_checkpointing.load_tensors_metadata(str(latest)) if not k.startswith("optimizer")
-    ]
+    saved = dist_checkpointing.load_tensors_metadata(str(latest))
+    model_keys = [key for key in saved if not key.startswith("optimizer")]
     assert model_keys and all(".lora." in key for key in model_keys)
 
 

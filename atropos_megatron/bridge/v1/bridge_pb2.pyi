@@ -305,7 +305,7 @@ class WeightsChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., bucket: _Optional[_Union[WeightBucket, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("request_id", "weight_version", "transport", "num_buckets", "total_bytes", "disk_path", "group")
+    __slots__ = ("request_id", "weight_version", "transport", "num_buckets", "total_bytes", "disk_path", "group", "lora")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +313,7 @@ class WeightsHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_PATH_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     weight_version: str
     transport: WeightTransport
@@ -320,7 +321,16 @@ class WeightsHeader(_message.Message):
     total_bytes: int
     disk_path: str
     group: DistributedGroup
-    def __init__(self, request_id: _Optional[str] = ..., weight_version: _Optional[str] = ..., transport: _Optional[_Union[WeightTransport, str]] = ..., num_buckets: _Optional[int] = ..., total_bytes: _Optional[int] = ..., disk_path: _Optional[str] = ..., group: _Optional[_Union[DistributedGroup, _Mapping]] = ...) -> None: ...
+    lora: LoraAdapter
+    def __init__(self, request_id: _Optional[str] = ..., weight_version: _Optional[str] = ..., transport: _Optional[_Union[WeightTransport, str]] = ..., num_buckets: _Optional[int] = ..., total_bytes: _Optional[int] = ..., disk_path: _Optional[str] = ..., group: _Optional[_Union[DistributedGroup, _Mapping]] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ...) -> None: ...
+
+class LoraAdapter(_message.Message):
+    __slots__ = ("name", "config_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config_json: str
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class DistributedGroup(_message.Message):
     __slots__ = ("master_address", "master_port", "group_name", "backend", "world_size", "init")

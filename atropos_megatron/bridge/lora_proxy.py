@@ -1,0 +1,159 @@
+"""HTTP proxies in front of the inference servers that name the newest LoRA adapter in every request.
+
+SGLang applies a LoRA adapter only to requests that name it (``lora_path`` in ``/generate`` and the
+``/v1`` routes, or ``model: "<served>:<adapter>"``), and has no default adapter; atroposlib's clients
+name none. With ``weights.lora_sync: adapter`` an unchanged environment would therefore sample from
+the frozen base (docs/sglang-lora.md §4, §8). The bridge loads each push as a new adapter
+(``policy-v<step>``) and runs one proxy per server: environments point their ``base_url`` at the
+proxy, which forwards every request and response unchanged (streaming included), except that a
+generation request naming no adapter gets ``lora_path`` = that server's newest adapter.
+
+Threads, not an event loop: the bridge stays free of web frameworks, and a request's thread mostly
+waits on the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+GENERATION_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+_HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "host",
+}  # fmt: skip
+
+
+def name_adapter(path: str, body: bytes, adapter: str | None) -> bytes:
+    """``body`` with ``lora_path`` set to ``adapter`` when ``path`` generates and the body names none.
+
+    Anything else (another route, no adapter yet, a body that is not a JSON object, an explicit
+    ``lora_path``) passes unchanged; an explicit ``model: "<served>:<adapter>"`` takes priority in
+    SGLang anyway.
+    """
+    if adapter is None or path.split("?", 1)[0] not in GENERATION_ROUTES:
+        return body
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(request, dict) or request.get("lora_path") is not None:
+        return body
+    request["lora_path"] = adapter
+    return json.dumps(request).encode()
+
+
+class AdapterProxy:
+    """One server's proxy: ``http://host:port`` forwards to ``upstream`` naming ``adapter()``."""
+
+    def __init__(
+        self, upstream: str, adapter: Callable[[], str | None], *, host: str, port: int, timeout_s: float
+    ) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.adapter = adapter
+        self._client = httpx.Client(base_url=self.upstream, timeout=timeout_s)
+        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=f"lora-proxy-{port}", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> AdapterProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._client.close()
+
+    def forward(self, method: str, path: str, headers: dict[str, str], body: bytes):
+        """The upstream response as a context manager over a streamed ``httpx.Response``."""
+        if method == "POST":
+            body = name_adapter(path, body, self.adapter())
+        request = self._client.build_request(method, path, headers=headers, content=body)
+        return self._client.send(request, stream=True)
+
+
+def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self._forward()
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._forward()
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            self._forward()
+
+        def _forward(self) -> None:
+            body = self._read_body()
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            try:
+                upstream = proxy.forward(self.command, self.path, headers, body)
+            except httpx.HTTPError as exc:
+                message = json.dumps({"error": {"message": f"{proxy.upstream} unreachable: {exc}"}}).encode()
+                self.send_response(502)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(message)))
+                self.end_headers()
+                self.wfile.write(message)
+                return
+            try:
+                self.send_response(upstream.status_code)
+                for key, value in upstream.headers.multi_items():
+                    if key.lower() not in _HOP_BY_HOP:
+                        self.send_header(key, value)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for chunk in upstream.iter_raw():  # as sent (a compressed body stays compressed)
+                    if chunk:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()  # streamed responses reach the client as they come
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError, httpx.HTTPError):
+                self.close_connection = True  # the client or the server went away mid-response
+            finally:
+                upstream.close()
+
+        def _read_body(self) -> bytes:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                parts = []
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return b"".join(parts)
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 - a line per request is noise
+            logger.debug("%s -> %s: " + format, self.client_address[0], proxy.upstream, *args)
+
+    return Handler
+
+
+def start_proxies(servers, ports: list[int], *, host: str, timeout_s: float) -> list[AdapterProxy]:
+    """One started proxy per server (``ServerState``s, same order as ``ports``), naming its adapter."""
+    proxies = []
+    for server, port in zip(servers, ports, strict=True):
+        proxy = AdapterProxy(
+            server.url, lambda server=server: server.adapter, host=host, port=port, timeout_s=timeout_s
+        )
+        proxies.append(proxy.start())
+        logger.info("LoRA adapter proxy %s -> %s (environments' base_url)", proxy.url, server.url)
+    return proxies
