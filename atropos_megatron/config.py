@@ -68,9 +68,10 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     """HF projections that get an adapter, from q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
     adapter: str | None = None
-    """An HF PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) to start
-    from instead of ``B = 0``: continue training an adapter. Its ``r``, ``lora_alpha``, ``use_rslora``
-    and target modules must equal the fields above."""
+    """Adapters to start from instead of ``B = 0`` (continue training one): an HF PEFT adapter
+    directory (``adapter_config.json`` + ``adapter_model.safetensors``) or an adapter-only checkpoint
+    (``convert hf-to-mcore --adapter``, or a LoRA run's ``step_*`` directory). Its rank, alpha,
+    rsLoRA flag and target modules must equal the fields above."""
 
     def __post_init__(self) -> None:
         _require(self.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = off), got {self.rank}")

@@ -98,3 +98,17 @@ def save_tiny_checkpoint(
     model.save_pretrained(directory)
     tiny_tokenizer(model.config.vocab_size, chat_template=chat_template).save_pretrained(directory)
     return model
+
+
+def random_peft_model(hf_model, *, seed: int, scale: float = 0.1, **lora_options):
+    """``hf_model`` wrapped by PEFT (``peft.LoraConfig(**lora_options)``) with random non-zero A and B
+    drawn from ``seed`` (PEFT starts B at zero, which would hide any mistake in B), in eval mode."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(hf_model, LoraConfig(**lora_options))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=generator))
+    return model.eval()

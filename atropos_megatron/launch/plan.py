@@ -167,6 +167,12 @@ def build_plan(
         check_topology(launch)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
+    if cfg.weights.lora_sync == "adapter":
+        # Environments would sample from the frozen base: nothing here starts the adapter proxies.
+        raise PlanError(
+            "weights.lora_sync=adapter is not supported by the launcher yet (it does not start the bridge's "
+            "adapter proxies nor point the environments at them); use weights.lora_sync=merged"
+        )
     if len(allocation.nodes) < launch.num_nodes:
         raise PlanError(
             f"the launch section needs {launch.num_nodes} nodes ({launch.train_nodes} training + "

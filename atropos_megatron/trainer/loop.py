@@ -174,13 +174,13 @@ class Trainer:
         from atropos_megatron.trainer.lora import apply_lora, trainable_parameters
 
         apply_lora(chunks, lora, self.model, seed=self.cfg.seed)
-        if lora.adapter:  # continue training an existing PEFT adapter
+        if lora.adapter:  # continue training an existing adapter
             from atropos_megatron.weights.lora_state import load_adapter_state
-            from atropos_megatron.weights.peft_adapter import check_same_adapters, read_peft_adapter
+            from atropos_megatron.weights.peft_adapter import check_same_adapters
 
-            adapter = read_peft_adapter(lora.adapter)
-            check_same_adapters(adapter.lora, lora, source=lora.adapter)
-            load_adapter_state(chunks, adapter.tensors)
+            found, tensors = _read_start_adapter(lora.adapter)
+            check_same_adapters(found, lora, source=lora.adapter)
+            load_adapter_state(chunks, tensors)
             self._log(f"LoRA adapters start from {lora.adapter}")
         trained = sum(p.numel() for _, p in trainable_parameters(chunks))
         total = sum(p.numel() for chunk in chunks for p in chunk.parameters())
@@ -549,6 +549,20 @@ class Trainer:
     def _log(self, message: str) -> None:
         if self.layout.rank == 0:
             logger.info(message)
+
+
+def _read_start_adapter(path: str):
+    """``model.lora.adapter``'s LoRA config and PEFT-named tensors: a PEFT directory, or an
+    adapter-only checkpoint (``convert hf-to-mcore --adapter``, or a LoRA run's checkpoint)."""
+    from atropos_megatron.weights.peft_adapter import ADAPTER_CONFIG, read_peft_adapter
+
+    if (Path(path) / ADAPTER_CONFIG).is_file():
+        adapter = read_peft_adapter(path)
+        return adapter.lora, adapter.tensors
+    from atropos_megatron.weights.lora_checkpoint import read_adapter_checkpoint
+
+    checkpoint = read_adapter_checkpoint(path)  # every rank reads the whole adapters: megabytes
+    return checkpoint.info.lora, checkpoint.tensors
 
 
 def _waiting_line(waited_s: float, status: Any | None) -> str:

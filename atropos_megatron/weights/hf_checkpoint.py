@@ -6,7 +6,9 @@ time (the parts of one fused tensor at most), and copies its TP slice in place. 
 rank's parameters plus the largest fused tensor.
 
 Writing goes the other way from a TP=1, PP=1 model: each Megatron parameter is mapped to HF tensors
-and streamed into safetensors shards, then ``config.json`` and the tokenizer files are copied in.
+and streamed into safetensors shards, then ``config.json`` and the tokenizer files are copied in. A
+model that carries LoRA adapters is written merged (``W + scale * B A``, one weight at a time), by the
+same export that sends weights to inference servers, so the merge exists once.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from atropos_megatron.config import ModelConfig
-from atropos_megatron.weights.hf_mapping import hf_to_megatron, megatron_targets, megatron_to_hf
+from atropos_megatron.weights.hf_mapping import hf_to_megatron, megatron_targets
 from atropos_megatron.weights.megatron_shards import copy_shard, iter_global_params, local_name
 from atropos_megatron.weights.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -112,6 +114,10 @@ def save_hf_checkpoint(
 ) -> list[Path]:
     """Write a TP=1, PP=1 Megatron model as an HF checkpoint that ``from_pretrained`` loads.
 
+    LoRA adapters on ``chunk`` are merged into their layers' weights (``export.export_hf_tensors``);
+    the adapter factors themselves are not written. Needs Megatron's process groups (the converter's
+    one-rank group).
+
     Args:
         hf_config: the ``config.json`` content (its dtype fields are set to ``dtype``).
         copy_from: tokenizer and generation files to copy beside the weights (``config.json``
@@ -121,11 +127,12 @@ def save_hf_checkpoint(
     Returns:
         The safetensors files written.
     """
+    from atropos_megatron.weights.export import export_hf_tensors
+
     out_dir = Path(out_dir)
-    tensors = ((name, param.detach()) for name, param in iter_global_params(chunk))
     with ShardedSafetensorsWriter(out_dir, max_shard_bytes=max_shard_bytes) as writer:
-        for name, tensor in megatron_to_hf(tensors, model):
-            writer.add(name, tensor.to(dtype))
+        for name, tensor in export_hf_tensors([chunk], model, dtype=dtype):
+            writer.add(name, tensor)
             if progress is not None:
                 progress(tensor.numel() * dtype.itemsize)
     config = {**hf_config, "torch_dtype": HF_DTYPE_NAMES[dtype]}

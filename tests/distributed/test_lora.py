@@ -42,36 +42,27 @@ LAYOUTS = {
 MODEL_TYPES = ("qwen2", "llama")
 
 
-def _peft_model(hf_model, targets, use_rslora, seed):
-    """``hf_model`` wrapped by PEFT with random non-zero adapters (seeded)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets, use_rslora=use_rslora
-    )
-    model = get_peft_model(hf_model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
-    return model.eval()
-
-
 def _peft_reference(model_type, targets, use_rslora, tokens, weights):
     """Base logits, PEFT logits, PEFT adapter tensors and their gradients for the linear loss."""
     import torch
     from peft import get_peft_model_state_dict
 
-    from tests.hf_models import hf_state, tiny_hf_model
+    from tests.hf_models import hf_state, random_peft_model, tiny_hf_model
 
     hf_model = tiny_hf_model(model_type)
     base_state = {name: t.clone() for name, t in hf_state(hf_model).items()}
     with torch.no_grad():
         base_logits = hf_model(tokens).logits
     config = hf_model.config.to_dict()
-    peft_model = _peft_model(hf_model, targets, use_rslora, seed=7)
+    peft_model = random_peft_model(
+        hf_model,
+        seed=7,
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        target_modules=targets,
+        use_rslora=use_rslora,
+    )
     logits = peft_model(tokens).logits
     (logits * weights).sum().backward()
     adapters = {name: t.detach().clone() for name, t in get_peft_model_state_dict(peft_model).items()}

@@ -107,6 +107,7 @@ def _checkpoint_body(rank, world_size, hf_dir, other_base, peft_dir, tmp):
     import torch
     from safetensors.torch import load_file
 
+    from atropos_megatron.weights.lora_checkpoint import read_adapter_checkpoint
     from atropos_megatron.weights.lora_state import adapter_state
 
     run = f"{tmp}/run"
@@ -127,7 +128,19 @@ def _checkpoint_body(rank, world_size, hf_dir, other_base, peft_dir, tmp):
     state = adapter_state([c.module for c in started.state.chunks])
     expected = load_file(f"{peft_dir}/adapter_model.safetensors")
     from_peft = state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
-    return _losses(uninterrupted)[2], trainer.progress.step, _losses(resumed)[0], refusals, from_peft
+    # ... or from a LoRA run's checkpoint (adapters only, no optimizer state: a new run, not a resume)
+    saved = f"{run}/checkpoints/step_00000002"
+    started, _ = _train(_config(hf_dir, f"{tmp}/from-ckpt", [*tp2, f"model.lora.adapter={saved}"]), range(0))
+    state = adapter_state([c.module for c in started.state.chunks])
+    expected = read_adapter_checkpoint(saved).tensors
+    from_ckpt = state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    return (
+        _losses(uninterrupted)[2],
+        trainer.progress.step,
+        _losses(resumed)[0],
+        refusals,
+        (from_peft, from_ckpt),
+    )
 
 
 def _assert_close(expected: list[dict], actual: list[dict], what: str) -> None:
@@ -141,20 +154,12 @@ def _assert_close(expected: list[dict], actual: list[dict], what: str) -> None:
 
 def _random_peft_adapter(hf_dir: str, out: Path) -> None:
     """A PEFT adapter for the base (every projection, r=4, alpha=8, random non-zero A and B)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(hf_dir),
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-    )
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
-    model.save_pretrained(out)
+    from tests.hf_models import random_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    random_peft_model(model, seed=5, r=4, lora_alpha=8, target_modules="all-linear").save_pretrained(out)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +214,8 @@ def test_lora_checkpoint_holds_only_adapters_resumes_at_another_layout_and_check
     expected, step, resumed, refusals, from_peft = run_ranks(
         _checkpoint_body, 2, hf_dir, str(other_base), str(peft_dir), str(tmp_path), timeout_s=300
     )[0]
-    assert from_peft, "model.lora.adapter did not start the adapters from the PEFT adapter's tensors"
+    assert from_peft[0], "model.lora.adapter did not start the adapters from the PEFT adapter's tensors"
+    assert from_peft[1], "model.lora.adapter did not start the adapters from the LoRA checkpoint's"
     assert step == STEPS
     report(f"LoRA resume TP=2 -> PP=2: step-3 loss {resumed['grpo/loss']:.8f} vs {expected['grpo/loss']:.8f}")
     _assert_close([expected], [resumed], "resume at PP=2")

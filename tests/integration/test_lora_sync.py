@@ -23,7 +23,7 @@ import torch
 
 from atropos_megatron.config import ConfigError, load_config
 from tests.harness import run_ranks
-from tests.hf_models import save_tiny_checkpoint, tiny_hf_model
+from tests.hf_models import random_peft_model, save_tiny_checkpoint, tiny_hf_model
 from tests.integration.test_weight_push import ADMIN_KEY, PROBE, Bridge, _weights
 from tests.reference_server import ReferenceServer, served_logprobs
 
@@ -33,20 +33,18 @@ TOLERANCE = 1e-5
 
 def _peft_adapter(base_dir, out, *, seed: int):
     """A PEFT rsLoRA adapter on every projection with random non-zero A and B; the PeftModel too."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(
+    model = random_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir),
-        LoraConfig(r=RANK, lora_alpha=ALPHA, use_rslora=True, target_modules="all-linear"),
+        seed=seed,
+        r=RANK,
+        lora_alpha=ALPHA,
+        use_rslora=True,
+        target_modules="all-linear",
     )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
     model.save_pretrained(out)
-    return model.eval()
+    return model
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import httpx
 import pytest
 import torch
 
-from tests.hf_models import save_tiny_checkpoint, tiny_hf_model, tiny_tokenizer
+from tests.hf_models import random_peft_model, save_tiny_checkpoint, tiny_hf_model, tiny_tokenizer
 from tests.reference_server import ReferenceServer, served_logprobs
 
 ADMIN_KEY = "admin-key"
@@ -47,17 +47,11 @@ CHAT_TEMPLATE = (
 
 def make_adapter(directory, *, seed, r, alpha, targets, **config):
     """A PEFT LoRA adapter for the tiny Qwen2 with random non-zero A and B (PEFT zero-inits B)."""
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(
-        tiny_hf_model("qwen2", seed=0), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **config)
+    base = tiny_hf_model("qwen2", seed=0)
+    model = random_peft_model(
+        base, seed=seed, scale=0.2, r=r, lora_alpha=alpha, target_modules=targets, **config
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    peft_model.save_pretrained(directory)
+    model.save_pretrained(directory)
     return str(directory)
 
 

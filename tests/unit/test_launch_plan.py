@@ -132,6 +132,13 @@ def test_dedicated_head_gets_a_node_of_its_own(tmp_path):
     assert plan.trainer_rank0_node == 1
 
 
+def test_lora_adapter_sync_is_refused_until_the_launcher_starts_its_proxies(tmp_path):
+    with pytest.raises(PlanError, match="lora_sync=adapter is not supported by the launcher"):
+        _plan(["model.lora.rank=8", "weights.lora_sync=adapter", "launch.inference_nodes=1"], 2, tmp_path)
+    plan, resolved = _plan(["model.lora.rank=8", "launch.inference_nodes=1"], 2, tmp_path)  # merged: fine
+    assert resolved.model.lora.rank == 8
+
+
 def test_external_atropos_api_is_not_started(tmp_path):
     plan, resolved = _plan(
         ["launch.api_url=http://atropos.example:8000", "launch.inference_nodes=1"], 2, tmp_path

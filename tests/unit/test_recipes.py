@@ -195,7 +195,9 @@ def test_recipe_architecture_is_the_published_model(name, tmp_path):
     # ... so with the checkpoint's config.json present the report is the same, minus the note.
     (tmp_path / "config.json").write_text(json.dumps(recipe.hf_config))
     with_checkpoint = load_config(CONFIGS / name, [f"model.hf_path={tmp_path}"])
-    report = dry_run(with_checkpoint).replace(str(tmp_path), cfg.model.hf_path)  # a LoRA report names its base
+    report = dry_run(with_checkpoint).replace(
+        str(tmp_path), cfg.model.hf_path
+    )  # a LoRA report names its base
     assert report == "\n".join(dry_run(cfg).splitlines()[1:])
 
 
