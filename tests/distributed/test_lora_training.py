@@ -10,7 +10,9 @@ same synthetic batches at each layout; the exported weights are the merged ``W +
 - weights without adapters (embedding, norms, biases) export bit-identical to the base;
 - a checkpoint holds the adapters and their optimizer state only (no base tensor); it resumes at
   another layout to the uninterrupted step, and refuses a base with other weights, a run without
-  LoRA and other adapter shapes, naming what differs.
+  LoRA and other adapter shapes, naming what differs; a new run starts from a PEFT adapter or from
+  such a checkpoint (``model.lora.adapter``);
+- bf16 at TP=2 trains too (step 0 exactly the base; merged export in bf16).
 """
 
 from __future__ import annotations
@@ -91,6 +93,19 @@ def _layouts_body(rank, world_size, hf_dir, tmp):
         trainer, metrics = _train(_config(hf_dir, f"{tmp}/{name}", extra), range(STEPS))
         results[name] = (_losses(metrics), _merged_weights(trainer))
     return results
+
+
+def _bf16_body(rank, world_size, hf_dir, run_dir):
+    """bf16 at TP=2: adapters and base in bf16, two steps, then the merged export."""
+    import math
+
+    trainer, metrics = _train(
+        _config(hf_dir, run_dir, ["model.dtype=bf16", "parallel.tensor_parallel_size=2"]), range(2)
+    )
+    merged = _merged_weights(trainer)
+    dtypes = None if merged is None else {str(t.dtype) for t in merged.values()}
+    finite = all(math.isfinite(m["grpo/loss"]) for m in metrics if "grpo/loss" in m)
+    return _losses(metrics), dtypes, finite
 
 
 def _refusal(cfg) -> str:
@@ -226,3 +241,11 @@ def test_lora_checkpoint_holds_only_adapters_resumes_at_another_layout_and_check
     assert "other weights" in refusals["other base"], refusals["other base"]
     assert "holds LoRA adapters" in refusals["no lora"], refusals["no lora"]
     assert "model.lora.rank=4" in refusals["other rank"], refusals["other rank"]
+
+
+def test_lora_trains_in_bf16(hf_dir, tmp_path: Path):
+    losses, dtypes, finite = run_ranks(_bf16_body, 2, hf_dir, str(tmp_path / "bf16"), timeout_s=180)[0]
+    assert finite and dtypes == {"torch.bfloat16"}
+    assert losses[0]["grpo/kl_ref"] == 0.0, "fresh bf16 adapters (B = 0) must leave the base exactly"
+    assert losses[0]["grpo/ratio_max"] == losses[0]["grpo/ratio_min"] == 1.0
+    assert losses[1]["grpo/kl_ref"] > 0.0, "the bf16 adapters did not move"
