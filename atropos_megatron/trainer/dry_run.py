@@ -19,13 +19,11 @@ from atropos_megatron.config import LaunchConfig, ModelConfig, TrainConfig
 from atropos_megatron.launch.topology import check_topology, trainer_procs_per_node, trainer_world_size
 from atropos_megatron.trainer.checkpoint import lora_base_path
 from atropos_megatron.trainer.memory import estimate_memory, parameter_counts
-from atropos_megatron.trainer.model import check_model_layout
+from atropos_megatron.trainer.model import check_model_layout, uses_te_spec
 
 
 def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
     """The report as text. Raises ValueError (naming the problem) when the layout cannot work."""
-    from atropos_megatron.trainer.megatron_patches import te_available
-
     try:
         check_topology(cfg.launch)
     except ValueError as exc:  # TopologyError: the launch section cannot be laid out
@@ -48,7 +46,8 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
         )
     # The estimate reads hf_path itself; hand it the architecture resolved here instead.
     cfg = replace(cfg, model=replace(model, hf_path=None, dist_checkpoint=None))
-    estimate = estimate_memory(cfg, world, fused_attention=te_available())
+    fused = uses_te_spec(model)  # TE's fused attention, unless LoRA needs the local spec
+    estimate = estimate_memory(cfg, world, fused_attention=fused)
     lines = [note] if note else []
     lines += [
         f"model: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads "
@@ -80,7 +79,7 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
         )
     lines.append(
         f"reference model: {reference}; "
-        f"attention: {'fused (Transformer Engine)' if te_available() else 'local spec (unfused, s^2 scores)'}"
+        f"attention: {'fused (Transformer Engine)' if fused else 'local spec (unfused, s^2 scores)'}"
     )
     lines.append(spool_estimate(cfg))
     return "\n".join(lines)

@@ -101,9 +101,15 @@ class Trainer:
     def setup(self) -> None:
         """Join the job, build actor (and reference), load weights or resume (collective)."""
         from atropos_megatron.trainer.megatron_patches import te_available
+        from atropos_megatron.trainer.model import uses_te_spec
 
         cfg = self.cfg
-        if cfg.data.packing and te_available():
+        if cfg.model.lora.enabled and te_available():
+            logger.warning(
+                "LoRA: the model is built on Megatron's local layer spec although Transformer Engine is "
+                "present (TE fuses the norms into the linear layers the adapters wrap): unfused attention"
+            )
+        if cfg.data.packing and uses_te_spec(cfg.model):
             # TE's attention takes packed sequences as THD with cu_seqlens, not as a mask; until that
             # path exists, a block-diagonal mask could be ignored and sequences would see each other.
             logger.warning("Transformer Engine is present: data.packing is turned off (padded micro-batches)")

@@ -16,8 +16,8 @@ layer (so base parameter names, checkpoints of the base and the HF mapping are u
 
 With sequence parallelism the r-wide activations are gathered / reduce-scattered along the sequence
 instead, and the replicated factors are marked ``sequence_parallel`` so that Megatron all-reduces
-their gradients as it does the norms'. Not here: Transformer Engine's norm-fused linears (the hook
-would see the un-normalised input; refused), checkpoints, weight export and the training loop.
+their gradients as it does the norms'. Transformer Engine's norm-fused linears are refused (the hook
+would see the un-normalised input): LoRA models are built on the local spec (``model.uses_te_spec``).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ Two groups, each applied only where it is needed (both are idempotent):
   the optimizer, ``torch.cuda.synchronize`` after p2p calls, and ``Tensor.type()`` checks that expect
   ``torch.cuda.*Tensor``. Each patch below says what breaks without it. On a CUDA machine this
   function does nothing.
-* :func:`apply_torch_norm_patches` — whenever Transformer Engine and Apex are both absent (CPU, and
-  GPUs without TE such as the lent H200). Megatron then falls back to ``WrappedTorchNorm``, which
-  refuses sequence parallelism although plain torch norms work with it.
+* :func:`apply_torch_norm_patches` — whenever Apex is absent (CPU, GPUs without Apex such as the lent
+  H200, and LoRA runs where TE is present: they use the local spec). Megatron's local spec then falls
+  back to ``WrappedTorchNorm``, which refuses sequence parallelism although plain torch norms work
+  with it. TE's own spec never uses it.
 
 * :func:`apply_distopt_checkpoint_patches` — whenever neither Apex nor Transformer Engine provides
   the fused Adam (CPU, and GPUs without them). Megatron's distributed optimizer then wraps
@@ -151,8 +152,9 @@ def _patch_rng_tracker() -> None:
 def apply_torch_norm_patches() -> bool:
     """Let Megatron's torch-norm fallback run with sequence parallelism. Returns True if active.
 
-    Applies only when neither Transformer Engine nor Apex provides the norm layers (then Megatron's
-    local spec uses ``WrappedTorchNorm``, which asserts ``not sequence_parallel``). With sequence
+    Applies when Apex does not provide the norm layers (then Megatron's local spec, which LoRA runs
+    use even where Transformer Engine is present, takes ``WrappedTorchNorm``, which asserts ``not
+    sequence_parallel``; TE's spec never builds it). With sequence
     parallelism each TP rank normalises its own slice of the sequence, so the norm weights get
     partial gradients; we mark them ``sequence_parallel=True`` so that Megatron's
     ``finalize_model_grads`` all-reduces them over the TP group, as it does for TE's norms.
@@ -162,7 +164,7 @@ def apply_torch_norm_patches() -> bool:
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer import torch_norm
 
-    if gpt_layer_specs.HAVE_APEX or te_available():
+    if gpt_layer_specs.HAVE_APEX:
         return False
 
     original_new = torch_norm.WrappedTorchNorm.__new__

@@ -125,13 +125,22 @@ def build_transformer_config(model: ModelConfig, layout: ParallelConfig, *, init
     )
 
 
-def build_layer_spec(model: ModelConfig):
-    """TE layer spec when Transformer Engine imports, else Megatron's local (torch) spec."""
-    from megatron.core.models.gpt import gpt_layer_specs
+def uses_te_spec(model: ModelConfig) -> bool:
+    """Whether ``model`` is built on Transformer Engine's layer spec: TE imports and LoRA is off.
 
+    LoRA needs the local spec: TE fuses the pre-attention and pre-MLP norms into ``linear_qkv`` and
+    ``linear_fc1``, so the adapters' hooks would see the input before the norm.
+    """
     from atropos_megatron.trainer.megatron_patches import te_available
 
-    if te_available():
+    return te_available() and not model.lora.enabled
+
+
+def build_layer_spec(model: ModelConfig):
+    """TE layer spec when Transformer Engine imports (and LoRA is off), else Megatron's local spec."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if uses_te_spec(model):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     return gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=model.qk_layernorm, normalization=model.normalization
