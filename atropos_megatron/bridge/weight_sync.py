@@ -18,8 +18,9 @@ batch would ever come (the environments wait for that paused server).
 Per-node agents (``weights.bridge_agents``) receive ``grpc`` pushes as a forwarded stream and apply
 them to their own node's servers: tensors travel through shared memory, which only works on one host.
 
-A LoRA adapter push (``weights.lora_sync: adapter``; the header names the adapter) runs the same
-sequence with the update call replaced: the adapter is loaded under a new name per push
+A LoRA adapter push (``weights.lora_sync: adapter``; the header names the adapter) pauses nothing
+and opens no session (a new adapter changes no weight a running request uses): the adapter is loaded
+under a new name per push
 (``/load_lora_adapter_from_tensors`` from the one bucket, or ``/load_lora_adapter`` from the PEFT
 directory on disk), and each server's newest adapter is what the adapter proxies
 (``bridge/lora_proxy.py``) name in requests from then on. Versioned names, not one name updated in
@@ -347,6 +348,8 @@ class WeightPush:
             raise PushRefused("the servers changed since the group was created; push again with init=true")
 
     def _prepare(self, server: ServerState) -> None:
+        if self.header.lora is not None:
+            return  # a new adapter changes no weight a running request uses: nothing to pause
         self._retrying(
             server, "pause_generation", lambda: server.client.pause_generation(self.cfg.pause_mode)
         )
@@ -531,6 +534,9 @@ class WeightPush:
         return self.result
 
     def _complete(self, server: ServerState) -> None:
+        if self.header.lora is not None:
+            self._complete_adapter(server)
+            return
         version = self.header.weight_version
         if server.info.needs_session:
             self._retrying(server, "end_weight_update", server.client.end_weight_update)
@@ -542,13 +548,20 @@ class WeightPush:
         except SGLangError as exc:
             self._note_flush_skipped(server, exc)
         self._retrying(server, "update_weight_version", lambda: server.client.update_weight_version(version))
-        if self.header.lora is not None:
-            # The proxy names it from the next request on; the one before stays for requests in transit.
-            server.adapters = [*server.adapters, self.header.lora.name]
-            retired, server.adapters = server.adapters[:-KEPT_ADAPTERS], server.adapters[-KEPT_ADAPTERS:]
-            for name in retired:  # returns once the requests still running on it are done: never wait here
-                self.sync._pool.submit(self._unload, server, name)
         self._retrying(server, "continue_generation", server.client.continue_generation)
+        server.held, server.weight_version, server.last_error = False, version, ""
+
+    def _complete_adapter(self, server: ServerState) -> None:
+        """After an adapter load: name it in the proxy, retire old adapters, release a held server."""
+        version = self.header.weight_version
+        self._retrying(server, "update_weight_version", lambda: server.client.update_weight_version(version))
+        # The proxy names it from the next request on; the one before stays for requests in transit.
+        server.adapters = [*server.adapters, self.header.lora.name]
+        retired, server.adapters = server.adapters[:-KEPT_ADAPTERS], server.adapters[-KEPT_ADAPTERS:]
+        for name in retired:  # returns once the requests still running on it are done: never wait here
+            self.sync._pool.submit(self._unload, server, name)
+        if server.held:  # paused by the monitor (restarted, behind): it has the newest adapter now
+            self._retrying(server, "continue_generation", server.client.continue_generation)
         server.held, server.weight_version, server.last_error = False, version, ""
 
     def _unload(self, server: ServerState, name: str) -> None:
@@ -575,6 +588,12 @@ class WeightPush:
     def abort(self, reason: str) -> None:
         """The stream broke: close sessions, keep servers paused (they may hold a mix of versions)."""
         if self._closed:
+            return
+        if self.header.lora is not None:  # nothing was paused; the servers keep their previous adapter
+            logger.error("LoRA adapter push %r aborted: %s", self.header.weight_version, reason)
+            for _, stream in self._agents:
+                stream.cancel()
+            self._close(succeeded=False)
             return
         logger.error("weight push %r aborted: %s; servers stay paused", self.header.weight_version, reason)
         for _, future in self._group_inits:
