@@ -209,6 +209,18 @@ def _add_serve_parser(commands) -> None:
         help="SGLang protocol generation to emulate: >= 0.5.21 requires begin/end_weight_update "
         "sessions around tensor and distributed updates; older ones answer those routes with 404",
     )
+    serve.add_argument(
+        "--protocol",
+        choices=("sglang", "vllm"),
+        default="sglang",
+        help="HTTP protocol: SGLang's (default) or vLLM 0.33's RL routes + Atropos's /generate (docs/vllm.md)",
+    )
+    serve.add_argument(
+        "--weight-transfer-config",
+        default=None,
+        metavar="JSON",
+        help='--protocol vllm: enable the weight-transfer routes, \'{"backend": "nccl"|"gloo"}\' (gloo: CPU)',
+    )
     serve.add_argument("--served-model-name", default=None, help="model name in /v1 (default: --model)")
     serve.add_argument("--max-batch", type=int, default=16, help="most samples decoded together (default 16)")
     serve.add_argument("--seed", type=int, default=0, help="seed for sampling without sampling_seed")

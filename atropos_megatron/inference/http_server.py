@@ -84,16 +84,25 @@ def create_app(
     api_key: str | None = None,
     admin_api_key: str | None = None,
     sglang_version: str = "0.5.23",
+    protocol: str = "sglang",
+    weight_transfer_backend: str | None = None,
 ) -> FastAPI:
-    """The app for ``engine``; ``sglang_version`` picks the protocol generation (sessions from 0.5.21)."""
+    """The app for ``engine``; ``sglang_version`` picks the protocol generation (sessions from 0.5.21).
+
+    ``protocol="vllm"``: /generate, pause and weight routes are vLLM's instead (``vllm_http``)."""
     version = parse_version(sglang_version)
+    vllm = protocol == "vllm"
     updater = WeightUpdater(engine, sessions_required=version >= SESSION_VERSION)
     lora = LoraService(engine)
+    from atropos_megatron.inference.vllm_weights import VllmWeightTransfer
+
+    transfer = VllmWeightTransfer(engine, weight_transfer_backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         updater.close()  # leave no weight-sync group behind
+        transfer.close()
         lora.close()  # an unload still waiting for its requests gives up
 
     app = FastAPI(title="atropos-megatron reference SGLang server", version=sglang_version, lifespan=lifespan)
@@ -194,8 +203,13 @@ def create_app(
             }
         )
 
+    if vllm:
+        from atropos_megatron.inference import vllm_http
+
+        vllm_http.register(app, engine, route, json_response, run_samples, transfer)
+
     # ----- generation
-    @route("/generate")
+    @route("/generate") if not vllm else (lambda handler: handler)
     async def generate(request: Request) -> Response:
         start = time.monotonic()
         try:
@@ -243,6 +257,9 @@ def create_app(
         (samples,) = await run_samples([chat])
         model = body.get("model") or engine.options.served_model_name
         return json_response(openai_api.chat_json(model, chat, samples, engine))
+
+    if vllm:  # the routes below are SGLang's only
+        return app
 
     # ----- generation control
     @route("/pause_generation", admin=True)
@@ -380,8 +397,9 @@ def serve(args: Any) -> int:
         max_batch=args.max_batch,
         seed=args.seed,
         # Read once here, at the entry point, as SGLang reads it at start-up.
-        return_original_logprob=os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "0").lower()
-        in ("1", "true"),
+        # vLLM's default logprobs_mode is raw_logprobs (unscaled): the same switch.
+        return_original_logprob=getattr(args, "protocol", "sglang") == "vllm"
+        or os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "0").lower() in ("1", "true"),
         lora=lora,
     )
     try:
@@ -389,9 +407,18 @@ def serve(args: Any) -> int:
     except LoraOptionsError as exc:  # a --lora-target-modules the model does not have
         logger.error("serve: %s", exc)
         return 2
+    protocol = getattr(args, "protocol", "sglang")
+    try:
+        from atropos_megatron.inference.vllm_weights import parse_weight_transfer_config
+
+        backend = parse_weight_transfer_config(getattr(args, "weight_transfer_config", None))
+    except ValueError as exc:
+        logger.error("serve: %s", exc)
+        return 2
     app = create_app(
-        engine, api_key=args.api_key, admin_api_key=args.admin_api_key, sglang_version=args.sglang_version
-    )
+        engine, api_key=args.api_key, admin_api_key=args.admin_api_key, sglang_version=args.sglang_version,
+        protocol=protocol, weight_transfer_backend=backend,
+    )  # fmt: skip
     logger.info(
         "reference SGLang server (protocol %s, not for production) on http://%s:%d", args.sglang_version,
         args.host, args.port,

@@ -1,0 +1,127 @@
+"""The vLLM-protocol routes of ``serve --protocol vllm``: Atropos's ``/generate`` and vLLM 0.33's RL
+routes (``entrypoints/rl/online/api_router.py``); registered by ``http_server.create_app``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from atropos_megatron.inference import vllm_api
+from atropos_megatron.inference.engine import Engine
+from atropos_megatron.inference.native_api import RequestError
+from atropos_megatron.inference.vllm_weights import VllmWeightTransfer
+
+PAUSE_MODES = {"abort": "abort", "keep": "in_place"}  # vLLM mode -> engine mode ("wait": see pause)
+
+
+def register(app: FastAPI, engine: Engine, route: Callable, json_response: Callable, run_samples: Callable,
+             transfer: VllmWeightTransfer) -> None:  # fmt: skip
+    def bad_request(message: str) -> Response:  # FastAPI validation errors, as vLLM's handler shapes them
+        return json_response(vllm_api.error_json(message, 400, "Bad Request"), 400)
+
+    def failed(exc: BaseException) -> Response:
+        return json_response(vllm_api.error_json(str(exc), 500), 500)
+
+    async def body_field(request: Request, name: str, required: bool = True) -> Any:
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw else {}
+        except json.JSONDecodeError as exc:
+            raise RequestError(f"JSON decode error: {exc}") from exc
+        if not isinstance(body, dict) or (required and name not in body):
+            raise RequestError(f"1 validation error:\n  {{'type': 'missing', 'loc': ('body', '{name}')}}")
+        return body.get(name)
+
+    @route("/generate")
+    async def generate(request: Request) -> Response:
+        try:
+            raw = await request.body()
+            parsed, logprobs = vllm_api.parse_generate(json.loads(raw) if raw else None, engine)
+        except (RequestError, json.JSONDecodeError) as exc:
+            return json_response(vllm_api.error_json(str(exc)), 400)
+        (samples,) = await run_samples([parsed])
+        return json_response(vllm_api.generate_json(parsed, samples, logprobs, engine))
+
+    @route("/pause", admin=True)
+    async def pause(request: Request) -> Response:
+        mode = request.query_params.get("mode", "abort")
+        if mode not in ("abort", "wait", "keep"):
+            return bad_request("1 validation error:\n  query.mode: Input should be 'abort', 'wait' or 'keep'")
+        if mode == "wait":  # let running requests finish, then freeze
+            await asyncio.to_thread(engine.run_quiescent, lambda: engine.pause("in_place"))
+        else:
+            await asyncio.to_thread(engine.pause, PAUSE_MODES[mode])
+        return json_response({"status": "paused"})
+
+    @route("/resume", admin=True)
+    async def resume(request: Request) -> Response:
+        engine.resume()
+        return json_response({"status": "resumed"})
+
+    @route("/is_paused", methods=("GET",), admin=True)
+    async def is_paused(request: Request) -> Response:
+        return json_response({"is_paused": engine.paused})
+
+    @route("/get_world_size", methods=("GET",), admin=True)
+    async def get_world_size(request: Request) -> Response:
+        return json_response({"world_size": 1})  # TP * PP (* DP) = 1
+
+    @route("/weight_info", methods=("GET",), admin=True)
+    async def weight_info(request: Request) -> Response:
+        return json_response({"weight_version": engine.weight_version})
+
+    @route("/update_weight_version", admin=True)
+    async def update_weight_version(request: Request) -> Response:
+        try:
+            version = await body_field(request, "new_version")
+            if not isinstance(version, str):
+                raise RequestError("1 validation error:\n  body.new_version: Input should be a valid string")
+        except RequestError as exc:
+            return bad_request(str(exc))
+        engine.set_weight_version(version)
+        return json_response({"success": True, "new_version": version})
+
+    def transfer_route(path: str, field_name: str | None, call: Callable[[Any], Any], message: str,
+                       required: bool = True) -> None:  # fmt: skip
+        async def run(request: Request) -> Response:
+            try:
+                value = await body_field(request, field_name, required) if field_name else None
+                if field_name and required and not isinstance(value, dict):
+                    raise RequestError(
+                        f"1 validation error:\n  body.{field_name}: Input should be a valid dictionary"
+                    )
+            except RequestError as exc:
+                return bad_request(str(exc))
+            ticket = engine.take_ticket()
+
+            def ordered() -> None:
+                with engine.ordered(ticket):
+                    call(value)
+
+            try:
+                await asyncio.to_thread(ordered)
+            except Exception as exc:  # the worker's error, as vLLM's utility call re-raises it
+                return failed(exc)
+            return json_response({"message": message})
+
+        run.__name__ = path.strip("/")
+        route(path, admin=True)(run)
+
+    def finish(version: Any) -> None:
+        transfer.finish()
+        if version is not None:
+            engine.set_weight_version(str(version))
+
+    transfer_route("/init_weight_transfer_engine", "init_info", transfer.init, "Weight transfer initialized")
+    transfer_route("/start_weight_update", None, lambda _: transfer.start(), "Weight update started")
+    transfer_route("/update_weights", "update_info", transfer.update, "Weights updated")
+    transfer_route(
+        "/finish_weight_update", "weight_version", finish, "Weight update finished", required=False
+    )
+    transfer_route("/shutdown_weight_transfer_engine", None, lambda _: transfer.shutdown(),
+                   "Weight transfer shut down")  # fmt: skip
