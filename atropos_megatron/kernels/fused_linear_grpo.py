@@ -52,7 +52,7 @@ import torch.distributed as dist
 from atropos_megatron.algo.grpo import grpo_token_loss
 from atropos_megatron.config import GRPOConfig
 from atropos_megatron.kernels.backends import backend_ops, resolve_backend
-from atropos_megatron.kernels.logprobs import VocabShard
+from atropos_megatron.kernels.logprobs import VocabShard, fused_token_logprobs
 from atropos_megatron.kernels.token_stats import (
     EMPTY_MAX,
     VocabShardStats,
@@ -297,3 +297,40 @@ class _Run:
         out = torch.zeros(self.token_shape.numel(), dtype=values.dtype, device=values.device)
         out[self.rows] = values
         return out.view(self.token_shape)
+
+
+@torch.no_grad()
+def fused_linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    shard: VocabShard | None = None,
+    backend: str = "auto",
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Log-probs of ``labels`` under ``logits = hidden @ weight^T`` (``[B, T]``, fp32), a chunk of tokens
+    at a time: the forward-only passes' (old and reference log-probs) counterpart of
+    :func:`fused_linear_grpo_loss`, so that no pass of a step materialises ``[T, V/TP]`` logits.
+
+    Each chunk's logits go through ``kernels.logprobs.fused_token_logprobs`` (vocab-parallel under
+    ``shard``: ``[chunk]`` statistics cross the TP group, per chunk).
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    temperatures = torch.as_tensor(temperature, dtype=torch.float32, device=hidden.device)
+    flat_temperature = temperatures.expand(labels.shape).reshape(-1) if temperatures.dim() else temperatures
+    chunk = chunk_tokens or default_chunk_tokens(flat_labels.numel(), hidden.shape[-1], weight.shape[0])
+    out = torch.empty(flat_labels.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, flat_labels.numel(), chunk):
+        end = min(start + chunk, flat_labels.numel())
+        logits = flat_hidden[start:end] @ weight.t()
+        chunk_temperature = flat_temperature[start:end] if flat_temperature.dim() else flat_temperature
+        out[start:end], _ = fused_token_logprobs(
+            logits, flat_labels[start:end], temperature=chunk_temperature, shard=shard, backend=backend
+        )
+        del logits
+    return out.view(labels.shape)

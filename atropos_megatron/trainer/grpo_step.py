@@ -36,28 +36,58 @@ SUMMED_METRICS = ("grpo/pg_loss", "grpo/loss")
 
 def vocab_shard(logits: torch.Tensor, vocab_size: int) -> VocabShard:
     """This rank's slice of the vocabulary for Megatron's vocab-parallel output layer."""
-    layout = parallel.current_layout()
-    group = parallel.tensor_parallel_group() if layout.tp > 1 else None
-    return VocabShard.of_tp_rank(logits.shape[-1], vocab_size, group)
+    return _local_vocab_shard(logits.shape[-1], vocab_size)
+
+
+def weight_shard(weight: torch.Tensor, vocab_size: int) -> VocabShard:
+    """The same slice for the output layer's weight shard ``[V/TP, H]`` (``grpo.fused_linear``)."""
+    return _local_vocab_shard(weight.shape[0], vocab_size)
+
+
+def _local_vocab_shard(local_vocab: int, vocab_size: int) -> VocabShard:
+    group = parallel.tensor_parallel_group() if parallel.current_layout().tp > 1 else None
+    return VocabShard.of_tp_rank(local_vocab, vocab_size, group)
 
 
 @torch.no_grad()
 def token_logprobs_pass(
-    chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], *, vocab_size: int, kernel: str
+    chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[MicroBatch],
+    *,
+    vocab_size: int,
+    kernel: str,
+    fused_linear: bool = False,
 ) -> list[torch.Tensor] | None:
-    """Log-probs ``[b, s]`` of every micro-batch's labels under ``chunks`` (last stage; None elsewhere)."""
+    """Log-probs ``[b, s]`` of every micro-batch's labels under ``chunks`` (last stage; None elsewhere).
 
-    def loss_fn(batch: MicroBatch, logits: torch.Tensor):
-        logprobs, _ = fused_token_logprobs(
-            logits,
-            batch["labels"],
-            temperature=batch["temperature"],
-            shard=vocab_shard(logits, vocab_size),
-            backend=kernel,
-        )
-        return logits.new_zeros(()), {"logprobs": logprobs}
+    ``fused_linear``: from the hidden states and the output weight a chunk of tokens at a time
+    (``grpo.fused_linear``), so that no ``[tokens, vocab/TP]`` logits exist.
+    """
+    from atropos_megatron.kernels.fused_linear_grpo import fused_linear_token_logprobs
 
-    with eval_mode(chunks):  # no dropout (LoRA's) in log-probs that stand for a policy
+    hidden_out = output_hidden_states(chunks) if fused_linear else contextlib.nullcontext()
+    with eval_mode(chunks), hidden_out as weight:  # eval: no (LoRA) dropout in a policy's log-probs
+
+        def loss_fn(batch: MicroBatch, output: torch.Tensor):
+            if fused_linear:
+                logprobs = fused_linear_token_logprobs(
+                    output,
+                    weight,
+                    batch["labels"],
+                    temperature=batch["temperature"],
+                    shard=weight_shard(weight, vocab_size),
+                    backend=kernel,
+                )
+            else:
+                logprobs, _ = fused_token_logprobs(
+                    output,
+                    batch["labels"],
+                    temperature=batch["temperature"],
+                    shard=vocab_shard(output, vocab_size),
+                    backend=kernel,
+                )
+            return output.new_zeros(()), {"logprobs": logprobs}
+
         results = forward_backward(chunks, micro_batches, loss_fn=loss_fn, forward_only=True)
     if not parallel.current_layout().is_last_stage:
         return None
@@ -91,6 +121,8 @@ def grpo_loss_pass(
     """
     require_planned_for(micro_batches, cfg)
     scale = len(micro_batches) * parallel.current_layout().dp
+    if cfg.fused_linear:
+        return _fused_linear_loss_pass(chunks, micro_batches, cfg=cfg, vocab_size=vocab_size, scale=scale)
 
     def loss_fn(batch: MicroBatch, logits: torch.Tensor):
         loss, metrics = fused_grpo_loss(
@@ -113,6 +145,79 @@ def grpo_loss_pass(
         return loss * scale, metrics
 
     return forward_backward(chunks, micro_batches, loss_fn=loss_fn)
+
+
+def _fused_linear_loss_pass(chunks, micro_batches, *, cfg: GRPOConfig, vocab_size: int, scale: int):
+    """The loss pass of :func:`grpo_loss_pass` from hidden states and the output weight (``fused_linear``)."""
+    from atropos_megatron.kernels.fused_linear_grpo import fused_linear_grpo_loss
+
+    with output_hidden_states(chunks) as weight:
+
+        def loss_fn(batch: MicroBatch, hidden: torch.Tensor):
+            loss, metrics = fused_linear_grpo_loss(
+                hidden,
+                weight,
+                batch["labels"],
+                batch["old_logprobs"],
+                batch["advantages"],
+                batch["loss_mask"],
+                batch["weights"],
+                cfg=cfg,
+                ref_logprobs=batch.get("ref_logprobs"),
+                inference_logprobs=batch.get("inference_logprobs"),
+                temperature=batch["temperature"],
+                shard=weight_shard(weight, vocab_size),
+            )
+            metrics = {name: float(value) for name, value in metrics.items()}
+            metrics["grpo/loss"] = float(loss)
+            metrics["tokens"] = batch["trained_tokens"]
+            return loss * scale, metrics
+
+        return forward_backward(chunks, micro_batches, loss_fn=loss_fn)
+
+
+@contextlib.contextmanager
+def output_hidden_states(chunks: Sequence[torch.nn.Module]) -> Iterator[torch.Tensor | None]:
+    """Inside, the last pipeline stage's model returns its final hidden states ``[b, s, H]`` instead of
+    logits; yields the weight its output layer would have used (``[V/TP, H]``; the embedding when
+    tied), None on other stages.
+
+    The output layer's forward is replaced (its parameters, names and checkpoints are untouched) by
+    what it does to its input before the matmul: under TP, the identity whose backward all-reduces
+    the input's gradient (each rank's loss sees only its vocabulary shard), or under sequence
+    parallelism the all-gather whose backward reduce-scatters it.
+    """
+    from megatron.core import tensor_parallel
+
+    from atropos_megatron.weights.export import unwrap_chunk
+
+    patched, weight = [], None
+    for chunk in chunks:
+        model = unwrap_chunk(chunk)
+        if not getattr(model, "post_process", False):
+            continue
+        layer = model.output_layer
+        tied = model.share_embeddings_and_output_weights
+        weight = model.shared_embedding_or_output_weight() if tied else layer.weight
+        if getattr(model.config, "mtp_num_layers", None):
+            raise ValueError("grpo.fused_linear does not support multi-token prediction layers")
+
+        def hidden_out(hidden, weight=None, runtime_gather_output=None, *, _layer=layer):
+            if _layer.sequence_parallel:
+                hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                    hidden, tensor_parallel_output_grad=True, group=_layer.tp_group
+                )
+            else:
+                hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=_layer.tp_group)
+            return hidden, None
+
+        layer.forward = hidden_out  # an instance attribute: nn.Module calls it instead of the class's
+        patched.append(layer)
+    try:
+        yield weight
+    finally:
+        for layer in patched:
+            del layer.forward
 
 
 def require_planned_for(micro_batches: Sequence[MicroBatch], cfg: GRPOConfig) -> None:

@@ -129,6 +129,12 @@ class Trainer:
         # LoRA: adapters on the loaded base, before DDP (it buckets only what needs gradients), so the
         # optimizer holds only adapters; the reference is the base itself with the adapters off.
         self.lora = self._install_lora(chunks)
+        if cfg.grpo.fused_linear:
+            self._log(
+                "loss and log-probs from hidden states in token chunks (grpo.fused_linear): no [T, V] logits"
+            )
+        else:
+            self._log("loss and log-probs from whole [T, V/TP] logits (grpo.fused_linear: false)")
         needs_copy = cfg.grpo.kl_coef > 0 and not self.lora
         self.reference = self._build_reference(chunks) if needs_copy else None
         self.state = build_train_state(
@@ -269,6 +275,7 @@ class Trainer:
                 micro_batches,
                 vocab_size=self.model.vocab_size,
                 kernel=self.cfg.grpo.kernel,
+                fused_linear=self.cfg.grpo.fused_linear,
             )
         else:
             logprobs = [mb["inference_logprobs"] for mb in micro_batches]
@@ -304,6 +311,7 @@ class Trainer:
                     micro_batches,
                     vocab_size=self.model.vocab_size,
                     kernel=self.cfg.grpo.kernel,
+                    fused_linear=self.cfg.grpo.fused_linear,
                 )
         offload = self.cfg.grpo.reference_offload and torch.cuda.is_available()
         if offload:
@@ -311,7 +319,11 @@ class Trainer:
                 chunk.to(torch.cuda.current_device())
         try:
             return token_logprobs_pass(
-                self.reference, micro_batches, vocab_size=self.model.vocab_size, kernel=self.cfg.grpo.kernel
+                self.reference,
+                micro_batches,
+                vocab_size=self.model.vocab_size,
+                kernel=self.cfg.grpo.kernel,
+                fused_linear=self.cfg.grpo.fused_linear,
             )
         finally:
             if offload:

@@ -399,6 +399,16 @@ def in_flight_chunk_passes(layout: ParallelConfig, pp_rank: int, num_micro_batch
     return min(2 * (pp - pp_rank - 1) + (vpp - 1) * pp + 1, num_micro_batches * vpp)
 
 
+def logits_tokens(cfg: TrainConfig, tokens: int, hidden: int, local_vocab: int) -> int:
+    """Tokens whose logits exist at once on the last stage: the micro-batch's, or with
+    ``grpo.fused_linear`` one chunk's (the fused op's own chunk size)."""
+    if not cfg.grpo.fused_linear:
+        return tokens
+    from atropos_megatron.kernels.fused_linear_grpo import default_chunk_tokens
+
+    return min(tokens, default_chunk_tokens(tokens, hidden, local_vocab))
+
+
 def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool = False) -> MemoryEstimate:
     """Estimated peak memory per GPU, per pipeline rank, for training ``cfg`` on ``world_size`` GPUs.
 
@@ -420,7 +430,9 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
       (Megatron's ``mpu`` matmul buffer in ``d`` bytes and the fp32 softmax input): ``(a/tp)*T*s*(d+4)``.
       The last stage adds the final-norm and output-layer inputs (``2*T*h*d``).
     - logits ``[T, V/tp]`` on the last stage: the model-dtype output plus one fp32 copy, into which
-      the fused GRPO loss writes its gradient in place (one fp32 tensor for fp32 models).
+      the fused GRPO loss writes its gradient in place (one fp32 tensor for fp32 models). With
+      ``grpo.fused_linear`` only one chunk of tokens' logits exists at a time
+      (``kernels.fused_linear_grpo.default_chunk_tokens``), with the same two buffers per chunk.
     - :data:`CUDA_OVERHEAD_BYTES` per GPU.
 
     Forward-only passes (old and reference log-probs) keep no activations and need less than this. The
@@ -476,7 +488,11 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
         if pp_rank == pp - 1:
             sp = tp if layout.sequence_parallel else 1
             activations += 2 * tokens * model.hidden_size * d // sp
-            logits = tokens * vocab_shard * (4 + (d if d < 4 else 0))
+            logits = (
+                logits_tokens(cfg, tokens, model.hidden_size, vocab_shard)
+                * vocab_shard
+                * (4 + (d if d < 4 else 0))
+            )
         stages.append(
             StageMemory(
                 pp_rank=pp_rank,

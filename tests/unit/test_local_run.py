@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from atropos_megatron.config import load_config
 from atropos_megatron.demo.local import RunSpec, _group_size_flag, environment_command, merge_flags
 from atropos_megatron.demo.run_env import split_env_flags
 
@@ -40,17 +41,18 @@ def test_group_size_flag_reads_the_last_one_given():
 
 
 def test_environment_command_connects_the_script_and_passes_the_users_flags_last(tmp_path):
-    from types import SimpleNamespace
-
     spec = RunSpec(
         env_script=tmp_path / "my_env.py",
         config_path=tmp_path / "c.yaml",
         env_flags=["--env.group_size", "4", "--openai.health_check", "true"],
     )
-    urls = {"api": "http://127.0.0.1:1", "inference": "http://127.0.0.1:2"}
-    command = environment_command(
-        spec, SimpleNamespace(steps=5), urls, urls["api"], tmp_path / "model", tmp_path / "tok"
-    )
+    urls = {
+        "api": "http://127.0.0.1:1",
+        "inference": "http://127.0.0.1:2",
+        "lora_proxy": "http://127.0.0.1:3",
+    }
+    cfg = load_config(None, ["steps=5"])
+    command = environment_command(spec, cfg, urls, urls["api"], tmp_path / "model", tmp_path / "tok")
     assert command[:5] == [
         sys.executable,
         "-m",
@@ -68,6 +70,10 @@ def test_environment_command_connects_the_script_and_passes_the_users_flags_last
     assert pairs["--env.total_steps"] == "110"
     assert flags[-4:] == ["--env.group_size", "4", "--openai.health_check", "true"]
     assert flags.count("--openai.health_check") == 1
+    # LoRA adapters synced as SGLang adapters: the environment generates through the bridge's proxy.
+    adapter = load_config(None, ["steps=5", "model.lora.rank=4", "weights.lora_sync=adapter"])
+    command = environment_command(spec, adapter, urls, urls["api"], tmp_path / "model", tmp_path / "tok")
+    assert command[command.index("--openai.base_url") + 1] == "http://127.0.0.1:3/v1"
 
 
 # ------------------------------------------------------------------------------------------------

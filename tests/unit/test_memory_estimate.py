@@ -137,7 +137,7 @@ def _small_run(world_size=2, **sections) -> tuple[TrainConfig, int]:
 
 
 def test_small_bf16_case_matches_the_hand_computed_bytes():
-    estimate = estimate_memory(*_small_run())
+    estimate = estimate_memory(*_small_run(grpo=GRPOConfig(fused_linear=False)))
     # Parameters, one layer: 2 RMSNorms (2 x 64) + QKV (3*64 x 64) + proj (64 x 64)
     # + fc1 (2*128 x 64) + fc2 (64 x 128) = 128 + 12288 + 4096 + 16384 + 8192 = 41088.
     # Model: 2 layers + embedding (128 x 64) + final norm (64) + output layer (128 x 64).
@@ -222,6 +222,14 @@ def test_reference_weights_only_with_a_kl_penalty():
     assert without.reference_bytes == 0
     assert with_kl.reference_bytes == with_kl.weights_bytes
     assert with_kl.total_bytes - without.total_bytes == with_kl.weights_bytes
+
+
+def test_the_fused_linear_loss_holds_one_chunk_of_logits():
+    whole = estimate_memory(*_small_run(grpo=GRPOConfig(fused_linear=False))).stages[0]
+    fused = estimate_memory(*_small_run()).stages[0]  # the default
+    # 256 tokens x hidden 64 / vocab 128 = a 128-token chunk: half the micro-batch's logits.
+    assert whole.logits_bytes == 256 * 128 * 6 and fused.logits_bytes == 128 * 128 * 6
+    assert fused.total_bytes == whole.total_bytes - 128 * 128 * 6
 
 
 def test_lora_trains_only_adapters_and_needs_no_reference_copy():
