@@ -305,12 +305,14 @@ class GRPOConfig:
     against the policy from before the first (PPO style); 1 is strictly on-policy."""
     kernel: str = "auto"
     """GRPO loss implementation: `triton` (fused), `torch` (chunked reference) or `auto`."""
-    fused_linear: bool = True
-    """Compute every pass's log-probs and the loss from the last hidden states and the output layer's
-    weight, a chunk of tokens at a time (`kernels/fused_linear_grpo.py`): the `[tokens, vocab/TP]`
-    logits and their gradient never exist. At 4k tokens x 32k vocabulary: 1/26 of the loss's working
-    memory for about the same time on CPU (the logits are computed twice). false: the output layer
-    computes whole logits, as Megatron does."""
+    fused_linear: str = "auto"
+    """`always`: every pass's log-probs and the loss come from the last hidden states and the output
+    layer's weight, a chunk of tokens at a time (`kernels/fused_linear_grpo.py`), so the `[tokens,
+    vocab/TP]` logits and their gradient never exist; it computes the loss pass's logits twice, which
+    costs time where the output layer is a large share of the model (small models, small
+    vocabularies). `never`: whole logits, as Megatron computes them. `auto`: `always` when a
+    micro-batch's fp32 logits would exceed 256 MiB (e.g. 16k tokens x 152k vocabulary / TP 4: 2.3 GiB),
+    else `never`; the trainer logs which."""
     env_ref_logprobs: bool = False
     """Use the `ref_logprobs` an environment sends instead of the reference model's, for the groups
     that carry them (the others are still computed). Only when the env's reference is the run's."""
@@ -346,6 +348,7 @@ class GRPOConfig:
         _require(self.importance_cap >= 1, "grpo.importance_cap", "must be >= 1")
         _require(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
         _require_choice(self.kernel, "grpo.kernel", ("auto", "triton", "torch"))
+        _require_choice(self.fused_linear, "grpo.fused_linear", FUSED_LINEAR_MODES)
 
 
 @dataclass(kw_only=True)
@@ -517,6 +520,7 @@ class BridgeConfig:
 WEIGHT_TRANSPORTS = ("grpc", "distributed", "disk")
 PAUSE_MODES = ("abort", "retract", "in_place")
 LORA_SYNCS = ("merged", "adapter")
+FUSED_LINEAR_MODES = ("auto", "always", "never")
 
 
 @dataclass(kw_only=True)

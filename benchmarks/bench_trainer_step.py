@@ -125,6 +125,7 @@ def trainer_config(args, hf_dir: Path, run_dir: Path):
             f"optimizer.lr={args.lr}", "optimizer.clip_grad=1.0", "grpo.clip_low=0.2", "grpo.clip_high=0.2",
             f"data.max_token_len={args.prompt_len + args.completion_len}",
             f"data.micro_batch_tokens={args.micro_batch_tokens}", f"grpo.kernel={args.kernel}",
+            f"grpo.fused_linear={args.fused_linear}",
         ],
     )  # fmt: skip
 
@@ -151,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--completion-len", type=int, default=192)
     parser.add_argument("--micro-batch-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--fused-linear", choices=("auto", "always", "never"), default="auto",
+        help="grpo.fused_linear for the trainer (always: loss and log-probs from hidden states in chunks)",
+    )  # fmt: skip
     parser.add_argument("--kernel", default="auto", help="grpo.kernel for the trainer (auto, triton, torch)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")

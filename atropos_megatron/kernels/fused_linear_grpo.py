@@ -67,6 +67,19 @@ MIN_CHUNK_TOKENS = 16
 MAX_CHUNK_TOKENS = 1024
 
 
+AUTO_LOGITS_BYTES = 256 * 2**20
+"""``grpo.fused_linear: auto`` fuses when a micro-batch's fp32 logits would be larger than this."""
+
+
+def use_fused_linear(mode: str, tokens: int, local_vocab: int) -> bool:
+    """Whether ``grpo.fused_linear`` (``always``, ``never`` or ``auto``) fuses for micro-batches of
+    ``tokens`` tokens over ``local_vocab`` vocabulary rows (``auto``: their fp32 logits exceed
+    :data:`AUTO_LOGITS_BYTES`, where the memory matters more than the recomputed logits' time)."""
+    if mode == "auto":
+        return tokens * local_vocab * 4 > AUTO_LOGITS_BYTES
+    return mode == "always"
+
+
 def default_chunk_tokens(num_tokens: int, hidden: int, local_vocab: int) -> int:
     """Tokens per chunk such that a chunk's logits are about as large as ``h`` itself (``c * V ~ N * H``),
     as a power of two in ``[MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS]``: the extra memory then scales like the

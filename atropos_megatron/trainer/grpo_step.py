@@ -113,15 +113,18 @@ def grpo_loss_pass(
     *,
     cfg: GRPOConfig,
     vocab_size: int,
+    fused_linear: bool = False,
 ) -> list[dict[str, Any]]:
     """Forward and backward of the GRPO loss; gradients accumulate in the DDP buffers.
+
+    ``fused_linear``: from the hidden states and the output weight, a chunk of tokens at a time.
 
     Each micro-batch must carry ``old_logprobs`` (and ``ref_logprobs`` when ``cfg.kl_coef > 0``) on
     the last stage. Returns each micro-batch's metrics there (``[]`` elsewhere).
     """
     require_planned_for(micro_batches, cfg)
     scale = len(micro_batches) * parallel.current_layout().dp
-    if cfg.fused_linear:
+    if fused_linear:
         return _fused_linear_loss_pass(chunks, micro_batches, cfg=cfg, vocab_size=vocab_size, scale=scale)
 
     def loss_fn(batch: MicroBatch, logits: torch.Tensor):

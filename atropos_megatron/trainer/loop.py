@@ -129,12 +129,7 @@ class Trainer:
         # LoRA: adapters on the loaded base, before DDP (it buckets only what needs gradients), so the
         # optimizer holds only adapters; the reference is the base itself with the adapters off.
         self.lora = self._install_lora(chunks)
-        if cfg.grpo.fused_linear:
-            self._log(
-                "loss and log-probs from hidden states in token chunks (grpo.fused_linear): no [T, V] logits"
-            )
-        else:
-            self._log("loss and log-probs from whole [T, V/TP] logits (grpo.fused_linear: false)")
+        self.fused_linear = self._choose_fused_linear()
         needs_copy = cfg.grpo.kl_coef > 0 and not self.lora
         self.reference = self._build_reference(chunks) if needs_copy else None
         self.state = build_train_state(
@@ -177,6 +172,21 @@ class Trainer:
                 tp_rank=self.layout.tp_rank,
                 tp_size=self.layout.tp,
             )
+
+    def _choose_fused_linear(self) -> bool:
+        """``grpo.fused_linear`` for this run's micro-batches, said once in the log."""
+        from atropos_megatron.kernels.fused_linear_grpo import use_fused_linear
+
+        mode, tokens = self.cfg.grpo.fused_linear, self.cfg.data.micro_batch_tokens
+        local_vocab = self.padded_vocab // self.layout.tp
+        fused = use_fused_linear(mode, tokens, local_vocab)
+        logits_mib = tokens * local_vocab * 4 / 2**20
+        how = "from hidden states in token chunks" if fused else "from whole logits"
+        self._log(
+            f"loss and log-probs {how} (grpo.fused_linear: {mode}; a micro-batch's fp32 logits: "
+            f"{logits_mib:,.0f} MiB)"
+        )
+        return fused
 
     def _install_lora(self, chunks: list[torch.nn.Module]) -> bool:
         """Install ``model.lora``'s adapters and freeze the base; whether LoRA is on."""
@@ -243,7 +253,13 @@ class Trainer:
         per_micro_batch: list[dict[str, Any]] = []
         for update, plan in enumerate(plans):
             zero_grads(self.state)
-            records = grpo_loss_pass(self.state.chunks, plan, cfg=cfg.grpo, vocab_size=self.model.vocab_size)
+            records = grpo_loss_pass(
+                self.state.chunks,
+                plan,
+                cfg=cfg.grpo,
+                vocab_size=self.model.vocab_size,
+                fused_linear=self.fused_linear,
+            )
             if use_inference and update > 0:
                 # rollout/* then compares the engine with this pass's policy, which has moved since
                 # sampling after the first update: only the first mini-batch measures the engine.
@@ -275,7 +291,7 @@ class Trainer:
                 micro_batches,
                 vocab_size=self.model.vocab_size,
                 kernel=self.cfg.grpo.kernel,
-                fused_linear=self.cfg.grpo.fused_linear,
+                fused_linear=self.fused_linear,
             )
         else:
             logprobs = [mb["inference_logprobs"] for mb in micro_batches]
@@ -311,7 +327,7 @@ class Trainer:
                     micro_batches,
                     vocab_size=self.model.vocab_size,
                     kernel=self.cfg.grpo.kernel,
-                    fused_linear=self.cfg.grpo.fused_linear,
+                    fused_linear=self.fused_linear,
                 )
         offload = self.cfg.grpo.reference_offload and torch.cuda.is_available()
         if offload:
@@ -323,7 +339,7 @@ class Trainer:
                 micro_batches,
                 vocab_size=self.model.vocab_size,
                 kernel=self.cfg.grpo.kernel,
-                fused_linear=self.cfg.grpo.fused_linear,
+                fused_linear=self.fused_linear,
             )
         finally:
             if offload:

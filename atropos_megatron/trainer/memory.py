@@ -401,11 +401,11 @@ def in_flight_chunk_passes(layout: ParallelConfig, pp_rank: int, num_micro_batch
 
 def logits_tokens(cfg: TrainConfig, tokens: int, hidden: int, local_vocab: int) -> int:
     """Tokens whose logits exist at once on the last stage: the micro-batch's, or with
-    ``grpo.fused_linear`` one chunk's (the fused op's own chunk size)."""
-    if not cfg.grpo.fused_linear:
-        return tokens
-    from atropos_megatron.kernels.fused_linear_grpo import default_chunk_tokens
+    ``grpo.fused_linear`` (as it decides for these tokens) one chunk's (the fused op's chunk size)."""
+    from atropos_megatron.kernels.fused_linear_grpo import default_chunk_tokens, use_fused_linear
 
+    if not use_fused_linear(cfg.grpo.fused_linear, tokens, local_vocab):
+        return tokens
     return min(tokens, default_chunk_tokens(tokens, hidden, local_vocab))
 
 

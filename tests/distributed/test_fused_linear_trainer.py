@@ -30,7 +30,7 @@ from tests.hf_models import save_tiny_checkpoint
 
 pytestmark = pytest.mark.distributed
 
-FUSED = ["grpo.fused_linear=true"]
+FUSED = ["grpo.fused_linear=always"]
 LAYOUTS = {
     "tp2": ["parallel.tensor_parallel_size=2"],
     "tp2+sp": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
@@ -39,7 +39,7 @@ LAYOUTS = {
 
 
 def _reference_body(rank, world_size, hf_dir, tmp):
-    logits_path, metrics = _train(_config(hf_dir, f"{tmp}/logits", []), range(STEPS))
+    logits_path, metrics = _train(_config(hf_dir, f"{tmp}/logits", ["grpo.fused_linear=never"]), range(STEPS))
     fused, fused_metrics = _train(_config(hf_dir, f"{tmp}/fused", FUSED), range(STEPS))
     return (_losses(metrics), _hf_weights(logits_path)), (_losses(fused_metrics), _hf_weights(fused))
 

@@ -137,7 +137,7 @@ def _small_run(world_size=2, **sections) -> tuple[TrainConfig, int]:
 
 
 def test_small_bf16_case_matches_the_hand_computed_bytes():
-    estimate = estimate_memory(*_small_run(grpo=GRPOConfig(fused_linear=False)))
+    estimate = estimate_memory(*_small_run(grpo=GRPOConfig(fused_linear="never")))
     # Parameters, one layer: 2 RMSNorms (2 x 64) + QKV (3*64 x 64) + proj (64 x 64)
     # + fc1 (2*128 x 64) + fc2 (64 x 128) = 128 + 12288 + 4096 + 16384 + 8192 = 41088.
     # Model: 2 layers + embedding (128 x 64) + final norm (64) + output layer (128 x 64).
@@ -225,11 +225,21 @@ def test_reference_weights_only_with_a_kl_penalty():
 
 
 def test_the_fused_linear_loss_holds_one_chunk_of_logits():
-    whole = estimate_memory(*_small_run(grpo=GRPOConfig(fused_linear=False))).stages[0]
-    fused = estimate_memory(*_small_run()).stages[0]  # the default
+    whole = estimate_memory(*_small_run(grpo=GRPOConfig(fused_linear="never"))).stages[0]
+    fused = estimate_memory(*_small_run(grpo=GRPOConfig(fused_linear="always"))).stages[0]
     # 256 tokens x hidden 64 / vocab 128 = a 128-token chunk: half the micro-batch's logits.
     assert whole.logits_bytes == 256 * 128 * 6 and fused.logits_bytes == 128 * 128 * 6
     assert fused.total_bytes == whole.total_bytes - 128 * 128 * 6
+    # auto: a micro-batch's fp32 logits here are 128 KiB, far below 256 MiB: whole logits.
+    assert estimate_memory(*_small_run()).stages[0].logits_bytes == whole.logits_bytes
+
+
+def test_auto_fuses_where_the_logits_are_large():
+    from atropos_megatron.kernels.fused_linear_grpo import use_fused_linear
+
+    assert use_fused_linear("auto", 16384, 152064 // 4)  # 2.3 GiB of fp32 logits
+    assert not use_fused_linear("auto", 2048, 8192)  # 64 MiB
+    assert use_fused_linear("always", 1, 1) and not use_fused_linear("never", 10**6, 10**6)
 
 
 def test_lora_trains_only_adapters_and_needs_no_reference_copy():
