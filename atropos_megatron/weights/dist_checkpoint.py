@@ -82,7 +82,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
             base = facts.get("base", {})
             raise NotADistCheckpointError(
                 f"{path} holds LoRA adapters only (trained on the base {base.get('path')}): resume it with "
-                "checkpoint.load, or make a full model with `convert mcore-to-hf --merge`"
+                "checkpoint.load, start new adapters from it with model.lora.adapter, or convert it "
+                "(`convert mcore-to-hf --merge` for a full model, `--adapter-only` for a PEFT adapter)"
             )
         raise NotADistCheckpointError(f"{path} holds no {_EMBEDDING_KEY} (not a GPT model checkpoint?)")
     embedding = tensors[_EMBEDDING_KEY]
