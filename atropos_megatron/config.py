@@ -194,6 +194,9 @@ class ModelConfig:
         return self.num_query_groups or self.num_attention_heads
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
 @dataclass(kw_only=True)
 class ParallelConfig:
     """How ranks are laid out. Data parallel size is derived: world / (TP x PP x CP)."""
@@ -214,8 +217,16 @@ class ParallelConfig:
     """Collective backend: `auto` (nccl with CUDA, gloo without), `nccl` or `gloo`."""
     timeout_s: float = 600.0
     """How long a collective may wait before the process group gives up (seconds)."""
+    recompute: str = "none"
+    """Activation recomputation (Megatron's): `none` saves every activation for backward; `selective`
+    recomputes core attention (the s^2 scores and probabilities, the bulk at long context); `full`
+    saves only the input of each group of `recompute_num_layers` layers and recomputes the rest."""
+    recompute_num_layers: int = 1
+    """With `full`: layers per recomputed group (Megatron's uniform method)."""
 
     def __post_init__(self) -> None:
+        _require_choice(self.recompute, "parallel.recompute", RECOMPUTE_MODES)
+        _require(self.recompute_num_layers >= 1, "parallel.recompute_num_layers", "must be >= 1")
         for name in (
             "tensor_parallel_size",
             "pipeline_parallel_size",

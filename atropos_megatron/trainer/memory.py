@@ -362,7 +362,9 @@ def layer_activation_bytes(
     if model.qk_layernorm:
         elements += (heads + groups) * tokens * head_dim
     elements += (4 if model.activation == "swiglu" else 2) * tokens * (f // tp)
-    score_bytes = 0 if fused_attention else heads * tokens * attention_length * (4 + d if d < 4 else 4)
+    # Selective recomputation reruns core attention in backward: its scores are never kept.
+    kept_scores = not (fused_attention or layout.recompute == "selective")
+    score_bytes = heads * tokens * attention_length * (4 + d if d < 4 else 4) if kept_scores else 0
     return elements * d + score_bytes
 
 
@@ -426,7 +428,9 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
       each layer (:func:`layer_activation_bytes`), times the passes
       in flight under the pipeline schedule (:func:`in_flight_chunk_passes`); the micro-batch count
       assumes every sequence is ``max_token_len`` long (the most micro-batches, the most in flight).
-      No activation recomputation. Unfused attention also needs one layer's transient score buffers
+      ``parallel.recompute``: ``selective`` keeps no attention scores (core attention is rerun in
+      backward); ``full`` keeps each group of ``recompute_num_layers`` layers' input per pass, plus one
+      group's activations while backward recomputes it. Unfused attention also needs one layer's transient score buffers
       (Megatron's ``mpu`` matmul buffer in ``d`` bytes and the fp32 softmax input): ``(a/tp)*T*s*(d+4)``.
       The last stage adds the final-norm and output-layer inputs (``2*T*h*d``).
     - logits ``[T, V/tp]`` on the last stage: the model-dtype output plus one fp32 copy, into which
@@ -478,12 +482,19 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
     )
     vocab_shard = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp) // tp
 
+    saved_per_chunk_pass, recomputed = layers_per_chunk * layer_bytes, 0
+    if layout.recompute == "full":
+        # Only each group's input is kept per pass; backward recomputes one group at a time.
+        group = min(layout.recompute_num_layers, layers_per_chunk)
+        sp = tp if layout.sequence_parallel else 1
+        saved_per_chunk_pass = math.ceil(layers_per_chunk / group) * tokens * model.hidden_size // sp * d
+        recomputed = group * layer_bytes
     stages, in_flight = [], []
     for pp_rank, (base_params, adapter_params) in enumerate(zip(params, adapters, strict=True)):
         rank_params = base_params + adapter_params
         trained = adapter_params if lora else rank_params
         passes = in_flight_chunk_passes(layout, pp_rank, num_micro_batches)
-        activations = passes * layers_per_chunk * layer_bytes + workspace
+        activations = passes * saved_per_chunk_pass + recomputed + workspace
         logits = 0
         if pp_rank == pp - 1:
             sp = tp if layout.sequence_parallel else 1

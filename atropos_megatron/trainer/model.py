@@ -104,6 +104,7 @@ def build_transformer_config(model: ModelConfig, layout: ParallelConfig, *, init
         context_parallel_size=layout.context_parallel_size,
         expert_model_parallel_size=layout.expert_parallel_size,
         sequence_parallel=layout.sequence_parallel,
+        **recompute_fields(layout),
         # On gloo, batched p2p matches messages by posting order and silently swaps activations and
         # gradients under the interleaved schedule; the unbatched path is correct everywhere.
         batch_p2p_comm=on_gpu,
@@ -134,6 +135,19 @@ def uses_te_spec(model: ModelConfig) -> bool:
     from atropos_megatron.trainer.megatron_patches import te_available
 
     return te_available() and not model.lora.enabled
+
+
+def recompute_fields(layout: ParallelConfig) -> dict:
+    """``TransformerConfig`` fields for ``parallel.recompute``."""
+    if layout.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if layout.recompute == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": layout.recompute_num_layers,
+        }
+    return {}
 
 
 def build_layer_spec(model: ModelConfig):

@@ -351,3 +351,17 @@ def test_the_spool_estimate_counts_every_batch_a_checkpoint_has_not_committed():
         cfg, checkpoint=dataclasses.replace(cfg.checkpoint, save_interval_steps=0)
     )
     assert "up to 53 batches" in spool_estimate(unbounded) and "all 50 steps" in spool_estimate(unbounded)
+
+
+def test_recompute_lowers_the_activation_estimate_as_documented():
+    none = estimate_memory(*_small_run()).stages[0]
+    selective = estimate_memory(*_small_run(parallel=ParallelConfig(recompute="selective"))).stages[0]
+    full = estimate_memory(*_small_run(parallel=ParallelConfig(recompute="full"))).stages[0]
+    scores = 131072 * 6  # one layer's heads*T*s scores at 4 + 2 bytes (see the hand-computed case)
+    assert none.activations_bytes - selective.activations_bytes == 2 * scores  # two layers keep none
+    # full, groups of 1 layer: each layer's input (T*h bf16) per pass + one layer recomputed at a time
+    per_layer = 262144 * 2 + 131072 * 6
+    workspace, head = 131072 * (2 + 4), 2 * 256 * 64 * 2
+    assert full.activations_bytes == 2 * 256 * 64 * 2 + per_layer + workspace + head
+    # With two layers, holding one recomputed layer whole (scores included) costs more than selective.
+    assert selective.activations_bytes < full.activations_bytes < none.activations_bytes
