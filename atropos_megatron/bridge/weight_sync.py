@@ -390,54 +390,35 @@ class WeightPush:
     # -- buckets --------------------------------------------------------------------------------
 
     def apply_tensor_bucket(self, bucket) -> None:
-        """``grpc`` transport: ``bucket`` is a complete ``tensor_payload.SharedBucket``."""
-        if self.header.lora is not None:
-            self._load_adapter_from_tensors(bucket)
-            return
+        """``grpc`` transport: ``bucket`` is a complete ``tensor_payload.SharedBucket``; with a LoRA
+        header it is the whole adapter (one bucket per adapter push: ``service._feed_push`` checks)."""
+        lora = self.header.lora
+
+        def payloads(server: ServerState) -> list[str]:
+            return [bucket.payload() for _ in range(server.info.tp_size)]
 
         def update(server: ServerState) -> None:
-            self._retrying(
-                server,
-                "update_weights_from_tensor",
-                lambda: server.client.update_weights_from_tensor(
-                    [bucket.payload() for _ in range(server.info.tp_size)], load_format=FLATTENED_BUCKET
-                ),
-            )
+            client = server.client
+            if lora is None:
+                self._retrying(
+                    server,
+                    "update_weights_from_tensor",
+                    lambda: client.update_weights_from_tensor(payloads(server), load_format=FLATTENED_BUCKET),
+                )
+            else:
+                self._retrying(
+                    server,
+                    "load_lora_adapter_from_tensors",
+                    lambda: client.load_lora_adapter_from_tensors(
+                        lora.name, lora.config, payloads(server), load_format=FLATTENED_BUCKET
+                    ),
+                )
 
         forwards = [
             (address, stream, self.sync._pool.submit(self._forward, stream, bucket))
             for address, stream in self._agents
         ]
         self._each(update)
-        for address, stream, future in forwards:
-            try:
-                future.result()
-            except Exception as exc:  # noqa: BLE001 - one agent failing must not stop the others
-                logger.warning("agent %s dropped from push %r: %s", address, self.header.weight_version, exc)
-                stream.cancel()
-                self._agents.remove((address, stream))
-        self._count(bucket.nbytes)
-
-    def _load_adapter_from_tensors(self, bucket) -> None:
-        lora = self.header.lora  # one bucket per adapter push (service._feed_push checks)
-
-        def load(server: ServerState) -> None:
-            self._retrying(
-                server,
-                "load_lora_adapter_from_tensors",
-                lambda: server.client.load_lora_adapter_from_tensors(
-                    lora.name,
-                    lora.config,
-                    [bucket.payload() for _ in range(server.info.tp_size)],
-                    load_format=FLATTENED_BUCKET,
-                ),
-            )
-
-        forwards = [
-            (address, stream, self.sync._pool.submit(self._forward, stream, bucket))
-            for address, stream in self._agents
-        ]
-        self._each(load)
         for address, stream, future in forwards:
             try:
                 future.result()

@@ -122,55 +122,31 @@ def grpo_loss_pass(
     Each micro-batch must carry ``old_logprobs`` (and ``ref_logprobs`` when ``cfg.kl_coef > 0``) on
     the last stage. Returns each micro-batch's metrics there (``[]`` elsewhere).
     """
-    require_planned_for(micro_batches, cfg)
-    scale = len(micro_batches) * parallel.current_layout().dp
-    if fused_linear:
-        return _fused_linear_loss_pass(chunks, micro_batches, cfg=cfg, vocab_size=vocab_size, scale=scale)
-
-    def loss_fn(batch: MicroBatch, logits: torch.Tensor):
-        loss, metrics = fused_grpo_loss(
-            logits,
-            batch["labels"],
-            batch["old_logprobs"],
-            batch["advantages"],
-            batch["loss_mask"],
-            batch["weights"],
-            cfg=cfg,
-            ref_logprobs=batch.get("ref_logprobs"),
-            inference_logprobs=batch.get("inference_logprobs"),
-            temperature=batch["temperature"],
-            shard=vocab_shard(logits, vocab_size),
-            inplace=True,  # the logits are dead after the loss: their storage takes the gradient
-        )
-        metrics = {name: float(value) for name, value in metrics.items()}
-        metrics["grpo/loss"] = float(loss)
-        metrics["tokens"] = batch["trained_tokens"]
-        return loss * scale, metrics
-
-    return forward_backward(chunks, micro_batches, loss_fn=loss_fn)
-
-
-def _fused_linear_loss_pass(chunks, micro_batches, *, cfg: GRPOConfig, vocab_size: int, scale: int):
-    """The loss pass of :func:`grpo_loss_pass` from hidden states and the output weight (``fused_linear``)."""
     from atropos_megatron.kernels.fused_linear_grpo import fused_linear_grpo_loss
 
-    with output_hidden_states(chunks) as weight:
+    require_planned_for(micro_batches, cfg)
+    scale = len(micro_batches) * parallel.current_layout().dp
+    hidden_out = output_hidden_states(chunks) if fused_linear else contextlib.nullcontext()
+    with hidden_out as weight:
 
-        def loss_fn(batch: MicroBatch, hidden: torch.Tensor):
-            loss, metrics = fused_linear_grpo_loss(
-                hidden,
-                weight,
-                batch["labels"],
-                batch["old_logprobs"],
-                batch["advantages"],
-                batch["loss_mask"],
-                batch["weights"],
+        def loss_fn(batch: MicroBatch, output: torch.Tensor):
+            inputs = [
+                batch[name] for name in ("labels", "old_logprobs", "advantages", "loss_mask", "weights")
+            ]
+            options = dict(
                 cfg=cfg,
                 ref_logprobs=batch.get("ref_logprobs"),
                 inference_logprobs=batch.get("inference_logprobs"),
                 temperature=batch["temperature"],
-                shard=weight_shard(weight, vocab_size),
             )
+            if fused_linear:
+                loss, metrics = fused_linear_grpo_loss(
+                    output, weight, *inputs, shard=weight_shard(weight, vocab_size), **options
+                )
+            else:  # the logits are dead after the loss: their storage takes the gradient (inplace)
+                loss, metrics = fused_grpo_loss(
+                    output, *inputs, shard=vocab_shard(output, vocab_size), inplace=True, **options
+                )
             metrics = {name: float(value) for name, value in metrics.items()}
             metrics["grpo/loss"] = float(loss)
             metrics["tokens"] = batch["trained_tokens"]

@@ -143,14 +143,14 @@ def export_hf_tensors(
     layout = parallel.current_layout()
     if layout.dp_rank != 0:
         return
-    params = [
-        (name, param)
-        for chunk in chunks
-        for name, param in iter_global_params(unwrap_chunk(chunk))
-        if not (model.tie_word_embeddings and name == _OUTPUT)  # HF has no lm_head when tied
-        and not is_adapter_name(name)  # merged into their layer's weight instead
-    ]
-    _check_split_attributes(params, layout.tp)
+    params = _exported_params(
+        chunks,
+        layout,
+        lambda name: (
+            not (model.tie_word_embeddings and name == _OUTPUT)  # HF has no lm_head when tied
+            and not is_adapter_name(name)
+        ),  # merged into their layer's weight instead
+    )
     for name, full in _full_tensors(params, layout, _adapters_by_weight(chunks)):
         hf_tensors = megatron_to_hf([(name, full)], model)
         del full  # (and every other reference below) so that the next gather is the only full tensor
@@ -171,13 +171,7 @@ def export_adapter_tensors(
     layout = parallel.current_layout()
     if layout.dp_rank != 0:
         return
-    params = [
-        (name, param)
-        for chunk in chunks
-        for name, param in iter_global_params(unwrap_chunk(chunk))
-        if is_adapter_name(name)
-    ]
-    _check_split_attributes(params, layout.tp)
+    params = _exported_params(chunks, layout, is_adapter_name)
     fold = lora.scale / served_lora(lora).scale
     for name, full in _full_tensors(params, layout, {}):
         tensor = full * fold if fold != 1.0 and name.endswith("lora_B.weight") else full
@@ -223,6 +217,21 @@ def unwrap_chunk(chunk: torch.nn.Module) -> torch.nn.Module:
     while isinstance(getattr(chunk, "module", None), torch.nn.Module):
         chunk = chunk.module
     return chunk
+
+
+def _exported_params(
+    chunks: Sequence[torch.nn.Module], layout: parallel.ParallelLayout, keep: Callable[[str], bool]
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(global name, parameter)`` of this rank's chunks whose name ``keep`` accepts, checked to say
+    how they are split (see :func:`_check_split_attributes`)."""
+    params = [
+        (name, param)
+        for chunk in chunks
+        for name, param in iter_global_params(unwrap_chunk(chunk))
+        if keep(name)
+    ]
+    _check_split_attributes(params, layout.tp)
+    return params
 
 
 def _check_split_attributes(params: list[tuple[str, torch.nn.Parameter]], tp_size: int) -> None:

@@ -134,21 +134,25 @@ class WeightPusher:
         finally:
             for _ in buckets:  # after a failure: finish the export so every rank's collectives match
                 pass
+        self._log_push(f"weights {weight_version}", response.buckets, response.bytes, started, response)
+        return response
+
+    def _log_push(self, what: str, buckets: int, nbytes: int, started: float, response) -> None:
+        """One line per push: INFO the first time, DEBUG after, WARNING when a server missed it."""
         updated = sum(server.updated for server in response.servers)
         level = self._push_log.level() if updated == len(response.servers) else logging.WARNING
         logger.log(
             level,
-            "weights %s pushed (%s): %d bucket(s), %.1f MB in %.2f s; %d/%d server(s) updated%s",
-            weight_version,
+            "%s pushed (%s): %d bucket(s), %.1f MB in %.2f s; %d/%d server(s) updated%s",
+            what,
             self.cfg.transport,
-            response.buckets,
-            response.bytes / 1e6,
+            buckets,
+            nbytes / 1e6,
             time.monotonic() - started,
             updated,
             len(response.servers),
             "" if level != logging.INFO else " (later pushes at DEBUG)",
         )
-        return response
 
     def _push_adapter(self, chunks, version: str):
         """The LoRA adapters alone, as the new adapter ``policy-v<version>`` (collective export)."""
@@ -173,30 +177,10 @@ class WeightPusher:
             response = stream.finish()
             _prune_versions(root, keep=final, pattern="lora_v*")
         else:  # grpc: the whole adapter in one bucket, loaded with one call
-            (bucket,) = pack_buckets(tensors, bucket_bytes=max(moved, 1))
+            buckets = pack_buckets(tensors, bucket_bytes=max(moved, 1))
             del tensors
-            stream = self.bridge.open_weight_push(
-                version, transport="grpc", lora_name=name, lora_config=config
-            )
-            try:
-                stream.send_bucket(bucket.index, _specs(bucket), memoryview(bucket.data.numpy()))
-            except BaseException:
-                stream.cancel()
-                raise
-            response = stream.finish()
-        updated = sum(server.updated for server in response.servers)
-        level = self._push_log.level() if updated == len(response.servers) else logging.WARNING
-        logger.log(
-            level,
-            "LoRA adapter %s pushed (%s): %.1f MB in %.2f s; %d/%d server(s) loaded it%s",
-            name,
-            self.cfg.transport,
-            moved / 1e6,
-            time.monotonic() - started,
-            updated,
-            len(response.servers),
-            "" if level != logging.INFO else " (later pushes at DEBUG)",
-        )
+            response = self._push_grpc(buckets, version, lora_name=name, lora_config=config)
+        self._log_push(f"LoRA adapter {name}", 1, moved, started, response)
         return response
 
     def close(self) -> None:
@@ -206,8 +190,9 @@ class WeightPusher:
 
     # -- transports -----------------------------------------------------------------------------
 
-    def _push_grpc(self, buckets: Iterator[WeightBucket], version: str):
-        stream = self.bridge.open_weight_push(version, transport="grpc")
+    def _push_grpc(self, buckets: Iterator[WeightBucket], version: str, **lora):
+        """``lora``: ``lora_name`` and ``lora_config`` of an adapter push (its one bucket)."""
+        stream = self.bridge.open_weight_push(version, transport="grpc", **lora)
         try:
             for bucket in buckets:
                 stream.send_bucket(bucket.index, _specs(bucket), memoryview(bucket.data.numpy()))

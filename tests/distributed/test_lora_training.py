@@ -23,15 +23,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from tests.distributed.test_trainer import STEPS, UPDATE_TOLERANCE, _assert_close, _hf_weights, _train
 from tests.harness import run_ranks
 from tests.hf_models import save_tiny_checkpoint
 
 pytestmark = pytest.mark.distributed
 
-STEPS = 3
-LOSS_TOLERANCE = 1e-5
-UPDATE_TOLERANCE = 1e-3
-"""As in test_trainer.py: Adam turns fp32 reduction-order noise into ~1e-5 relative weight noise."""
 LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
 LAYOUTS = {"tp2": ["parallel.tensor_parallel_size=2"], "pp2": ["parallel.pipeline_parallel_size=2"]}
 
@@ -53,27 +50,6 @@ def _config(hf_dir: str, run_dir: str, extra: list[str]):
     )
 
 
-def _train(cfg, steps: range, *, save_after: int | None = None):
-    from atropos_megatron.trainer.loop import Trainer
-    from tests.rollouts import synthetic_batch
-
-    trainer = Trainer(cfg)
-    trainer.setup()
-    metrics = []
-    for step in steps:
-        metrics.append(trainer.train_on(synthetic_batch(step)))
-        if save_after == step:
-            trainer.save_checkpoint()
-    return trainer, metrics
-
-
-def _merged_weights(trainer) -> dict | None:
-    from atropos_megatron.weights.export import export_hf_tensors
-
-    tensors = {name: t.clone() for name, t in export_hf_tensors(trainer.state.chunks, trainer.model)}
-    return tensors or None
-
-
 def _losses(metrics: list[dict]) -> list[dict]:
     keys = ("grpo/loss", "grpo/kl_ref", "optim/grad_norm", "grpo/ratio_max", "grpo/ratio_min")
     return [{k: m[k] for k in keys if k in m} for m in metrics]
@@ -84,14 +60,14 @@ def _reference_body(rank, world_size, hf_dir, run_dir):
 
     trainer, metrics = _train(_config(hf_dir, run_dir, []), range(STEPS))
     trained = {name for name, _ in trainable_parameters([c.module for c in trainer.state.chunks])}
-    return _losses(metrics), _merged_weights(trainer), trainer.reference, trained
+    return _losses(metrics), _hf_weights(trainer), trainer.reference, trained
 
 
 def _layouts_body(rank, world_size, hf_dir, tmp):
     results = {}
     for name, extra in LAYOUTS.items():
         trainer, metrics = _train(_config(hf_dir, f"{tmp}/{name}", extra), range(STEPS))
-        results[name] = (_losses(metrics), _merged_weights(trainer))
+        results[name] = (_losses(metrics), _hf_weights(trainer))
     return results
 
 
@@ -102,7 +78,7 @@ def _bf16_body(rank, world_size, hf_dir, run_dir):
     trainer, metrics = _train(
         _config(hf_dir, run_dir, ["model.dtype=bf16", "parallel.tensor_parallel_size=2"]), range(2)
     )
-    merged = _merged_weights(trainer)
+    merged = _hf_weights(trainer)
     dtypes = None if merged is None else {str(t.dtype) for t in merged.values()}
     finite = all(math.isfinite(m["grpo/loss"]) for m in metrics if "grpo/loss" in m)
     return _losses(metrics), dtypes, finite
@@ -156,15 +132,6 @@ def _checkpoint_body(rank, world_size, hf_dir, other_base, peft_dir, tmp):
         refusals,
         (from_peft, from_ckpt),
     )
-
-
-def _assert_close(expected: list[dict], actual: list[dict], what: str) -> None:
-    for step, (e, a) in enumerate(zip(expected, actual, strict=True)):
-        assert e.keys() == a.keys(), f"{what} step {step}: metrics {sorted(e)} vs {sorted(a)}"
-        for key in e:
-            assert abs(e[key] - a[key]) <= LOSS_TOLERANCE * max(1.0, abs(e[key])), (
-                f"{what} step {step}: {key} {a[key]} != expected {e[key]}"
-            )
 
 
 def _random_peft_adapter(hf_dir: str, out: Path) -> None:
