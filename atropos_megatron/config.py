@@ -101,6 +101,66 @@ class LoraConfig:
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
 
+MOE_HF_LAYOUTS = ("qwen3_moe", "mixtral")
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs (Qwen3-MoE, Mixtral): each token goes to its top-k experts.
+
+    Routing follows HF: softmax over all experts in fp32, the top k, renormalised to sum 1 when
+    ``normalize_topk`` (Megatron computes the same weights as a softmax over the top-k logits).
+    """
+
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 means a dense model (every MLP is one SwiGLU)."""
+    router_topk: int = 2
+    """Experts each token is sent to (HF ``num_experts_per_tok``)."""
+    ffn_hidden_size: int | None = None
+    """Each expert's inner width (HF ``moe_intermediate_size``; Mixtral's ``intermediate_size``);
+    null means `model.ffn_hidden_size`."""
+    normalize_topk: bool = True
+    """Renormalise the top-k routing weights to sum 1 (HF ``norm_topk_prob``; always on in Mixtral)."""
+    dense_layers: list[int] = field(default_factory=list)
+    """Layers (0-based) whose MLP is dense, `model.ffn_hidden_size` wide (HF ``mlp_only_layers`` and
+    the layers ``decoder_sparse_step`` skips); every other layer is MoE."""
+    router_aux_loss_coef: float = 0.0
+    """The load-balancing loss coefficient the model was trained with (HF ``router_aux_loss_coef``);
+    `grpo.moe_aux_loss_coef` uses it unless set."""
+    hf_layout: str = "qwen3_moe"
+    """HF tensor names of the experts and router: `qwen3_moe` (``mlp.experts.E.gate_proj``, ``mlp.gate``)
+    or `mixtral` (``block_sparse_moe.experts.E.w1``, ``block_sparse_moe.gate``)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_experts >= 0,
+            "model.moe.num_experts",
+            f"must be >= 0 (0 = dense), got {self.num_experts}",
+        )
+        _require_choice(self.hf_layout, "model.moe.hf_layout", MOE_HF_LAYOUTS)
+        if not self.enabled:
+            return
+        _require(
+            0 < self.router_topk <= self.num_experts,
+            "model.moe.router_topk",
+            f"must be in [1, num_experts={self.num_experts}], got {self.router_topk}",
+        )
+        if self.ffn_hidden_size is not None:
+            _require(self.ffn_hidden_size > 0, "model.moe.ffn_hidden_size", "must be > 0 (or null)")
+        _require(self.router_aux_loss_coef >= 0, "model.moe.router_aux_loss_coef", "must be >= 0")
+        _require(
+            all(layer >= 0 for layer in self.dense_layers)
+            and len(set(self.dense_layers)) == len(self.dense_layers),
+            "model.moe.dense_layers",
+            f"must be distinct layer indices >= 0, got {list(self.dense_layers)}",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the model has MoE layers at all."""
+        return self.num_experts > 0
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """The actor's architecture. The frozen reference model always uses the same one."""
@@ -152,6 +212,8 @@ class ModelConfig:
     """Std of the normal init for freshly built models (ignored when weights are loaded)."""
     dtype: str = "fp32"
     """Parameter and compute dtype: `fp32`, `bf16` or `fp16`."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts MLPs (off by default: a dense model)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Low-rank adapters (off by default); a choice of the run, not of the architecture."""
 
@@ -159,6 +221,8 @@ class ModelConfig:
         if isinstance(self.lora, dict):
             # A ModelConfig rebuilt from ``dataclasses.asdict`` (checkpoint sidecars) has a plain dict here.
             self.lora = LoraConfig(**self.lora)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
             _require(getattr(self, name) > 0, f"model.{name}", "must be > 0")
         if self.head_dim is None:
@@ -187,6 +251,30 @@ class ModelConfig:
         _require(self.rotary_base > 0, "model.rotary_base", "must be > 0")
         _require(self.init_method_std > 0, "model.init_method_std", "must be > 0")
         _require_choice(self.dtype, "model.dtype", DTYPES)
+        if self.moe.enabled:
+            too_deep = [layer for layer in self.moe.dense_layers if layer >= self.num_layers]
+            _require(
+                not too_deep,
+                "model.moe.dense_layers",
+                f"{too_deep} past the last layer (num_layers={self.num_layers})",
+            )
+            _require(
+                not self.lora.enabled,
+                "model.lora.rank",
+                "LoRA on mixture-of-experts models is not supported yet; set it to 0 (full fine-tuning)",
+            )
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """Each expert's inner width (`moe.ffn_hidden_size`, or `ffn_hidden_size` when null)."""
+        return self.moe.ffn_hidden_size or self.ffn_hidden_size
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Layer indices whose MLP is a mixture of experts (none for a dense model)."""
+        if not self.moe.enabled:
+            return []
+        return [layer for layer in range(self.num_layers) if layer not in self.moe.dense_layers]
 
     @property
     def query_groups(self) -> int:
@@ -195,6 +283,7 @@ class ModelConfig:
 
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+TOKEN_DISPATCHERS = ("alltoall", "allgather")
 
 
 @dataclass(kw_only=True)
@@ -210,7 +299,13 @@ class ParallelConfig:
     context_parallel_size: int = 1
     """Ranks that split the sequence inside attention (needs Transformer Engine)."""
     expert_parallel_size: int = 1
-    """Ranks that split MoE experts (MoE models are not supported yet)."""
+    """Ranks that split each MoE layer's experts (each holds num_experts / EP of them). Taken from the
+    data-parallel ranks of a stage: TP x EP x PP must divide the world, and EP the number of experts.
+    Experts are split by TP too (Megatron's expert TP equals TP here)."""
+    moe_token_dispatcher: str = "alltoall"
+    """How tokens reach their experts' ranks under EP: `alltoall` (each rank sends each expert rank only
+    its tokens; Megatron's choice for EP > 1) or `allgather` (every rank gathers every token of the EP x
+    TP group; simpler, more traffic). Both run on gloo (uneven all-to-all included) and NCCL."""
     sequence_parallel: bool = False
     """Shard activations along the sequence between TP regions (saves memory; needs TP > 1)."""
     backend: str = "auto"
@@ -226,6 +321,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require_choice(self.recompute, "parallel.recompute", RECOMPUTE_MODES)
+        _require_choice(self.moe_token_dispatcher, "parallel.moe_token_dispatcher", TOKEN_DISPATCHERS)
         _require(self.recompute_num_layers >= 1, "parallel.recompute_num_layers", "must be >= 1")
         for name in (
             "tensor_parallel_size",
@@ -330,6 +426,14 @@ class GRPOConfig:
     reference_offload: bool = False
     """Keep the frozen reference model in CPU memory between its forward passes (GPU runs: frees its
     weights' GPU memory for the actor at the cost of a host-to-device copy per step)."""
+    moe_aux_loss_coef: float | None = None
+    """MoE models: weight of the load-balancing loss (Switch Transformer's, per layer, on each
+    micro-batch's tokens); null means the model's own `model.moe.router_aux_loss_coef` (config.json's
+    `router_aux_loss_coef`: 0.001 for Qwen3-MoE and Mixtral), 0 turns it off. Added to the gradient,
+    not to the reported GRPO loss; `moe/aux_loss` reports it."""
+    moe_z_loss_coef: float = 0.0
+    """MoE models: weight of the router z-loss (ST-MoE: mean squared log-sum-exp of the router logits),
+    which keeps router logits small; 0 turns it off."""
 
     def __post_init__(self) -> None:
         _require_choice(
@@ -360,6 +464,9 @@ class GRPOConfig:
         _require(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
         _require_choice(self.kernel, "grpo.kernel", ("auto", "triton", "torch"))
         _require_choice(self.fused_linear, "grpo.fused_linear", FUSED_LINEAR_MODES)
+        if self.moe_aux_loss_coef is not None:
+            _require(self.moe_aux_loss_coef >= 0, "grpo.moe_aux_loss_coef", "must be >= 0 (or null)")
+        _require(self.moe_z_loss_coef >= 0, "grpo.moe_z_loss_coef", "must be >= 0")
 
 
 @dataclass(kw_only=True)

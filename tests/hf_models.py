@@ -39,12 +39,30 @@ VARIANTS = {
     # Mistral v0.3: no sliding window.
     "mistral": dict(sliding_window=None, head_dim=16),
 }
+MOE_VARIANTS = {
+    # Qwen3-MoE: q/k norm, experts narrower than the dense MLP, one dense layer (mlp_only_layers),
+    # routing weights not renormalised (norm_topk_prob false: HF's softmax-then-top-k as is).
+    "qwen3_moe": dict(
+        num_hidden_layers=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        head_dim=32,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    # Mixtral: every layer MoE, top-2 renormalised, experts intermediate_size wide.
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None, router_jitter_noise=0.0),
+}
 
 
 def tiny_hf_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, **{**BASE, **VARIANTS[model_type], **overrides})
+    variant = VARIANTS[model_type] if model_type in VARIANTS else MOE_VARIANTS[model_type]
+    return AutoConfig.for_model(model_type, **{**BASE, **variant, **overrides})
 
 
 def tiny_hf_model(model_type: str, *, seed: int = 0, **overrides):
@@ -63,8 +81,31 @@ def tiny_hf_model(model_type: str, *, seed: int = 0, **overrides):
     return model.eval()
 
 
+def fp64_logits(model_type: str, tokens: torch.Tensor, **overrides) -> torch.Tensor:
+    """HF's logits for :func:`tiny_hf_model` computed in float64: the reference fp32 layouts are held to.
+
+    MoE experts run HF's eager loop (its default grouped GEMM has no float64 kernel).
+    """
+    model = tiny_hf_model(model_type, **overrides)
+    model.config._experts_implementation = "eager"
+    with torch.no_grad():
+        return model.double()(tokens).logits
+
+
 def hf_state(model) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint of ``model`` holds (tied ``lm_head`` left out, as safetensors does)."""
+    """The tensors a checkpoint of ``model`` holds (tied ``lm_head`` left out, as safetensors does).
+
+    MoE models: transformers 5 holds experts as 3-D tensors in memory but writes one tensor per
+    expert (the names SGLang and real checkpoints use); ``revert_weight_conversion`` is the step of
+    ``save_pretrained`` that produces them.
+    """
+    if getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None):
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return {
+            name: tensor.contiguous()
+            for name, tensor in revert_weight_conversion(model, model.state_dict()).items()
+        }
     state = dict(model.state_dict())
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

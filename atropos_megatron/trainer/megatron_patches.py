@@ -17,6 +17,10 @@ Two groups, each applied only where it is needed (both are idempotent):
   the fused Adam (CPU, and GPUs without them). Megatron's distributed optimizer then wraps
   ``torch.optim.AdamW``, and its checkpoint code has three bugs on that path (see the function).
 
+* :func:`apply_moe_router_patch` — whenever Transformer Engine is absent. Megatron's router GEMM
+  asks ``te_general_gemm is not None`` of a name that only TE's import defines (``NameError`` at the
+  first MoE forward); with the name bound to None it takes its plain torch path.
+
 * :func:`shield_checkpoint_writer` — always. Megatron's checkpoint writer reports its results through
   a ``multiprocessing`` manager process that it starts at the first save and keeps. Slurm signals
   every process of a job step at once (scancel, requeue, preemption), so that helper died of the
@@ -31,6 +35,7 @@ Facts behind each patch (errors, ablations): shared notes `megatron-cpu.md`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -118,9 +123,87 @@ def apply_cpu_patches() -> bool:
     mode.__enter__()
     _state["mode"] = mode
 
+    # 5. The MoE all-to-all token dispatcher copies its split sizes to the host on a side CUDA stream
+    #    and waits on an event (`torch.cuda.Stream requires CUDA support` when the layer is built).
+    #    On CPU there is one stream and every copy has finished when it returns.
+    torch.cuda.Stream = _HostStream  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda device=None: _HOST_STREAM  # type: ignore[assignment]
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
+    #    Its host copy is also where the split sizes become the lists `all_to_all_single` takes; a
+    #    tensor already on the host stayed a tensor (`incompatible function arguments`).
+    _patch_host_split_sizes()
+
+    # 6. With TP > 1 the same dispatcher gathers (and in backward reduce-scatters) uneven token counts
+    #    over the TP group. Gloo's all_gather takes equal sizes only (`ProcessGroupGloo::allgather:
+    #    invalid tensor size`) and it has no list reduce_scatter: pad to the longest, or reduce and slice.
+    _patch_uneven_tp_collectives()
+
     _state["cpu"] = True
     logger.debug("megatron-core CPU patches applied")
     return True
+
+
+class _HostStream:
+    """The single "stream" of a CPU: everything on it has already happened."""
+
+    def __new__(cls, *args, **kwargs):  # noqa: ARG004 - torch.cuda.Stream's signature
+        return _HOST_STREAM
+
+    def wait_stream(self, stream) -> None:  # noqa: ARG002
+        return None
+
+    def record_event(self, event=None):  # noqa: ARG002
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+
+_HOST_STREAM = object.__new__(_HostStream)
+
+
+def _patch_host_split_sizes() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    @functools.wraps(original)
+    def to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
+def _patch_uneven_tp_collectives() -> None:
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    @functools.wraps(gather)
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        padded = input_.new_zeros(max(output_split_sizes), *input_.shape[1:])
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in output_split_sizes]
+        dist.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:size] for piece, size in zip(pieces, output_split_sizes, strict=True)])
+
+    @functools.wraps(reduce_scatter)
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start : start + input_split_sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
 
 
 def _patch_rng_tracker() -> None:
@@ -191,6 +274,16 @@ def apply_torch_norm_patches() -> bool:
 
     torch_norm.WrappedTorchNorm.__new__ = new
     _state["norm"] = True
+    return True
+
+
+def apply_moe_router_patch() -> bool:
+    """Bind ``moe_utils.te_general_gemm`` to None where TE did not define it. True if patched."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "te_general_gemm"):
+        return False
+    moe_utils.te_general_gemm = None
     return True
 
 

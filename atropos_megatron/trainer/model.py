@@ -46,13 +46,25 @@ def check_model_layout(model: ModelConfig, layout: ParallelConfig) -> None:
     tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
     vpp = layout.virtual_pipeline_parallel_size or 1
     problems = []
-    for name, value in (
+    widths = [
         ("num_attention_heads", model.num_attention_heads),
         ("num_query_groups", model.query_groups),
         ("ffn_hidden_size", model.ffn_hidden_size),
-    ):
+    ]
+    if model.moe.enabled:
+        widths.append(("moe.ffn_hidden_size", model.expert_ffn_hidden_size))
+    for name, value in widths:
         if value % tp:
             problems.append(f"tensor_parallel_size={tp} does not divide model.{name}={value}")
+    ep = layout.expert_parallel_size
+    if ep > 1 and not model.moe.enabled:
+        problems.append(
+            f"expert_parallel_size={ep} needs a mixture-of-experts model (model.moe.num_experts=0)"
+        )
+    elif model.moe.num_experts % ep:
+        problems.append(
+            f"expert_parallel_size={ep} does not divide model.moe.num_experts={model.moe.num_experts}"
+        )
     if model.num_layers % (pp * vpp):
         problems.append(
             f"pipeline_parallel_size x virtual_pipeline_parallel_size = {pp} x {vpp} does not divide "
@@ -66,11 +78,19 @@ def check_model_layout(model: ModelConfig, layout: ParallelConfig) -> None:
         raise ValueError("the model does not fit this parallel layout: " + "; ".join(problems))
 
 
-def build_transformer_config(model: ModelConfig, layout: ParallelConfig, *, initialize: bool = True):
+def build_transformer_config(
+    model: ModelConfig,
+    layout: ParallelConfig,
+    *,
+    initialize: bool = True,
+    moe_aux_loss_coef: float = 0.0,
+    moe_z_loss_coef: float = 0.0,
+):
     """Megatron ``TransformerConfig`` for ``model`` laid out as ``layout``.
 
     ``initialize=False`` leaves weights uninitialised (their values come from a checkpoint next):
-    drawing 70B random numbers on a CPU takes longer than reading them from disk.
+    drawing 70B random numbers on a CPU takes longer than reading them from disk. The MoE loss
+    coefficients only matter to training (``grpo.moe_aux_loss_coef`` / ``moe_z_loss_coef``).
 
     Fusions stay off: each needs Apex/TE/CUDA kernels, and Megatron's defaults already say so; we
     set them explicitly so a Megatron default change cannot silently turn one on.
@@ -123,6 +143,37 @@ def build_transformer_config(model: ModelConfig, layout: ParallelConfig, *, init
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **moe_fields(model, layout, aux_loss_coef=moe_aux_loss_coef, z_loss_coef=moe_z_loss_coef),
+    )
+
+
+def moe_fields(
+    model: ModelConfig, layout: ParallelConfig, *, aux_loss_coef: float, z_loss_coef: float
+) -> dict:
+    """``TransformerConfig`` fields for ``model.moe`` (none for a dense model).
+
+    Routing is HF's: Megatron's top-k over the fp32 router logits followed by a softmax over those k
+    equals HF's softmax over all experts, top-k and renormalisation (``normalize_topk``); without
+    renormalisation HF's order is Megatron's ``pre_softmax``. Experts are sequential (one GEMM per
+    expert): grouped GEMM needs Transformer Engine and changes the parameter layout.
+    """
+    moe = model.moe
+    if not moe.enabled:
+        return {}
+    pattern = [0 if layer in moe.dense_layers else 1 for layer in range(model.num_layers)]
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.router_topk,
+        moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+        moe_layer_freq=pattern if 0 in pattern else 1,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not moe.normalize_topk,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=layout.moe_token_dispatcher,
+        moe_grouped_gemm=False,
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coef > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coef,
+        moe_z_loss_coeff=z_loss_coef or None,
     )
 
 
@@ -150,10 +201,21 @@ def recompute_fields(layout: ParallelConfig) -> dict:
     return {}
 
 
-def build_layer_spec(model: ModelConfig):
-    """TE layer spec when Transformer Engine imports (and LoRA is off), else Megatron's local spec."""
+def build_layer_spec(model: ModelConfig, config=None, *, vp_stage: int | None = None):
+    """TE layer spec when Transformer Engine imports (and LoRA is off), else Megatron's local spec.
+
+    MoE models get a block spec (one layer spec per layer of this stage, dense or MoE as
+    ``model.moe.dense_layers`` says), which needs the ``TransformerConfig`` and the chunk's ``vp_stage``.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if model.moe.enabled:
+        return gpt_layer_specs.get_gpt_decoder_block_spec(
+            config,
+            use_transformer_engine=uses_te_spec(model),
+            normalization=model.normalization,
+            vp_stage=vp_stage,
+        )
     if uses_te_spec(model):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     return gpt_layer_specs.get_gpt_layer_local_spec(
@@ -167,6 +229,8 @@ def build_model(
     *,
     initialize: bool = True,
     padded_vocab: int | None = None,
+    moe_aux_loss_coef: float = 0.0,
+    moe_z_loss_coef: float = 0.0,
 ) -> list[torch.nn.Module]:
     """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP).
 
@@ -176,11 +240,17 @@ def build_model(
         initialize: draw random initial weights (False: leave them uninitialised for a checkpoint).
         padded_vocab: embedding rows, when a checkpoint fixes them (e.g. one written by Megatron-LM,
             which pads to a multiple of ``divisible_by x TP``); default :func:`padded_vocab_size`.
+        moe_aux_loss_coef, moe_z_loss_coef: MoE router losses (training only).
     """
     from megatron.core.models.gpt import GPTModel
 
-    config = build_transformer_config(model, layout, initialize=initialize)
-    spec = build_layer_spec(model)
+    config = build_transformer_config(
+        model,
+        layout,
+        initialize=initialize,
+        moe_aux_loss_coef=moe_aux_loss_coef,
+        moe_z_loss_coef=moe_z_loss_coef,
+    )
     vocab = padded_vocab or padded_vocab_size(
         model.vocab_size, model.make_vocab_size_divisible_by, layout.tensor_parallel_size
     )
@@ -196,7 +266,7 @@ def build_model(
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=spec,
+                transformer_layer_spec=build_layer_spec(model, config, vp_stage=vp_stage),
                 vocab_size=vocab,
                 max_sequence_length=model.max_position_embeddings,
                 pre_process=parallel.stage_has(first=True, vp_stage=vp_stage),

@@ -57,6 +57,8 @@ class ParallelLayout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    ep: int = 1
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -68,7 +70,8 @@ class ParallelLayout:
 
     def describe(self) -> str:
         vpp = f" x VPP={self.vpp}" if self.vpp else ""
-        return f"TP={self.tp} x PP={self.pp}{vpp} x DP={self.dp} (world {self.world_size})"
+        ep = f", EP={self.ep}" if self.ep > 1 else ""
+        return f"TP={self.tp} x PP={self.pp}{vpp} x DP={self.dp}{ep} (world {self.world_size})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,16 +183,22 @@ def check_layout(cfg: ParallelConfig, world_size: int, *, te_available: bool) ->
             "parallel.context_parallel_size > 1 needs Transformer Engine's attention, which does not "
             "import on this machine; set it to 1"
         )
-    if cfg.expert_parallel_size > 1:
-        raise LayoutError(
-            "parallel.expert_parallel_size > 1 is for MoE models, which atropos-megatron does not "
-            "support yet; set it to 1"
-        )
     if world_size % cfg.model_parallel_size != 0:
         raise LayoutError(
             f"world size {world_size} is not divisible by tensor_parallel_size x pipeline_parallel_size x "
             f"context_parallel_size = {cfg.tensor_parallel_size} x {cfg.pipeline_parallel_size} x "
             f"{cfg.context_parallel_size}"
+        )
+    expert_model_parallel = cfg.tensor_parallel_size * cfg.expert_parallel_size * cfg.pipeline_parallel_size
+    if world_size % expert_model_parallel != 0:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by tensor_parallel_size x expert_parallel_size x "
+            f"pipeline_parallel_size = {cfg.tensor_parallel_size} x {cfg.expert_parallel_size} x "
+            f"{cfg.pipeline_parallel_size} (expert parallel ranks come from the data-parallel ranks)"
+        )
+    if cfg.expert_parallel_size > 1 and cfg.context_parallel_size > 1:
+        raise LayoutError(
+            "parallel.expert_parallel_size > 1 with context_parallel_size > 1 is not supported yet"
         )
     return world_size // cfg.model_parallel_size
 
@@ -207,6 +216,7 @@ def init_distributed(cfg: ParallelConfig, *, seed: int, env: DistEnv | None = No
     if backend == "gloo":
         megatron_patches.apply_cpu_patches()
     megatron_patches.apply_torch_norm_patches()
+    megatron_patches.apply_moe_router_patch()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
 
@@ -272,6 +282,8 @@ def current_layout() -> ParallelLayout:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        ep=ps.get_expert_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
     )
 
 
@@ -300,6 +312,13 @@ def data_parallel_group() -> dist.ProcessGroup:
     from megatron.core import parallel_state as ps
 
     return ps.get_data_parallel_group()
+
+
+def expert_parallel_group() -> dist.ProcessGroup:
+    """The ranks that hold the other experts of this rank's MoE layers (same TP rank and stage)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_group()
 
 
 def shutdown() -> None:

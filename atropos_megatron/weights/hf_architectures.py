@@ -1,9 +1,10 @@
 """HuggingFace ``config.json`` -> our ``ModelConfig``, for the architectures people train with GRPO.
 
 A registry keyed by the exact ``model_type``. Each entry says what the architecture adds to the
-common Llama block (Qwen2: bias on q/k/v; Qwen3: RMSNorm on per-head queries and keys). A feature
-Megatron would silently compute differently (sliding-window attention, a RoPE scaling other than
-Llama 3.1's, biases on the output or MLP projections, MoE) is an error that says what is supported:
+common Llama block (Qwen2: bias on q/k/v; Qwen3: RMSNorm on per-head queries and keys; Qwen3-MoE and
+Mixtral: mixture-of-experts MLPs with a softmax top-k router). A feature Megatron would silently
+compute differently (sliding-window attention, a RoPE scaling other than Llama 3.1's, biases on the
+output or MLP projections, shared experts, router jitter) is an error that says what is supported:
 converting such a model "successfully" would train a different network.
 
 Both config styles are read: transformers 5's ``rope_parameters`` and the older top-level
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atropos_megatron.config import ModelConfig
+from atropos_megatron.config import ModelConfig, MoEConfig
 
 # ModelConfig fields that are choices of the run, not of the network's function.
 # LoRA adapters are trained on top of a base network, so a checkpoint's base architecture matches with any.
@@ -43,6 +44,8 @@ class Architecture:
     """q/k/v projections always carry a bias (Qwen2)."""
     qk_norm: bool = False
     """RMSNorm on each head's queries and keys (Qwen3)."""
+    moe: str | None = None
+    """MoE MLPs with this family's HF tensor names (``MoEConfig.hf_layout``); None: dense."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -50,6 +53,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": Architecture(),
     "qwen2": Architecture(qkv_bias=True),
     "qwen3": Architecture(qk_norm=True),
+    "qwen3_moe": Architecture(qk_norm=True, moe="qwen3_moe"),
+    "mixtral": Architecture(moe="mixtral"),
+}
+# MoE families we know and why they are not supported yet (a clearer error than "unknown model_type").
+_UNSUPPORTED_MOE = {
+    "qwen2_moe": "shared experts (shared_expert_intermediate_size) are not supported yet",
+    "deepseek_v3": "multi-head latent attention and shared experts are not supported yet",
+    "glm4_moe": "shared experts and a sigmoid router with expert bias are not supported yet",
 }
 
 
@@ -70,6 +81,8 @@ def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig
         ValueError: unknown ``model_type`` or a feature we cannot reproduce exactly.
     """
     model_type = hf.get("model_type")
+    if model_type in _UNSUPPORTED_MOE:
+        raise ValueError(f"model_type {model_type!r}: {_UNSUPPORTED_MOE[model_type]}")
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
@@ -96,7 +109,37 @@ def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig
         rope_scaling_factor=scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
+    if arch.moe is not None:
+        fields["moe"] = _moe(hf, arch.moe)
     return ModelConfig(**{**fields, **overrides})
+
+
+def _moe(hf: Mapping[str, Any], layout: str) -> MoEConfig:
+    """Qwen3-MoE's and Mixtral's expert fields, in their own config.json spellings."""
+    num_experts = hf.get("num_experts") or hf.get("num_local_experts")
+    layers = hf["num_hidden_layers"]
+    if layout == "qwen3_moe":
+        # HF: layer i is sparse iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
+        step = hf.get("decoder_sparse_step") or 1
+        dense_only = set(hf.get("mlp_only_layers") or [])
+        dense = [i for i in range(layers) if i in dense_only or (i + 1) % step]
+        return MoEConfig(
+            num_experts=num_experts,
+            router_topk=hf["num_experts_per_tok"],
+            ffn_hidden_size=hf["moe_intermediate_size"],
+            normalize_topk=bool(hf.get("norm_topk_prob", False)),
+            dense_layers=dense,
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+            hf_layout=layout,
+        )
+    return MoEConfig(  # Mixtral: every layer is MoE, experts are intermediate_size wide, always renormalised
+        num_experts=num_experts,
+        router_topk=hf["num_experts_per_tok"],
+        ffn_hidden_size=hf["intermediate_size"],
+        normalize_topk=True,
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+        hf_layout=layout,
+    )
 
 
 def _reject_unsupported(hf: Mapping[str, Any], model_type: str) -> None:
@@ -107,9 +150,15 @@ def _reject_unsupported(hf: Mapping[str, Any], model_type: str) -> None:
         problems.append("attention_bias=true (bias on the output projection)")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true")
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if hf.get(key):
-            problems.append(f"{key}={hf[key]} (mixture of experts)")
+    if ARCHITECTURES[model_type].moe is None:
+        for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if hf.get(key):
+                problems.append(f"{key}={hf[key]} (mixture of experts in a dense architecture)")
+    else:
+        if hf.get("router_jitter_noise"):
+            problems.append(f"router_jitter_noise={hf['router_jitter_noise']} (multiplicative router noise)")
+        if hf.get("shared_expert_intermediate_size"):
+            problems.append("shared_expert_intermediate_size (shared experts)")
     window = hf.get("sliding_window")
     uses_window = hf.get("use_sliding_window", model_type == "mistral")
     if uses_window and window is not None and window < hf.get("max_position_embeddings", 0):

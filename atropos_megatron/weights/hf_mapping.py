@@ -14,6 +14,12 @@ Megatron fuses two groups of HF tensors (layouts in ``notes/rl-anchors.md`` §7)
 Embedding and output rows are padded with zeros to the padded vocabulary (Megatron's TP-divisible
 size) and the padding is cut on the way back. With tied embeddings HF checkpoints have no
 ``lm_head.weight`` and Megatron no ``output_layer.weight``.
+
+MoE layers (``model.moe``) use the hub's per-expert names, which checkpoints on disk, SGLang and vLLM
+use (transformers 5 fuses experts into 3-D tensors in memory only): the router
+(``mlp.gate`` / Mixtral's ``block_sparse_moe.gate``) is Megatron's ``mlp.router``, and expert E's
+gate/up/down projections (``mlp.experts.E.{gate,up,down}_proj`` / ``block_sparse_moe.experts.E.w{1,3,2}``)
+are ``mlp.experts.local_experts.E.linear_fc1`` (``[gate; up]``) and ``linear_fc2``, E global.
 """
 
 from __future__ import annotations
@@ -59,6 +65,57 @@ _FUSED = {
 }
 _PART_OF = {part: fused for fused, parts in _FUSED.items() for part in parts}
 _QK_NORMS = {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+_DENSE_MLP = {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
+
+# MoE layers, per ``MoEConfig.hf_layout``: (router, expert prefix, (gate, up, down) projection names).
+_MOE_HF_NAMES = {
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts", ("w1", "w3", "w2")),
+}
+_MCORE_ROUTER = "mlp.router.weight"
+_MCORE_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+_HF_EXPERT = re.compile(r"^(.+)\.(\d+)\.(\w+)\.weight$")
+
+
+def _layer_target(suffix: str, layer: int, model: ModelConfig) -> tuple[str, tuple[str, ...] | None] | None:
+    """``(Megatron suffix, HF parts in fused order or None)`` for an HF per-layer suffix; None: not
+    a tensor of this layer (a Qwen3 q_norm in a Llama, an expert in a dense layer, ...)."""
+    moe_layer = layer in model.moe_layers
+    if moe_layer:
+        router, prefix, (gate, up, down) = _MOE_HF_NAMES[model.moe.hf_layout]
+        if suffix == router:
+            return _MCORE_ROUTER, None
+        expert = _HF_EXPERT.match(suffix)
+        if expert and expert.group(1) == prefix and int(expert.group(2)) < model.moe.num_experts:
+            index, projection = expert.group(2), expert.group(3)
+            fc1 = f"mlp.experts.local_experts.{index}.linear_fc1.weight"
+            if projection in (gate, up):
+                return fc1, (f"{prefix}.{index}.{gate}.weight", f"{prefix}.{index}.{up}.weight")
+            if projection == down:
+                return f"mlp.experts.local_experts.{index}.linear_fc2.weight", None
+        if suffix in _DENSE_MLP:
+            return None
+    if suffix in _LAYER_RENAMES and _expected(suffix, model):
+        return _LAYER_RENAMES[suffix], None
+    if suffix in _PART_OF and _expected(suffix, model):
+        fused = _PART_OF[suffix]
+        return fused, _FUSED[fused]
+    return None
+
+
+def _hf_layer_names(suffix: str, model: ModelConfig) -> tuple[str, ...] | None:
+    """HF suffixes (in fused order) of a Megatron MoE per-layer suffix; None: not a MoE tensor."""
+    if not model.moe.enabled:
+        return None
+    router, prefix, (gate, up, down) = _MOE_HF_NAMES[model.moe.hf_layout]
+    if suffix == _MCORE_ROUTER:
+        return (router,)
+    expert = _MCORE_EXPERT.match(suffix)
+    if not expert:
+        return None
+    index = expert.group(1)
+    projections = (gate, up) if expert.group(2) == "linear_fc1" else (down,)
+    return tuple(f"{prefix}.{index}.{projection}.weight" for projection in projections)
 
 
 def hf_to_megatron(
@@ -73,7 +130,7 @@ def hf_to_megatron(
         ValueError: an HF tensor this architecture does not have, a missing part of a fused tensor, or a
             shape that does not match ``model``.
     """
-    pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    pending: dict[tuple[int, str], tuple[tuple[str, ...], dict[str, torch.Tensor]]] = {}
     for name, tensor in hf_tensors:
         if name.endswith("rotary_emb.inv_freq"):
             continue  # a buffer some older checkpoints saved; Megatron recomputes it
@@ -90,20 +147,21 @@ def hf_to_megatron(
             raise ValueError(f"unexpected tensor {name!r} for a {model.num_layers}-layer model")
         layer, suffix = int(match.group(1)), match.group(2)
         prefix = f"decoder.layers.{layer}."
-        if suffix in _LAYER_RENAMES and _expected(suffix, model):
-            yield prefix + _LAYER_RENAMES[suffix], tensor
-        elif suffix in _PART_OF and _expected(suffix, model):
-            fused = _PART_OF[suffix]
-            parts = pending.setdefault((layer, fused), {})
-            parts[suffix] = tensor
-            if len(parts) == len(_FUSED[fused]):
-                del pending[(layer, fused)]
-                yield prefix + fused, _fuse(fused, [parts[p] for p in _FUSED[fused]], model)
-        else:
+        target = _layer_target(suffix, layer, model)
+        if target is None:
             raise ValueError(f"unexpected tensor {name!r} for this architecture")
+        fused, part_names = target
+        if part_names is None:
+            yield prefix + fused, tensor
+            continue
+        _, parts = pending.setdefault((layer, fused), (part_names, {}))
+        parts[suffix] = tensor
+        if len(parts) == len(part_names):
+            del pending[(layer, fused)]
+            yield prefix + fused, _fuse(fused, [parts[p] for p in part_names], model)
     if pending:
-        (layer, fused), parts = next(iter(pending.items()))
-        missing = sorted(set(_FUSED[fused]) - set(parts))
+        (layer, fused), (part_names, parts) = next(iter(pending.items()))
+        missing = sorted(set(part_names) - set(parts))
         raise ValueError(f"layer {layer}: missing {', '.join(f'model.layers.{layer}.{m}' for m in missing)}")
 
 
@@ -121,9 +179,10 @@ def megatron_targets(hf_name: str, model: ModelConfig) -> tuple[str, ...] | None
     if hf_name in _GLOBAL_RENAMES:
         return (_GLOBAL_RENAMES[hf_name],)
     match = _HF_LAYER.match(hf_name)
-    suffix = match.group(2) if match else None
-    target = _LAYER_RENAMES.get(suffix) or _PART_OF.get(suffix)
-    return (f"decoder.layers.{match.group(1)}.{target}",) if target else None
+    if not match or int(match.group(1)) >= model.num_layers:
+        return None
+    target = _layer_target(match.group(2), int(match.group(1)), model)
+    return (f"decoder.layers.{match.group(1)}.{target[0]}",) if target else None
 
 
 def linear_projections(linear: str) -> tuple[str, ...]:
@@ -182,7 +241,12 @@ def megatron_to_hf(
             continue
         match = _MCORE_LAYER.match(local_name(name))
         suffix = match.group(2) if match else None
-        if suffix in layer_names:
+        moe_names = _hf_layer_names(suffix, model) if suffix else None
+        if moe_names is not None:
+            parts = torch.chunk(tensor, 2, dim=0) if len(moe_names) == 2 else (tensor,)
+            for part_name, part in zip(moe_names, parts, strict=True):
+                yield f"model.layers.{match.group(1)}.{part_name}", part
+        elif suffix in layer_names:
             yield f"model.layers.{match.group(1)}.{layer_names[suffix]}", tensor
         elif suffix in _FUSED:
             parts = _split(suffix, tensor, model)
@@ -206,7 +270,7 @@ def _head_dim(model: ModelConfig) -> int:
 
 
 def _fuse(fused: str, parts: list[torch.Tensor], model: ModelConfig) -> torch.Tensor:
-    if fused == "mlp.linear_fc1.weight":
+    if fused.endswith("linear_fc1.weight"):
         return torch.cat(parts, dim=0)
     groups, dim = model.query_groups, _head_dim(model)
     q, k, v = parts

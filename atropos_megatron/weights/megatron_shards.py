@@ -5,7 +5,9 @@ Megatron marks every split parameter with how it is split (``tensor_model_parall
 vocab-parallel and the strided SwiGLU ``linear_fc1`` (``[gate_r; up_r]`` on rank r): the full tensor
 is cut into ``TP x stride`` equal blocks along ``partition_dim`` and rank r takes blocks
 ``r, r + TP, ...`` — the same rule Megatron uses when it initialises weights on the CPU. Pipeline
-stages are handled by naming: each layer knows its global ``layer_number``.
+stages are handled by naming: each layer knows its global ``layer_number``, and expert parallelism
+the same way: each MoE layer knows the global indices of the experts it holds (``local_expert_indices``),
+so an expert is named as it would be at EP=1 (``...mlp.experts.local_experts.<global index>...``).
 
 Gathering is the inverse (:func:`gather_shards`): given every TP rank's shard of a parameter, in rank
 order, it rebuilds the full tensor by the same rule. It is pure; collecting the shards over the TP group
@@ -20,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 _LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")
 _EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT = "output_layer.weight"
 # Transformer Engine's spec names the pre-attention / pre-MLP norms after the next (fused) linear layer.
@@ -40,15 +43,21 @@ def local_name(name: str) -> str:
 def iter_global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """``(global_name, param)`` for each parameter of a model chunk.
 
-    Global names are what the parameter is called in a TP=1, PP=1 model: decoder layer indices
-    are global (``layer_number - 1``), whatever pipeline stage holds them.
+    Global names are what the parameter is called in a TP=1, PP=1, EP=1 model: decoder layer indices
+    are global (``layer_number - 1``), whatever pipeline stage holds them, and so are expert indices,
+    whatever expert-parallel rank holds them.
     """
     layers = chunk.decoder.layers if hasattr(chunk, "decoder") else []
     for name, param in chunk.named_parameters():
         match = _LAYER_PREFIX.match(name)
         if match:
-            global_index = layers[int(match.group(1))].layer_number - 1
-            name = f"decoder.layers.{global_index}.{name[match.end() :]}"
+            layer = layers[int(match.group(1))]
+            rest = name[match.end() :]
+            expert = _LOCAL_EXPERT.match(rest)
+            if expert:
+                global_expert = layer.mlp.local_expert_indices[int(expert.group(1))]
+                rest = f"mlp.experts.local_experts.{global_expert}.{rest[expert.end() :]}"
+            name = f"decoder.layers.{layer.layer_number - 1}.{rest}"
         yield name, param
 
 

@@ -12,8 +12,8 @@ from atropos_megatron.weights.hf_architectures import (
     read_hf_config,
     resolve_architecture,
 )
-from atropos_megatron.weights.hf_mapping import hf_to_megatron, megatron_to_hf
-from tests.hf_models import VARIANTS, hf_state, tiny_hf_config, tiny_hf_model
+from atropos_megatron.weights.hf_mapping import hf_to_megatron, megatron_targets, megatron_to_hf
+from tests.hf_models import MOE_VARIANTS, VARIANTS, hf_state, tiny_hf_config, tiny_hf_model
 
 
 def test_each_architecture_reads_into_the_matching_model_config():
@@ -71,9 +71,43 @@ def test_features_we_cannot_reproduce_are_refused_by_name(model_type, overrides,
         model_config_from_hf(hf)
 
 
+def test_moe_architectures_read_their_expert_fields():
+    qwen3_moe = model_config_from_hf(tiny_hf_config("qwen3_moe").to_dict())
+    moe = qwen3_moe.moe
+    assert (moe.num_experts, moe.router_topk, moe.ffn_hidden_size, moe.normalize_topk) == (4, 2, 32, False)
+    assert (moe.dense_layers, qwen3_moe.moe_layers, qwen3_moe.ffn_hidden_size) == ([1], [0, 2, 3], 96)
+    assert qwen3_moe.qk_layernorm and moe.hf_layout == "qwen3_moe" and moe.router_aux_loss_coef == 0.001
+    # decoder_sparse_step=2: HF makes layers 1 and 3 sparse ((i + 1) % 2 == 0), plus mlp_only_layers.
+    stepped = model_config_from_hf(
+        tiny_hf_config("qwen3_moe", decoder_sparse_step=2, mlp_only_layers=[3]).to_dict()
+    )
+    assert stepped.moe_layers == [1]
+    mixtral = model_config_from_hf(tiny_hf_config("mixtral").to_dict())
+    assert (mixtral.moe.num_experts, mixtral.expert_ffn_hidden_size, mixtral.moe.normalize_topk) == (
+        4,
+        96,
+        True,
+    )
+    assert mixtral.moe_layers == [0, 1] and mixtral.moe.hf_layout == "mixtral" and not mixtral.qk_layernorm
+
+
+@pytest.mark.parametrize(
+    ("hf", "message"),
+    [
+        ({"model_type": "qwen2_moe"}, "shared experts"),
+        ({"model_type": "deepseek_v3"}, "latent attention"),
+        ({**tiny_hf_config("mixtral").to_dict(), "router_jitter_noise": 0.1}, "router_jitter_noise"),
+        ({**tiny_hf_config("llama").to_dict(), "num_local_experts": 8}, "mixture of experts in a dense"),
+    ],
+)
+def test_moe_features_we_cannot_reproduce_are_refused_by_name(hf, message):
+    with pytest.raises(ValueError, match=message):
+        model_config_from_hf(hf)
+
+
 def test_unknown_model_type_lists_the_supported_ones(tmp_path):
-    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
-        model_config_from_hf({"model_type": "qwen2_moe"})
+    with pytest.raises(ValueError, match="llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"):
+        model_config_from_hf({"model_type": "gpt2"})
     with pytest.raises(FileNotFoundError, match="config.json"):
         read_hf_config(tmp_path)
 
@@ -96,7 +130,7 @@ def test_qkv_is_interleaved_per_query_group_and_fc1_is_gate_then_up():
     assert out["decoder.layers.0.mlp.linear_fc1.weight"].squeeze(1).tolist() == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("model_type", VARIANTS)
+@pytest.mark.parametrize("model_type", [*VARIANTS, *MOE_VARIANTS])
 def test_hf_to_megatron_to_hf_is_bit_exact(model_type):
     model = tiny_hf_model(model_type)
     cfg = model_config_from_hf(model.config.to_dict())
@@ -126,6 +160,44 @@ def test_missing_and_unexpected_tensors_are_named():
         list(hf_to_megatron([("model.layers.7.mlp.down_proj.weight", torch.ones(1))], cfg, padded_vocab=256))
     with pytest.raises(ValueError, match="vocab_size=250"):
         list(hf_to_megatron([("model.embed_tokens.weight", torch.ones(300, 64))], cfg, padded_vocab=256))
+
+
+def test_experts_map_per_expert_with_gate_then_up_and_the_router_renamed():
+    model = tiny_hf_model("mixtral")
+    cfg = model_config_from_hf(model.config.to_dict())
+    state = hf_state(model)
+    mcore = dict(hf_to_megatron(state.items(), cfg, padded_vocab=256))
+    hf_expert, mcore_expert = (
+        "model.layers.1.block_sparse_moe.experts.3",
+        "decoder.layers.1.mlp.experts.local_experts.3",
+    )
+    fc1 = mcore[f"{mcore_expert}.linear_fc1.weight"]
+    assert torch.equal(fc1, torch.cat([state[f"{hf_expert}.w1.weight"], state[f"{hf_expert}.w3.weight"]]))
+    assert torch.equal(mcore[f"{mcore_expert}.linear_fc2.weight"], state[f"{hf_expert}.w2.weight"])
+    assert torch.equal(
+        mcore["decoder.layers.1.mlp.router.weight"], state["model.layers.1.block_sparse_moe.gate.weight"]
+    )
+    assert megatron_targets("model.layers.1.block_sparse_moe.experts.3.w3.weight", cfg) == (
+        f"{mcore_expert}.linear_fc1.weight",
+    )
+
+
+def test_moe_tensors_out_of_place_are_named():
+    model = tiny_hf_model("qwen3_moe")
+    cfg = model_config_from_hf(model.config.to_dict())
+    state = hf_state(model)
+    dense_in_moe_layer = {**state, "model.layers.0.mlp.down_proj.weight": torch.ones(64, 96)}
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj"):
+        list(hf_to_megatron(dense_in_moe_layer.items(), cfg, padded_vocab=256))
+    expert_in_dense_layer = {**state, "model.layers.1.mlp.experts.0.down_proj.weight": torch.ones(64, 32)}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.0"):
+        list(hf_to_megatron(expert_in_dense_layer.items(), cfg, padded_vocab=256))
+    ninth_expert = {**state, "model.layers.0.mlp.experts.8.down_proj.weight": torch.ones(64, 32)}
+    with pytest.raises(ValueError, match=r"experts\.8"):
+        list(hf_to_megatron(ninth_expert.items(), cfg, padded_vocab=256))
+    without_up = {k: v for k, v in state.items() if k != "model.layers.2.mlp.experts.1.up_proj.weight"}
+    with pytest.raises(ValueError, match=r"missing model\.layers\.2\.mlp\.experts\.1\.up_proj"):
+        list(hf_to_megatron(without_up.items(), cfg, padded_vocab=256))
 
 
 def test_model_hf_path_takes_the_architecture_from_config_json(tmp_path):

@@ -100,7 +100,8 @@ def test_layout_divides_world_into_data_parallel_groups():
     [
         (dict(tensor_parallel_size=2, pipeline_parallel_size=2), 6, "not divisible"),
         (dict(context_parallel_size=2), 2, "context_parallel_size.*Transformer Engine"),
-        (dict(expert_parallel_size=2), 2, "expert_parallel_size.*MoE"),
+        (dict(expert_parallel_size=4, tensor_parallel_size=2), 4, "expert_parallel_size.*data-parallel"),
+        (dict(expert_parallel_size=3), 4, "tensor_parallel_size x expert_parallel_size"),
     ],
 )
 def test_unsupported_layouts_are_rejected_with_the_field_named(sizes, world, match):
