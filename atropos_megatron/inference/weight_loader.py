@@ -5,7 +5,9 @@ first tensor is copied, so a bad request leaves the served weights untouched (SG
 weights after a failed disk load; validating first gives the same guarantee without a reload).
 Three sources: tensors already in memory (``/update_weights_from_tensor``), a safetensors directory
 (``/update_weights_from_disk``), and broadcasts from rank 0 of a weight-sync group
-(``/update_weights_from_distributed``). Tensors are full (TP=1) HF tensors; no sharding, no fusing.
+(``/update_weights_from_distributed``). Tensors are full (TP=1) HF tensors named as in a checkpoint; no
+sharding. A per-expert tensor of an MoE model is copied into its slice of transformers' fused expert
+parameter (``checkpoint_targets``), so any subset of experts may arrive in one request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from atropos_megatron.inference.checkpoint_targets import CheckpointTargets
 from atropos_megatron.sglang_wire import FLATTENED_BUCKET
 
 
@@ -31,20 +34,12 @@ class TensorSpec:
     dtype: torch.dtype
 
 
-def _targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every updatable tensor by HF name; a tied ``lm_head.weight`` aliases the input embedding."""
-    targets = dict(model.named_parameters())
-    targets.update({name: buf for name, buf in model.named_buffers() if name in model.state_dict()})
-    if getattr(model.config, "tie_word_embeddings", False):
-        output = model.get_output_embeddings()
-        if output is not None:
-            targets.setdefault("lm_head.weight", output.weight)
-    return targets
-
-
 def validate_specs(model: torch.nn.Module, specs: Iterable[TensorSpec]) -> None:
     """Raise :class:`WeightUpdateError` listing every unknown name, wrong shape or non-castable dtype."""
-    targets = _targets(model)
+    _validate(CheckpointTargets(model), specs)
+
+
+def _validate(targets: CheckpointTargets, specs: Iterable[TensorSpec]) -> None:
     problems: list[str] = []
     for spec in specs:
         target = targets.get(spec.name)
@@ -63,19 +58,19 @@ def validate_specs(model: torch.nn.Module, specs: Iterable[TensorSpec]) -> None:
 
 def apply_named_tensors(model: torch.nn.Module, named: Sequence[tuple[str, torch.Tensor]]) -> int:
     """Validate all of ``named``, then copy each into the model (cast to its dtype). Returns bytes read."""
-    validate_specs(model, [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in named])
-    targets = _targets(model)
+    targets = CheckpointTargets(model)
+    _validate(targets, [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in named])
     with torch.no_grad():
         for name, tensor in named:
-            targets[name].copy_(tensor)
+            targets.get(name).copy_(tensor)
     return sum(t.numel() * t.element_size() for _, t in named)
 
 
 def load_from_disk(model: torch.nn.Module, model_path: str) -> tuple[int, int]:
     """Copy every tensor of ``model_path/*.safetensors`` into the model; returns (tensors, bytes).
 
-    The directory must cover every model tensor (a tied ``lm_head`` may be absent). Shapes and dtypes
-    are read from the headers and validated before any tensor is loaded.
+    The directory must cover every checkpoint tensor of the model (a tied ``lm_head`` may be absent).
+    Shapes and dtypes are read from the headers and validated before any tensor is loaded.
     """
     from safetensors import safe_open
 
@@ -91,20 +86,22 @@ def load_from_disk(model: torch.nn.Module, model_path: str) -> tuple[int, int]:
                 dtype = _dtype_from_safetensors(piece.get_dtype())
                 specs.append(TensorSpec(name, tuple(piece.get_shape()), dtype))
                 where[name] = file
-    validate_specs(model, specs)
+    targets = CheckpointTargets(model)
+    _validate(targets, specs)
     tied = getattr(model.config, "tie_word_embeddings", False)
-    missing = set(dict(model.named_parameters())) - set(where) - ({"lm_head.weight"} if tied else set())
+    required = {name for param, _ in model.named_parameters() for name in targets.checkpoint_names(param)}
+    missing = required - set(where) - ({"lm_head.weight"} if tied else set())
     if missing:
         raise WeightUpdateError(
             f"update refused, no weight changed: {model_path} lacks {sorted(missing)[:5]}"
         )
-    targets, total = _targets(model), 0
+    total = 0
     with torch.no_grad():
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118
                     tensor = handle.get_tensor(name)
-                    targets[name].copy_(tensor)
+                    targets.get(name).copy_(tensor)
                     total += tensor.numel() * tensor.element_size()
     return len(specs), total
 

@@ -15,10 +15,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from atropos_megatron.config import LaunchConfig, ModelConfig, TrainConfig
+from atropos_megatron.config import LaunchConfig, ModelConfig, ParallelConfig, TrainConfig
 from atropos_megatron.launch.topology import check_topology, trainer_procs_per_node, trainer_world_size
 from atropos_megatron.trainer.checkpoint import lora_base_path
-from atropos_megatron.trainer.memory import estimate_memory, parameter_counts
+from atropos_megatron.trainer.memory import data_parallel_sizes, estimate_memory, parameter_counts
 from atropos_megatron.trainer.model import check_model_layout, uses_te_spec
 
 
@@ -38,30 +38,37 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
         )
     world, source = _world_size(cfg, world_size)
     layout = cfg.parallel
-    if world % layout.model_parallel_size:
+    try:
+        data_parallel_sizes(layout, world)
+    except ValueError as exc:  # name where the world size came from
         raise ValueError(
-            f"world size {world} ({source}) is not divisible by tensor_parallel_size x "
-            f"pipeline_parallel_size x context_parallel_size = {layout.tensor_parallel_size} x "
-            f"{layout.pipeline_parallel_size} x {layout.context_parallel_size}"
-        )
+            str(exc).replace(f"world size {world}", f"world size {world} ({source})", 1)
+        ) from None
     # The estimate reads hf_path itself; hand it the architecture resolved here instead.
     cfg = replace(cfg, model=replace(model, hf_path=None, dist_checkpoint=None))
     fused = uses_te_spec(model)  # TE's fused attention, unless LoRA needs the local spec
     estimate = estimate_memory(cfg, world, fused_attention=fused)
     lines = [note] if note else []
+    moe = model.moe.enabled
+    dense_mlp = len(model.moe_layers) < model.num_layers
     lines += [
         f"model: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads "
-        f"({model.query_groups} kv), ffn {model.ffn_hidden_size}, vocab {model.vocab_size}, {model.dtype}",
+        f"({model.query_groups} kv), {f'ffn {model.ffn_hidden_size}, ' if dense_mlp else ''}"
+        f"vocab {model.vocab_size}, {model.dtype}",
+        *([_moe_line(model)] if moe else []),
         f"layout: world {world} ({source}) = TP {layout.tensor_parallel_size} x PP "
         f"{layout.pipeline_parallel_size}"
         f"{f' (VPP {layout.virtual_pipeline_parallel_size})' if layout.virtual_pipeline_parallel_size else ''}"
         f" x CP {layout.context_parallel_size} x DP {estimate.data_parallel_size}",
-        "parameters per tensor-parallel rank:",
+        *([_expert_layout_line(model, layout, estimate.expert_data_parallel_size)] if moe else []),
+        f"parameters per tensor-parallel{' and expert-parallel' if moe else ''} rank:",
     ]
     for stage in parameter_counts(model, layout):
+        layers = f"{stage.num_layers} layers" + (f" ({stage.moe_layers} MoE)" if moe else "")
+        experts = f" ({stage.expert_params:,} in experts)" if moe else ""
         lines.append(
-            f"  pipeline rank {stage.pp_rank} chunk {stage.chunk}: {stage.num_layers} layers, "
-            f"{stage.total:,} parameters"
+            f"  pipeline rank {stage.pp_rank} chunk {stage.chunk}: {layers}, "
+            f"{stage.total:,} parameters{experts}"
         )
     lines.append(estimate.format_table())
     if cfg.grpo.kl_coef == 0:
@@ -83,6 +90,30 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
     )
     lines.append(spool_estimate(cfg))
     return "\n".join(lines)
+
+
+def _moe_line(model: ModelConfig) -> str:
+    """What each MoE layer holds and how it routes."""
+    moe = model.moe
+    dense = (
+        f"; dense MLP ({model.ffn_hidden_size} wide) in layers {moe.dense_layers}" if moe.dense_layers else ""
+    )
+    return (
+        f"MoE: {len(model.moe_layers)} of {model.num_layers} layers, {moe.num_experts} experts each "
+        f"({model.expert_ffn_hidden_size} wide), top {moe.router_topk}"
+        f"{' renormalised' if moe.normalize_topk else ''} per token{dense}"
+    )
+
+
+def _expert_layout_line(model: ModelConfig, layout: ParallelConfig, expert_data_parallel_size: int) -> str:
+    """Where the experts live: EP, their TP split, the expert-DP group and the dispatcher."""
+    ep, tp = layout.expert_parallel_size, layout.tensor_parallel_size
+    return (
+        f"experts: EP {ep} x expert TP {tp} x PP {layout.pipeline_parallel_size} x expert DP "
+        f"{expert_data_parallel_size}; each GPU holds {model.moe.num_experts // ep} of "
+        f"{model.moe.num_experts} experts per MoE layer, each split {tp} way{'s' if tp > 1 else ''}; "
+        f"expert gradients and optimizer state over expert DP; {layout.moe_token_dispatcher} dispatcher"
+    )
 
 
 SPOOL_BYTES_PER_TOKEN = 21

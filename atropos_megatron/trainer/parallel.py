@@ -59,6 +59,8 @@ class ParallelLayout:
     dp_rank: int
     ep: int = 1
     ep_rank: int = 0
+    expert_dp_rank: int = 0
+    """Which copy of this rank's experts it holds (ranks of one EP group hold different experts)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -284,6 +286,7 @@ def current_layout() -> ParallelLayout:
         dp_rank=ps.get_data_parallel_rank(),
         ep=ps.get_expert_model_parallel_world_size(),
         ep_rank=ps.get_expert_model_parallel_rank(),
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
     )
 
 

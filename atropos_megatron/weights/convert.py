@@ -52,9 +52,9 @@ _DESCRIPTION = """\
 Convert model checkpoints between HuggingFace (safetensors) and Megatron-Core (torch_dist).
 
   hf-to-mcore  HF directory -> Megatron distributed checkpoint. The checkpoint is layout-free: it
-               loads at any TP/PP that divides the model. --tp/--pp check that the layout you plan
-               to train with fits (heads, key/value groups, layers, vocabulary padding) before any
-               work starts. The HF config.json and tokenizer files are kept inside the checkpoint.
+               loads at any TP/PP/EP that divides the model. --tp/--pp/--ep check that the layout you
+               plan to train with fits (heads, key/value groups, layers, vocabulary padding, experts)
+               before any work starts. The HF config.json and tokenizer files are kept inside the checkpoint.
   mcore-to-hf  Megatron distributed checkpoint (ours, or Megatron-LM's with --hf-config) -> HF
                directory with sharded safetensors, an index, config.json and tokenizer files,
                loadable by transformers' from_pretrained as is.
@@ -133,6 +133,7 @@ def hf_to_mcore(
     tp: int = 1,
     pp: int = 1,
     vpp: int | None = None,
+    ep: int = 1,
     dtype: str | None = None,
     make_vocab_size_divisible_by: int = 128,
     verify_logits: bool = False,
@@ -155,6 +156,7 @@ def hf_to_mcore(
         tp=tp,
         pp=pp,
         vpp=vpp,
+        ep=ep,
         dtype=dtype,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
     )
@@ -177,7 +179,7 @@ def hf_to_mcore(
         with stage("write torch_dist checkpoint"):
             save_model(
                 [chunk], partial, model=model, padded_vocab=padded, hf_files=side_files(hf_dir),
-                extra={"converted_from": str(hf_dir), "checked_layout": {"tp": tp, "pp": pp, "vpp": vpp}},
+                extra={"converted_from": str(hf_dir), "checked_layout": {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep}},
             )  # fmt: skip
         parameters, nbytes = _size(chunk)
         os.replace(partial, out)
@@ -203,12 +205,17 @@ def config_dtype(hf_config: dict) -> str:
     return _HF_DTYPES.get(hf_config.get("dtype") or hf_config.get("torch_dtype"), "bf16")
 
 
-def model_for_layout(hf_config: dict, *, tp: int, pp: int, vpp: int | None, **fields) -> ModelConfig:
-    """The ModelConfig of a config.json, refused (naming the field) when it does not fit TP/PP/VPP."""
+def model_for_layout(
+    hf_config: dict, *, tp: int, pp: int, vpp: int | None, ep: int = 1, **fields
+) -> ModelConfig:
+    """The ModelConfig of a config.json, refused (naming the field) when it does not fit TP/PP/VPP/EP."""
     from atropos_megatron.trainer.model import check_model_layout
 
     layout = ParallelConfig(
-        tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_parallel_size=vpp
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        virtual_pipeline_parallel_size=vpp,
+        expert_parallel_size=ep,
     )
     try:
         model = model_config_from_hf(hf_config, **fields)
@@ -463,6 +470,9 @@ def build_parser(prog: str = "atropos-megatron convert") -> argparse.ArgumentPar
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check against")
     to_mcore.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank")
     to_mcore.add_argument(
+        "--ep", type=int, default=1, help="expert-parallel size to check a mixture-of-experts model against"
+    )
+    to_mcore.add_argument(
         "--dtype",
         choices=DTYPES,
         default=None,
@@ -534,7 +544,7 @@ def _run(args: argparse.Namespace) -> ConversionReport:
         )  # fmt: skip
     if args.direction == "hf-to-mcore":
         return hf_to_mcore(
-            args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=args.dtype,
+            args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, dtype=args.dtype,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             verify_logits=args.verify, tolerance=args.tolerance,
         )  # fmt: skip

@@ -12,6 +12,11 @@ one *sender* rank (pipeline stage 0, TP rank 0, data-parallel replica 0):
 - the sender maps each Megatron tensor to HF tensors (``hf_mapping.megatron_to_hf``: fused q/k/v and
   gate/up split, vocabulary padding cut), optionally casts them, and packs them into buckets.
 
+MoE experts are also split over the expert-parallel ranks, which are data-parallel ranks of the dense
+layers: after its TP gather, each expert is gathered over the EP group to EP rank 0 (which is in
+data-parallel replica 0), named by its global index, and then travels like any other tensor. Only one
+copy of each expert takes part (expert data-parallel rank 0).
+
 With LoRA the adapters are merged: a linear layer that carries them is exported as
 ``W + scale * B A``, computed per shard before the TP gather (``LinearAdapters.merged_weight``), and
 the factors themselves are not sent, so the servers run a plain HF model.
@@ -22,7 +27,7 @@ have no ``lm_head``. Memory beyond the model: the sender holds one bucket plus t
 every other rank at most one gathered tensor.
 
 Deliberately not here: the transport to the inference servers (the bridge's job; it consumes the
-buckets on the sender), quantisation, MoE experts, and context parallelism (replicas along CP would
+buckets on the sender), quantisation, and context parallelism (replicas along CP would
 each run an export; ``parallel.py`` does not expose the CP rank yet).
 """
 
@@ -38,12 +43,18 @@ from atropos_megatron.config import LoraConfig, ModelConfig
 from atropos_megatron.trainer import parallel
 from atropos_megatron.weights.hf_mapping import megatron_to_hf
 from atropos_megatron.weights.lora_layout import ADAPTER_MODULE, is_adapter_name, megatron_to_peft_name
-from atropos_megatron.weights.megatron_shards import gather_shards, iter_global_params
+from atropos_megatron.weights.megatron_shards import (
+    gather_shards,
+    is_expert_name,
+    iter_global_params,
+    shift_expert,
+)
 
 Progress = Callable[[int], object]
 """Called on the sender with the bytes of each bucket as it is handed out (e.g. a tqdm bar's ``update``)."""
 
 _OUTPUT = "output_layer.weight"
+_ROUTER = ".mlp.router.weight"  # replicated over TP
 
 
 @dataclass(frozen=True)
@@ -141,17 +152,21 @@ def export_hf_tensors(
     may be views of the sender's own parameters: read them, never modify them.
     """
     layout = parallel.current_layout()
-    if layout.dp_rank != 0:
+    holds_other_experts = layout.ep > 1 and layout.expert_dp_rank == 0
+    if layout.dp_rank != 0 and not holds_other_experts:
         return
     params = _exported_params(
         chunks,
         layout,
         lambda name: (
             not (model.tie_word_embeddings and name == _OUTPUT)  # HF has no lm_head when tied
-            and not is_adapter_name(name)
-        ),  # merged into their layer's weight instead
+            and not is_adapter_name(name)  # merged into their layer's weight instead
+        ),
     )
-    for name, full in _full_tensors(params, layout, _adapters_by_weight(chunks)):
+    if layout.dp_rank != 0:  # another data-parallel replica: only its own experts
+        params = [(name, param) for name, param in params if is_expert_name(name)]
+    experts_per_rank = model.moe.num_experts // layout.ep
+    for name, full in _full_tensors(params, layout, _adapters_by_weight(chunks), experts_per_rank):
         hf_tensors = megatron_to_hf([(name, full)], model)
         del full  # (and every other reference below) so that the next gather is the only full tensor
         for hf_name, tensor in hf_tensors:
@@ -173,7 +188,7 @@ def export_adapter_tensors(
         return
     params = _exported_params(chunks, layout, is_adapter_name)
     fold = lora.scale / served_lora(lora).scale
-    for name, full in _full_tensors(params, layout, {}):
+    for name, full in _full_tensors(params, layout, {}, experts_per_rank=0):
         tensor = full * fold if fold != 1.0 and name.endswith("lora_B.weight") else full
         del full
         yield megatron_to_peft_name(name), tensor if dtype is None else tensor.to(dtype)
@@ -239,8 +254,8 @@ def _check_split_attributes(params: list[tuple[str, torch.nn.Parameter]], tp_siz
 
     Megatron's local-spec layers set ``tensor_model_parallel`` on their weights only while initialising
     them, so a model built with ``perform_initialization=False`` has none. Every matrix of a GPT model
-    (embedding, output layer, linear layers) is split, so a matrix without the attribute at TP > 1
-    means the attributes are missing, not that the matrix is replicated.
+    (embedding, output layer, linear layers) except the MoE router is split, so a matrix without the
+    attribute at TP > 1 means the attributes are missing, not that the matrix is replicated.
 
     Raises:
         ValueError: naming the parameters (before any communication, so every rank raises).
@@ -248,7 +263,9 @@ def _check_split_attributes(params: list[tuple[str, torch.nn.Parameter]], tp_siz
     if tp_size == 1:
         return
     missing = [
-        name for name, param in params if param.dim() >= 2 and not hasattr(param, "tensor_model_parallel")
+        name
+        for name, param in params
+        if param.dim() >= 2 and not hasattr(param, "tensor_model_parallel") and not name.endswith(_ROUTER)
     ]
     if missing:
         raise ValueError(
@@ -273,32 +290,52 @@ def _full_tensors(
     params: list[tuple[str, torch.nn.Parameter]],
     layout: parallel.ParallelLayout,
     adapters: dict[int, torch.nn.Module],
+    experts_per_rank: int,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full Megatron ``(global name, tensor)`` of every stage on the sender, stage by stage.
 
-    A weight in ``adapters`` is sent merged with its layer's LoRA adapters.
+    A weight in ``adapters`` is sent merged with its layer's LoRA adapters. Each expert parameter of
+    EP rank 0 comes with the same local expert of every other EP rank (``experts_per_rank`` apart).
     """
     tp_group = parallel.tensor_parallel_group()
     pp_group = parallel.pipeline_parallel_group()
-    sender = layout.pp_rank == 0 and layout.tp_rank == 0
+    ep_group = parallel.expert_parallel_group() if layout.ep > 1 else None
+    stage_head = layout.tp_rank == 0 and layout.ep_rank == 0  # sends its stage's tensors to the sender
+    sender = stage_head and layout.pp_rank == 0
     stages: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []
-    if layout.pp > 1 and layout.tp_rank == 0:  # TP rank 0 of every stage; other TP ranks never send
-        local = [(name, _full_shape(param, layout.tp), param.dtype) for name, param in params]
+    if layout.pp > 1 and stage_head:  # other TP and EP ranks never send to the sender
+        local = [
+            (each, _full_shape(param, layout.tp), param.dtype)
+            for name, param in params
+            for each in _ep_names(name, layout.ep if ep_group else 1, experts_per_rank)
+        ]
         stages = [[] for _ in range(layout.pp)]
         dist.all_gather_object(stages, local, group=pp_group)
     for name, param in params:
         wrapped = adapters.get(id(param))
         local = param.detach() if wrapped is None else wrapped.merged_weight(param.detach())
         full = _gather_tp(param, local, layout, tp_group)
-        if sender:
-            yield name, full
-        elif full is not None:
-            dist.send(full, group=pp_group, group_dst=0)
-            if full.is_cuda:
-                # NCCL returns before the send is done and keeps `full` alive until it is: wait, so that a
-                # stage holds one gathered tensor at a time rather than its whole share of the model.
-                torch.cuda.current_stream(full.device).synchronize()
-        del full
+        if full is None:
+            continue
+        if ep_group is not None and is_expert_name(name):
+            gathered = _gather_ep(full, layout, ep_group)
+            del full
+            named = (
+                zip(_ep_names(name, layout.ep, experts_per_rank), gathered, strict=True) if gathered else ()
+            )
+        else:
+            named = [(name, full)]
+            del full
+        for each, tensor in named:
+            if sender:
+                yield each, tensor
+            else:
+                dist.send(tensor, group=pp_group, group_dst=0)
+                if tensor.is_cuda:
+                    # NCCL returns before the send is done and keeps the tensor alive until it is: wait, so
+                    # that a stage holds one gathered tensor at a time rather than its share of the model.
+                    torch.cuda.current_stream(tensor.device).synchronize()
+            del tensor
     if sender:
         device = params[0][1].device if params else torch.device("cpu")
         for stage in range(1, layout.pp):
@@ -307,6 +344,26 @@ def _full_tensors(
                 dist.recv(full, group=pp_group, group_src=stage)
                 yield name, full
                 del full
+
+
+def _ep_names(name: str, ep_size: int, experts_per_rank: int) -> list[str]:
+    """Global names of ``name`` on each EP rank, in rank order (``[name]`` for non-expert tensors)."""
+    if ep_size == 1 or not is_expert_name(name):
+        return [name]
+    return [shift_expert(name, rank * experts_per_rank) for rank in range(ep_size)]
+
+
+def _gather_ep(
+    full: torch.Tensor, layout: parallel.ParallelLayout, ep_group: dist.ProcessGroup
+) -> list[torch.Tensor]:
+    """Every EP rank's tensor in the place of ``full`` (same local expert), on EP rank 0; ``[]`` elsewhere."""
+    full = full.contiguous()
+    if layout.ep_rank != 0:
+        dist.gather(full, None, group=ep_group, group_dst=0)
+        return []
+    gathered = [torch.empty_like(full) for _ in range(layout.ep)]
+    dist.gather(full, gathered, group=ep_group, group_dst=0)
+    return gathered
 
 
 def _full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:

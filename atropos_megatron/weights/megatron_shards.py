@@ -61,6 +61,19 @@ def iter_global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.P
         yield name, param
 
 
+def is_expert_name(name: str) -> bool:
+    """Whether a global parameter name is a routed expert's (held by one expert-parallel rank)."""
+    return ".mlp.experts.local_experts." in name
+
+
+def shift_expert(name: str, offset: int) -> str:
+    """An expert's global ``name`` with its expert index moved by ``offset`` (the same local expert
+    on another expert-parallel rank: ``offset = ep_rank x experts per rank``)."""
+    prefix, rest = name.split(".mlp.experts.local_experts.", 1)
+    index, tail = rest.split(".", 1)
+    return f"{prefix}.mlp.experts.local_experts.{int(index) + offset}.{tail}"
+
+
 def shard_tensor(full: torch.Tensor, param: torch.Tensor, *, tp_rank: int, tp_size: int) -> torch.Tensor:
     """The slice of ``full`` that ``param`` holds on tensor-parallel rank ``tp_rank``."""
     if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:

@@ -12,6 +12,7 @@ from atropos_megatron.config import (
     GRPOConfig,
     LoraConfig,
     ModelConfig,
+    MoEConfig,
     OptimizerConfig,
     ParallelConfig,
     TrainConfig,
@@ -104,6 +105,89 @@ def test_parameter_counts_match_megatron_models_on_every_rank():
         if layout_name == "TP=1":
             assert total_parameters(model) == per_rank[0][model_name, layout_name][1][0]
     assert checked == 2 * len(MODELS) * len(LAYOUTS)
+
+
+# Two small MoE models: Qwen3-MoE-like (qk norm, GQA, experts narrower than the dense MLP, one dense
+# layer, so pipeline stages and VPP chunks differ) and Mixtral-like (every layer MoE, experts as wide
+# as ffn_hidden_size, LayerNorm + tied embeddings for the optional parameters).
+MOE_MODELS = {
+    "qwen3moe-like": dict(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=24,
+        qk_layernorm=True,
+        vocab_size=200,
+        moe=MoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=32, dense_layers=[1]),
+    ),
+    "mixtral-like": dict(
+        num_layers=4,
+        hidden_size=48,
+        ffn_hidden_size=80,
+        num_attention_heads=4,
+        vocab_size=300,
+        normalization="LayerNorm",
+        tie_word_embeddings=True,
+        moe=MoEConfig(num_experts=8, router_topk=2),
+    ),
+}
+MOE_LAYOUTS = {  # on 4 ranks
+    "EP=1 DP=4": dict(),
+    "EP=4": dict(expert_parallel_size=4),
+    "TP=2 EP=2": dict(tensor_parallel_size=2, expert_parallel_size=2, sequence_parallel=True),
+    "PP=2 EP=2": dict(pipeline_parallel_size=2, expert_parallel_size=2),
+    "PP=2xVPP=2 EP=2": dict(
+        pipeline_parallel_size=2, virtual_pipeline_parallel_size=2, expert_parallel_size=2
+    ),
+    "TP=2 PP=2 allgather": dict(
+        tensor_parallel_size=2,
+        pipeline_parallel_size=2,
+        sequence_parallel=True,
+        moe_token_dispatcher="allgather",
+    ),
+}
+
+
+def _count_megatron_moe_params(rank, world_size):
+    """``{(model, layout): (pp_rank, [numel per chunk], [expert numel per chunk])}`` on this rank."""
+    from atropos_megatron.trainer import parallel
+    from atropos_megatron.trainer.model import build_model
+
+    parallel.init_distributed(ParallelConfig(), seed=0)
+    counts = {}
+    for layout_name, layout_kwargs in MOE_LAYOUTS.items():
+        layout = ParallelConfig(**layout_kwargs)
+        placement = parallel.setup_model_parallel(layout, seed=0)
+        for model_name, model_kwargs in MOE_MODELS.items():
+            chunks = build_model(ModelConfig(**model_kwargs), layout, initialize=False)
+            numels = [sum(p.numel() for p in chunk.parameters()) for chunk in chunks]
+            experts = [
+                sum(p.numel() for name, p in chunk.named_parameters() if ".mlp.experts." in name)
+                for chunk in chunks
+            ]
+            counts[model_name, layout_name] = (placement.pp_rank, numels, experts)
+    return counts
+
+
+@pytest.mark.distributed
+def test_moe_parameter_counts_match_megatron_models_on_every_rank(report):
+    per_rank = run_ranks(_count_megatron_moe_params, 4, timeout_s=300)
+    checked = 0
+    for model_name, model_kwargs in MOE_MODELS.items():
+        model = ModelConfig(**model_kwargs)
+        for layout_name, layout_kwargs in MOE_LAYOUTS.items():
+            expected = parameter_counts(model, ParallelConfig(**layout_kwargs))
+            for rank_counts in per_rank:
+                pp_rank, numels, experts = rank_counts[model_name, layout_name]
+                mine = [stage for stage in expected if stage.pp_rank == pp_rank]
+                assert [stage.total for stage in mine] == numels, (model_name, layout_name, pp_rank)
+                assert [stage.expert_params for stage in mine] == experts, (model_name, layout_name, pp_rank)
+                checked += 1
+        assert total_parameters(model) == sum(per_rank[0][model_name, "EP=1 DP=4"][1])
+    assert checked == 4 * len(MOE_MODELS) * len(MOE_LAYOUTS)
+    report(f"MoE parameter counts equal Megatron's on {checked} (model, layout, rank) cases")
 
 
 def test_tied_embedding_is_counted_once_with_one_stage_and_twice_with_two():
