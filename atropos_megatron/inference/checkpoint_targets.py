@@ -72,6 +72,17 @@ class CheckpointTargets:
         experts = range(self._params[param_name].shape[0])
         return [f"{block}experts.{e}.{leaf}.weight" for e in experts for leaf in leaves]
 
+    def why_unknown(self, name: str) -> str:
+        """What to tell a client whose ``name`` resolved to nothing ("" when "unknown" says it all)."""
+        if self._in_memory_only(name):
+            example = self.checkpoint_names(name)[0]
+            return f"an in-memory transformers name; send checkpoint names like {example!r}"
+        match = None if self._expert_name is None else self._expert_name.fullmatch(name)
+        fused = None if match is None else self._params.get(f"{match['layer']}.mlp.experts.down_proj")
+        if fused is not None and match["expert"] is not None:
+            return f"the layer has experts 0..{fused.shape[0] - 1}"
+        return ""
+
     def _in_memory_only(self, name: str) -> bool:
         """A fused expert tensor, or a router whose checkpoint block is not ``mlp`` (Mixtral)."""
         match = None if self._layout is None else _IN_MEMORY.fullmatch(name)
@@ -93,7 +104,7 @@ class CheckpointTargets:
 
 
 def _expert_name_pattern(layout: ExpertLayout) -> re.Pattern[str]:
-    """``model.layers.N.<block>.experts.E.<leaf>.weight`` or the router ``model.layers.N.<block>.gate.weight``.
+    """``model.layers.N.<block>.experts.E.<leaf>.weight``, or ``model.layers.N.<block>.gate.weight``.
 
     Indices without leading zeros: SGLang matches ``experts.{E}.{leaf}.`` as text, so ``experts.03``
     would reach no expert there either.

@@ -44,7 +44,8 @@ def _validate(targets: CheckpointTargets, specs: Iterable[TensorSpec]) -> None:
     for spec in specs:
         target = targets.get(spec.name)
         if target is None:
-            problems.append(f"unknown parameter {spec.name!r}")
+            reason = targets.why_unknown(spec.name)
+            problems.append(f"unknown parameter {spec.name!r}" + (f" ({reason})" if reason else ""))
         elif tuple(spec.shape) != tuple(target.shape):
             problems.append(f"{spec.name}: shape {list(spec.shape)} != model's {list(target.shape)}")
         elif spec.dtype != target.dtype and not (

@@ -111,7 +111,7 @@ def _expert_layout_line(model: ModelConfig, layout: ParallelConfig, expert_data_
     return (
         f"experts: EP {ep} x expert TP {tp} x PP {layout.pipeline_parallel_size} x expert DP "
         f"{expert_data_parallel_size}; each GPU holds {model.moe.num_experts // ep} of "
-        f"{model.moe.num_experts} experts per MoE layer, each split {tp} way{'s' if tp > 1 else ''}; "
+        f"{model.moe.num_experts} experts per MoE layer, {f'each split {tp} ways by TP' if tp > 1 else 'whole'}; "
         f"expert gradients and optimizer state over expert DP; {layout.moe_token_dispatcher} dispatcher"
     )
 

@@ -124,7 +124,13 @@ class Trainer:
         )
         # initialize=True even before loading weights: Megatron marks how each matrix is split over
         # TP only while initialising, and the weight export needs those marks.
-        chunks = build_model(self.model, cfg.parallel, padded_vocab=self.padded_vocab)
+        chunks = build_model(
+            self.model,
+            cfg.parallel,
+            padded_vocab=self.padded_vocab,
+            moe_aux_loss_coef=self._moe_aux_loss_coef(),
+            moe_z_loss_coef=cfg.grpo.moe_z_loss_coef,
+        )
         self._load_initial_weights(chunks)
         # LoRA: adapters on the loaded base, before DDP (it buckets only what needs gradients), so the
         # optimizer holds only adapters; the reference is the base itself with the adapters off.
@@ -135,6 +141,7 @@ class Trainer:
         self.state = build_train_state(
             chunks, self.model, cfg.optimizer, total_steps=cfg.steps * cfg.grpo.updates_per_batch
         )
+        self.router_stats = self._watch_routers()
         self.progress = checkpoint.Progress(
             step=0, weight_version="0", layout=(self.layout.tp, self.layout.pp, self.layout.dp)
         )
@@ -154,6 +161,29 @@ class Trainer:
                 )
                 self.progress = replace(restored, layout=(self.layout.tp, self.layout.pp, self.layout.dp))
                 self._log(f"resumed from {path} at step {self.progress.step}")
+
+    def _moe_aux_loss_coef(self) -> float:
+        """``grpo.moe_aux_loss_coef``, or the model's own coefficient when it is null (0 for dense)."""
+        configured = self.cfg.grpo.moe_aux_loss_coef
+        if not self.model.moe.enabled:
+            return 0.0
+        return self.model.moe.router_aux_loss_coef if configured is None else configured
+
+    def _watch_routers(self):
+        """MoE models: routing metrics per step (``trainer/moe_metrics.py``); None for dense ones."""
+        if not self.model.moe.enabled:
+            return None
+        from atropos_megatron.trainer.moe_metrics import RouterStats
+
+        parallel_cfg = self.cfg.parallel
+        self._log(
+            f"MoE: {self.model.moe.num_experts} experts, top-{self.model.moe.router_topk}, "
+            f"{len(self.model.moe_layers)} of {self.model.num_layers} layers; EP={parallel_cfg.expert_parallel_size} "
+            f"({parallel_cfg.moe_token_dispatcher} dispatcher); aux-loss coefficient {self._moe_aux_loss_coef():g}, "
+            f"z-loss {self.cfg.grpo.moe_z_loss_coef:g}"
+        )
+        counts_tokens = parallel_cfg.sequence_parallel or self.layout.tp_rank == 0
+        return RouterStats(self.state.chunks, self.model, counts_tokens=counts_tokens)
 
     def _load_initial_weights(self, chunks: list[torch.nn.Module]) -> None:
         if self.model.dist_checkpoint is not None:
@@ -267,6 +297,8 @@ class Trainer:
             per_micro_batch += records
             metrics = optimizer_step(self.state)
         loss_metrics = gather_loss_metrics(per_micro_batch)
+        if self.router_stats is not None:
+            metrics.update(self.router_stats.step_metrics())  # collective
         self.progress = replace(
             self.progress,
             step=self.progress.step + 1,

@@ -12,7 +12,6 @@ Log-probs are compared in fp32 with the HF model's in this process.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import types
@@ -31,6 +30,7 @@ ADMIN_KEY = "admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PROBE = [5, 17, 42, 99, 3, 249, 128, 64, 7, 31, 200, 11, 150, 77, 23, 180]
 TOL = 1e-6
+DECODE_TOL = 1e-5  # decode steps reuse the KV cache; the reference is one full forward pass
 EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
 GATE_LEAF = {"qwen3_moe": "gate_proj", "mixtral": "w1"}
 
@@ -47,7 +47,11 @@ def moe(request, tmp_path_factory):
     tiny_tokenizer().save_pretrained(root / "tok")  # AutoTokenizer would pick the family's own class
     sglang_wire.use_file_system_sharing()  # how SGLang clients send CPU tensors to another process
     with ReferenceServer(
-        root / "a", tokenizer_path=root / "tok", admin_api_key=ADMIN_KEY, weight_version="A"
+        root / "a",
+        tokenizer_path=root / "tok",
+        served_model_name="tiny",
+        admin_api_key=ADMIN_KEY,
+        weight_version="A",
     ) as server:
         yield types.SimpleNamespace(arch=arch, root=root, server=server, models=models)
 
@@ -96,7 +100,8 @@ def half_updated_model(moe, names: list[str]):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    state = {**hf_state(moe.models["A"]), **{n: hf_state(moe.models["B"])[n] for n in names}}
+    b = hf_state(moe.models["B"])
+    state = {**hf_state(moe.models["A"]), **{n: b[n] for n in names}}
     directory = moe.root / "half"
     directory.mkdir(exist_ok=True)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -139,8 +144,8 @@ def test_state_names_resolve_to_the_fused_slices_transformers_writes(moe):
     assert names == set(state)
     for name, tensor in state.items():
         assert torch.equal(targets.get(name), tensor), name
-    fused = [n for n, _ in model.named_parameters() if ".experts." in n]
-    assert fused and all(targets.get(n) is None for n in fused)  # in-memory names are no checkpoint names
+    in_memory_only = set(dict(model.named_parameters())) - set(state)  # fused experts, Mixtral's router
+    assert in_memory_only and all(targets.get(n) is None for n in in_memory_only)
 
 
 def test_tensor_route_updates_exactly_the_slices_sent(moe, report):
@@ -184,9 +189,9 @@ def test_distributed_route_in_two_buckets(moe, report):
                 split_buckets(moe.arch, state), (None, "flattened_bucket"), strict=True
             ):
                 named = [(n, state[n]) for n in names]
-                body = {"names": names, "dtypes": ["float32"] * len(names), "shapes": [list(t.shape) for _, t in named],
-                        "group_name": name, "load_format": load_format, "flush_cache": False,
-                        "weight_version": "B"}  # fmt: skip
+                body = {"names": names, "dtypes": ["float32"] * len(names),
+                        "shapes": [list(t.shape) for _, t in named], "group_name": name,
+                        "load_format": load_format, "flush_cache": False, "weight_version": "B"}  # fmt: skip
                 pending = pool.submit(post, moe, "/update_weights_from_distributed", body)
                 if load_format is None:
                     for _, tensor in named:
@@ -204,13 +209,13 @@ def test_distributed_route_in_two_buckets(moe, report):
 
 def test_bad_expert_names_and_shapes_are_refused_whole(moe):
     state = hf_state(moe.models["B"])
-    good = next(n for n in state if EXPERT.fullmatch(n))
-    experts = json.loads((moe.root / "a" / "config.json").read_text())
-    count = experts.get("num_experts") or experts["num_local_experts"]
+    valid, good = next(iter(state)), next(n for n in state if EXPERT.fullmatch(n))
+    config = moe.models["A"].config
+    count = getattr(config, "num_experts", None) or config.num_local_experts
     unknown = re.sub(r"experts\.\d+\.", f"experts.{count}.", good)
     fused = "model.layers.0.mlp.experts.gate_up_proj"
     for name, tensor in ((unknown, state[good]), (good, state[good].t()), (fused, torch.zeros(1))):
-        named = [(next(iter(state)), state[next(iter(state))]), (name, tensor.contiguous())]
+        named = [(valid, state[valid]), (name, tensor.contiguous())]
         body = {"serialized_named_tensors": sglang_wire.encode_tensor_update(named, load_format=None),
                 "flush_cache": False}  # fmt: skip
         assert post(moe, "/begin_weight_update", {}).json()["success"]
@@ -219,3 +224,26 @@ def test_bad_expert_names_and_shapes_are_refused_whole(moe):
         assert response.status_code == 400 and not response.json()["success"]
         assert name in response.json()["message"], response.json()["message"]
     assert_serves(moe, moe.models["A"], "A")  # the valid tensor beside each bad one was not applied either
+
+
+def test_greedy_decode_and_completions_match_transformers(moe, report):
+    """Decoding with the KV cache and the OpenAI route serve the MoE model as transformers runs it."""
+    model, prompt = moe.models["A"], PROBE[:6]
+    greedy = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[
+        0, len(prompt) :
+    ].tolist()
+    sampling = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    body = {"input_ids": prompt, "sampling_params": sampling, "return_logprob": True}
+    out = httpx.post(moe.server.url + "/generate", json=body, timeout=60).json()
+    assert out["output_ids"] == greedy
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + greedy])).logits[0, len(prompt) - 1 : -1].float()
+    expected = (
+        torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(greedy)[:, None]).squeeze(-1).tolist()
+    )
+    diff = max_diff([e[0] for e in out["meta_info"]["output_token_logprobs"]], expected)
+    report(f"{moe.arch} greedy decode: max|dlogprob|={diff:.2e}")
+    assert diff < DECODE_TOL
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 1, "n": 2}
+    choices = httpx.post(moe.server.url + "/v1/completions", json=body, timeout=60).json()["choices"]
+    assert [c["logprobs"]["tokens"] for c in choices] == [[f"w{t}" for t in greedy[:4]]] * 2

@@ -22,10 +22,13 @@ from atropos_megatron.trainer.memory import (
     GIB,
     estimate_memory,
     in_flight_chunk_passes,
+    layer_activation_bytes,
     lora_params_per_pipeline_rank,
     micro_batch_shape,
+    moe_dispatch_bytes,
     parameter_counts,
     params_per_pipeline_rank,
+    router_score_tensors,
     total_parameters,
 )
 from tests.harness import run_ranks
@@ -449,3 +452,126 @@ def test_recompute_lowers_the_activation_estimate_as_documented():
     assert full.activations_bytes == 2 * 256 * 64 * 2 + per_layer + workspace + head
     # With two layers, holding one recomputed layer whole (scores included) costs more than selective.
     assert selective.activations_bytes < full.activations_bytes < none.activations_bytes
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ------------------------------------------------------------------------------------------------
+
+
+def _small_moe_run(world_size=2, dispatcher="alltoall", ep=2, **sections) -> tuple[TrainConfig, int]:
+    model = dataclasses.replace(
+        _small_run()[0].model, moe=MoEConfig(num_experts=4, router_topk=1, ffn_hidden_size=32)
+    )
+    parallel = ParallelConfig(expert_parallel_size=ep, moe_token_dispatcher=dispatcher)
+    return _small_run(world_size, **{"model": model, "parallel": parallel, **sections})
+
+
+def test_small_moe_case_matches_the_hand_computed_bytes():
+    estimate = estimate_memory(*_small_moe_run(grpo=GRPOConfig(fused_linear="never")))
+    # One expert: fc1 (2*32 x 64) + fc2 (64 x 32) = 6144. One layer on an EP=2 rank: 2 RMSNorms (128)
+    # + QKV (12288) + proj (4096) + router (4 x 64 = 256) + 2 of the 4 experts (12288) = 29056.
+    layer, experts = 128 + 12288 + 4096 + 256 + 2 * 6144, 2 * 2 * 6144
+    params = 2 * layer + 8192 + 64 + 8192  # + embedding, final norm, output layer
+    assert params == 74560
+    total = params + 2 * 2 * 6144  # every expert: EP=1
+    assert estimate.total_params == total == 99136
+    assert estimate.active_params == total - 2 * 3 * 6144  # top-1: 3 of the 4 experts unused per layer
+    assert estimate.data_parallel_size == 2 and estimate.expert_data_parallel_size == 1
+    (stage,) = estimate.stages
+    assert stage.params == params and stage.expert_params == experts
+    assert stage.weights_bytes == params * 2 and stage.grads_bytes == params * 4
+    # Dense state sharded over DP=2, experts' over expert DP = 2 / (TP 1 x EP 2 x PP 1) = 1.
+    assert stage.optimizer_bytes == (params - experts) * 12 // 2 + experts * 12
+    # Activations, T = 256 tokens: attention and norms as in the dense case (262144 bytes + 131072
+    # scores x 6 bytes); MoE: 256 copies (top-1) x ((64 + 5 x 32) x 2 bytes + 12 routing bytes) + the
+    # router's one fp32 [256, 4] tensor and its routing map (+2 bytes): 256 x 4 x 6.
+    per_layer = 262144 + 131072 * 6 + 256 * (224 * 2 + 12) + 256 * 4 * 6
+    workspace = 131072 * 6  # the attention scores' buffers outweigh the dispatch (98304 bytes)
+    head = 2 * 256 * 64 * 2
+    assert stage.activations_bytes == 2 * per_layer + workspace + head
+
+
+def test_expert_state_shards_over_expert_data_parallel_ranks():
+    two, eight = (estimate_memory(*_small_moe_run(world)).stages[0] for world in (2, 8))
+    dense = two.params - two.expert_params
+    assert estimate_memory(*_small_moe_run(8)).expert_data_parallel_size == 4
+    assert eight.optimizer_bytes == dense * 12 // 8 + two.expert_params * 12 // 4
+    assert eight.weights_bytes == two.weights_bytes  # EP, not DP, splits the experts
+    ep1 = estimate_memory(*_small_moe_run(8, ep=1)).stages[0]
+    assert ep1.expert_params == 2 * two.expert_params and ep1.params - ep1.expert_params == dense
+
+
+def test_allgather_dispatch_gathers_every_token_of_the_tp_ep_group():
+    fused = dict(fused_attention=True)  # no attention workspace: the dispatch buffers show
+    alltoall = estimate_memory(*_small_moe_run(), **fused).stages[0]
+    allgather = estimate_memory(*_small_moe_run(dispatcher="allgather"), **fused).stages[0]
+    # alltoall: expert output (256 x 64 x 2) + permuted copies and receive buffer (2 x 256 x 64 x 2);
+    # allgather: expert output + 512 gathered rows x (64 x (2 + 2 + 4) + 4 experts x 5) bytes.
+    assert moe_dispatch_bytes(
+        _small_moe_run()[0].model, ParallelConfig(expert_parallel_size=2), tokens=256
+    ) == (3 * 256 * 64 * 2)
+    assert allgather.activations_bytes - alltoall.activations_bytes == 512 * (64 * 8 + 20) - 2 * 256 * 64 * 2
+
+
+def test_router_keeps_one_more_fp32_score_tensor_per_loss():
+    model = _small_moe_run()[0].model
+    assert router_score_tensors(model, 0.0, 0.0) == 1
+    assert router_score_tensors(model, 1e-3, 1e-3) == 3
+    unnormalised = dataclasses.replace(model, moe=dataclasses.replace(model.moe, normalize_topk=False))
+    assert router_score_tensors(unnormalised, 0.0, 0.0) == 2
+    without = estimate_memory(*_small_moe_run()).stages[0]
+    # grpo.moe_aux_loss_coef null: the model's router_aux_loss_coef decides.
+    aux_model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, router_aux_loss_coef=1e-3))
+    with_aux = estimate_memory(*_small_moe_run(model=aux_model)).stages[0]
+    assert with_aux.activations_bytes - without.activations_bytes == 2 * 256 * 4 * 4  # 2 layers
+    off = estimate_memory(*_small_moe_run(model=aux_model, grpo=GRPOConfig(moe_aux_loss_coef=0.0)))
+    assert off.stages[0].activations_bytes == without.activations_bytes
+
+
+def test_moe_layers_cost_more_activations_than_the_dense_layers_they_replace_when_k_is_large():
+    model = _small_moe_run()[0].model
+    top4 = dataclasses.replace(model, moe=dataclasses.replace(model.moe, router_topk=4))
+    layout = ParallelConfig(expert_parallel_size=2)
+    shape = dict(tokens=256, attention_length=128)
+    dense = layer_activation_bytes(model, layout, **shape)
+    # 4 copies of each token through 32-wide experts (5 x 32 + 64 per copy) vs one 128-wide SwiGLU (4 x 128).
+    moe = layer_activation_bytes(top4, layout, **shape, moe=True)
+    assert moe - dense == 256 * 4 * ((64 + 5 * 32) * 2 + 12) + 256 * 4 * 6 - 256 * 4 * 128 * 2
+
+
+def test_moe_layouts_that_do_not_divide_name_the_fields():
+    cfg, _ = _small_moe_run(ep=4)
+    with pytest.raises(ValueError, match=r"world size 2 is not divisible by tensor_parallel_size x "
+                       r"expert_parallel_size x pipeline_parallel_size = 1 x 4 x 1"):  # fmt: skip
+        estimate_memory(cfg, 2)
+    with pytest.raises(ValueError, match="expert_parallel_size=3 does not divide model.moe.num_experts=4"):
+        estimate_memory(_small_moe_run(ep=3)[0], 6)
+    narrow = dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, ffn_hidden_size=33))
+    tp2 = ParallelConfig(tensor_parallel_size=2, sequence_parallel=True)
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size=2 does not divide model.moe.ffn_hidden_size=33"
+    ):
+        estimate_memory(dataclasses.replace(cfg, model=narrow, parallel=tp2), 2)
+
+
+def test_dry_run_prints_total_and_active_parameters_and_the_expert_layout():
+    from atropos_megatron.trainer.dry_run import dry_run
+
+    cfg, _ = _small_moe_run()
+    report = dry_run(cfg, world_size=4)
+    assert "MoE: 2 of 2 layers, 4 experts each (32 wide), top 1 renormalised per token" in report
+    assert "layout: world 4 (--world-size) = TP 1 x PP 1 x CP 1 x DP 4" in report
+    assert (
+        "experts: EP 2 x expert TP 1 x PP 1 x expert DP 2; each GPU holds 2 of 4 experts per MoE layer, "
+        "whole; expert gradients and optimizer state over expert DP; alltoall dispatcher"
+    ) in report
+    assert "pipeline rank 0 chunk 0: 2 layers (2 MoE), 74,560 parameters (24,576 in experts)" in report
+    assert (
+        "parameters: 99.1K total, 62.3K active per token; data parallel size 4, expert data parallel size 2"
+        in report
+    )
+    with pytest.raises(
+        ValueError, match=r"world size 3 \(--world-size\) is not divisible by tensor_parallel_size x "
+    ):
+        dry_run(cfg, world_size=3)

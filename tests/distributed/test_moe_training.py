@@ -1,0 +1,123 @@
+"""GRPO on a mixture-of-experts model: the same steps at every expert-parallel layout as at EP=1.
+
+A tiny HF Qwen3-MoE (4 experts, top-2, one dense layer) is the start; three steps on the same synthetic
+batches with the KL penalty on (the frozen reference runs too) at EP=1 on one process, then EP=2 with
+each dispatcher on two ranks and EP=2 x TP=2 (sequence parallel) and EP=2 x PP=2 on four. Losses,
+gradient norms and the final weights (exported as per-expert HF tensors) must agree with EP=1 to fp32
+noise. The router losses are off for this comparison: they are computed per micro-batch and rank, so
+they change with the data-parallel split by design. Routing metrics, which are sums over the step's
+tokens, agree between the layouts that split the data alike. Then the load-balancing loss does its job:
+with a large coefficient the busiest expert's load falls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.distributed.test_trainer import STEPS, UPDATE_TOLERANCE, _assert_close, _hf_weights, _train
+from tests.harness import run_ranks
+from tests.hf_models import save_tiny_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+TWO_RANKS = {
+    "ep2": ["parallel.expert_parallel_size=2"],
+    "ep2 allgather": ["parallel.expert_parallel_size=2", "parallel.moe_token_dispatcher=allgather"],
+}
+FOUR_RANKS = {
+    "ep2 tp2": [
+        "parallel.expert_parallel_size=2",
+        "parallel.tensor_parallel_size=2",
+        "parallel.sequence_parallel=true",
+    ],
+    "ep2 pp2": ["parallel.expert_parallel_size=2", "parallel.pipeline_parallel_size=2"],
+}
+ROUTER_LOSSES_OFF = ["grpo.moe_aux_loss_coef=0", "grpo.moe_z_loss_coef=0"]
+
+
+def _config(hf_dir: str, run_dir: str, extra: list[str]):
+    from atropos_megatron.config import load_config
+
+    return load_config(
+        "examples/configs/debug_tiny.yaml",
+        [
+            f"model.hf_path={hf_dir}",
+            f"logging.run_dir={run_dir}",
+            "grpo.kl_coef=0.05",
+            "data.micro_batch_tokens=256",  # several micro-batches per step
+            *extra,
+        ],
+    )
+
+
+def _losses(metrics: list[dict]) -> list[dict]:
+    keys = ("grpo/loss", "grpo/kl_ref", "optim/grad_norm", "grpo/ratio_max", "grpo/ratio_min")
+    return [{k: m[k] for k in keys if k in m} for m in metrics]
+
+
+def _routing(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k.startswith("moe/")} for m in metrics]
+
+
+def _run_layouts(rank, world_size, hf_dir, tmp, layouts):
+    results = {}
+    for name, extra in layouts.items():
+        trainer, metrics = _train(
+            _config(hf_dir, f"{tmp}/{name}", [*ROUTER_LOSSES_OFF, *extra]), range(STEPS)
+        )
+        results[name] = (_losses(metrics), _routing(metrics), _hf_weights(trainer))
+    return results
+
+
+def _aux_loss_body(rank, world_size, hf_dir, tmp):
+    """EP=2, eight steps each without and with a large load-balancing coefficient."""
+    loads = {}
+    for coef in (0.0, 1.0):
+        extra = ["parallel.expert_parallel_size=2", f"grpo.moe_aux_loss_coef={coef}", "optimizer.lr=1e-2"]
+        _, metrics = _train(_config(hf_dir, f"{tmp}/aux{coef}", extra), range(8))
+        loads[coef] = [m["moe/aux_loss"] for m in metrics]
+    return loads
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("hf") / "qwen3_moe"
+    save_tiny_checkpoint("qwen3_moe", path)
+    return str(path)
+
+
+def test_every_expert_layout_takes_the_same_steps_as_ep1(hf_dir, tmp_path: Path, report):
+    (reference,) = run_ranks(_run_layouts, 1, hf_dir, str(tmp_path), {"ep1": []}, timeout_s=300)
+    reference_losses, reference_routing, reference_weights = reference["ep1"]
+    assert reference_losses[0]["grpo/ratio_max"] == reference_losses[0]["grpo/ratio_min"] == 1.0
+    assert reference_losses[-1]["grpo/kl_ref"] > 0.0, "three steps did not move the actor: the test is void"
+    assert 1.0 <= reference_routing[0]["moe/load_max_over_mean"] <= 4.0
+    shares = [v for k, v in reference_routing[0].items() if k.startswith("moe/expert_share/")]
+    assert len(shares) == 4 and abs(sum(shares) - 1.0) < 1e-9
+
+    results = run_ranks(_run_layouts, 2, hf_dir, str(tmp_path), TWO_RANKS, timeout_s=400)[0]
+    results.update(run_ranks(_run_layouts, 4, hf_dir, str(tmp_path), FOUR_RANKS, timeout_s=600)[0])
+    initial = load_file(Path(hf_dir) / "model.safetensors")
+    for name, (losses, routing, weights) in results.items():
+        _assert_close(reference_losses, losses, name)
+        # Same data split (DP=2) as the two-rank EP=2 run: the same tokens per expert, counted once.
+        _assert_close(results["ep2"][1], routing, f"{name} routing metrics")
+        assert weights.keys() == reference_weights.keys() == initial.keys()
+        gap = sum(((weights[k] - reference_weights[k]) ** 2).sum() for k in weights).sqrt()
+        update = sum(((reference_weights[k] - initial[k]) ** 2).sum() for k in weights).sqrt()
+        report(
+            f"{name}: final loss {losses[-1]['grpo/loss']:.6f} (EP=1 {reference_losses[-1]['grpo/loss']:.6f}); "
+            f"|update - EP=1 update| / |EP=1 update| = {gap / update:.1e}"
+        )
+        assert gap / update <= UPDATE_TOLERANCE, f"{name}: the weights moved differently from EP=1's"
+
+
+def test_the_load_balancing_loss_evens_out_the_experts(hf_dir, tmp_path: Path, report):
+    loads = run_ranks(_aux_loss_body, 2, hf_dir, str(tmp_path), timeout_s=400)[0]
+    report(f"moe/aux_loss over 8 steps: coef 0 {loads[0.0][0]:.3f} -> {loads[0.0][-1]:.3f}; "
+           f"coef 1 {loads[1.0][0]:.3f} -> {loads[1.0][-1]:.3f}")  # fmt: skip
+    assert loads[0.0][0] == loads[1.0][0]  # same start
+    assert loads[1.0][-1] < loads[0.0][-1] and loads[1.0][-1] < loads[1.0][0]
