@@ -6,7 +6,8 @@ not a production server: no paged attention, no prefix cache, no continuous batc
 
 Modules, each with one job: ``sampling`` (sampling params, next-token sampling, stop rules),
 ``engine`` (model + generation worker + pause/update coordination), ``weight_loader`` (apply updates
-to the HF model), ``openai_api`` (the /v1 response shapes), ``http_server`` (routes, auth, serve()),
+to the HF model), ``checkpoint_targets`` (checkpoint names -> parameters, or slices of MoE models'
+fused experts), ``openai_api`` (the /v1 response shapes), ``http_server`` (routes, auth, serve()),
 and SGLang's LoRA adapters: ``lora_options`` (flags), ``lora_adapters`` (PEFT config and tensors ->
 factors), ``lora_runtime`` (hooks that add each row's adapter), ``lora_registry`` (names, holders),
 ``lora_api`` (the routes and ``lora_path`` / ``model`` selection).

@@ -150,7 +150,10 @@ def save(
     state["progress"] = asdict(progress)
     dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
     if dist.get_rank() == 0:
-        extra: dict[str, Any] = {"progress": asdict(progress)}
+        extra: dict[str, Any] = {
+            "progress": asdict(progress),
+            "expert_optimizer": _has_expert_optimizer(optimizer),
+        }
         if lora_base is not None:
             extra.update(lora=asdict(model.lora), base=asdict(lora_base))
         dist_checkpoint.write_sidecar(
@@ -186,6 +189,7 @@ def load(
     path = Path(path)
     sidecar = json.loads((path / dist_checkpoint.SIDECAR).read_text())
     check_same_lora(path, sidecar, model, lora_base)
+    _check_same_optimizer_split(path, sidecar, optimizer)
     saved = sidecar["progress"]
     layout = parallel.current_layout()
     same_layout = tuple(saved["layout"]) == (layout.tp, layout.pp, layout.dp)
@@ -248,6 +252,28 @@ def check_same_lora(
         )
     if base["path"] != lora_base.path and parallel.current_layout().rank == 0:
         logger.info("base moved from %s to %s (same fingerprint)", base["path"], lora_base.path)
+
+
+def _has_expert_optimizer(optimizer: Any) -> bool:
+    """Whether MoE experts have their own optimizer (Megatron chains one for expert-parallel
+    parameters when expert_parallel_size > 1; at EP=1 they share the dense one)."""
+    return len(getattr(optimizer, "chained_optimizers", ())) > 1
+
+
+def _check_same_optimizer_split(path: Path, sidecar: dict[str, Any], optimizer: Any) -> None:
+    """Refuse a resume whose optimizer state is laid out as one optimizer where ours is two (or the
+    reverse): Megatron cannot map one onto the other. The weights alone load at any EP."""
+    saved, ours = bool(sidecar.get("expert_optimizer", False)), _has_expert_optimizer(optimizer)
+    if saved == ours:
+        return
+    written = "expert_parallel_size > 1" if saved else "expert_parallel_size=1"
+    here = "> 1" if ours else "= 1"
+    raise ValueError(
+        f"{path} was written at {written}, where MoE experts {'have their own' if saved else 'share the'} "
+        f"optimizer; this run has expert_parallel_size {here}. Resume at an expert_parallel_size "
+        f"{'> 1' if saved else 'of 1'}, or start a new run from its weights (model.dist_checkpoint={path}, "
+        "fresh optimizer state)"
+    )
 
 
 def progress_from_dict(saved: dict[str, Any]) -> Progress:

@@ -82,6 +82,31 @@ def _aux_loss_body(rank, world_size, hf_dir, tmp):
     return loads
 
 
+def _resume_body(rank, world_size, hf_dir, tmp):
+    """EP=2: steps 0-1, checkpoint, step 2; then resume at EP=2 and redo step 2. At EP=1 (one optimizer
+    for experts and the rest, where EP=2 has two) the resume is refused; the weights still load."""
+    run, ep2 = f"{tmp}/resume", ["parallel.expert_parallel_size=2"]
+    _, uninterrupted = _train(_config(hf_dir, run, [*ROUTER_LOSSES_OFF, *ep2]), range(STEPS), save_after=1)
+    cfg = _config(hf_dir, run, [*ROUTER_LOSSES_OFF, "checkpoint.load=latest", *ep2])
+    trainer, metrics = _train(cfg, range(2, STEPS))
+    try:
+        _train(_config(hf_dir, run, [*ROUTER_LOSSES_OFF, "checkpoint.load=latest"]), range(0))
+        refusal = None
+    except ValueError as exc:
+        refusal = str(exc)
+    checkpoint = f"{run}/checkpoints/step_00000002"
+    weights_only, _ = _train(
+        _config("null", f"{tmp}/fresh", [f"model.dist_checkpoint={checkpoint}"]), range(0)
+    )
+    same_weights = _hf_weights(weights_only)
+    return (
+        _losses(uninterrupted)[2],
+        (trainer.progress.step, _losses(metrics)),
+        refusal,
+        same_weights is not None,
+    )
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("hf") / "qwen3_moe"
@@ -121,3 +146,16 @@ def test_the_load_balancing_loss_evens_out_the_experts(hf_dir, tmp_path: Path, r
            f"coef 1 {loads[1.0][0]:.3f} -> {loads[1.0][-1]:.3f}")  # fmt: skip
     assert loads[0.0][0] == loads[1.0][0]  # same start
     assert loads[1.0][-1] < loads[0.0][-1] and loads[1.0][-1] < loads[1.0][0]
+
+
+def test_a_checkpoint_at_ep2_resumes_the_next_step(hf_dir, tmp_path: Path, report):
+    expected, (step, losses), refusal, loaded = run_ranks(
+        _resume_body, 2, hf_dir, str(tmp_path), timeout_s=400
+    )[0]
+    assert step == STEPS
+    _assert_close([expected], losses, "resumed at EP=2")
+    assert (
+        refusal is not None and "expert_parallel_size > 1" in refusal and "model.dist_checkpoint" in refusal
+    )
+    assert loaded  # a new run at EP=1 starts from the EP=2 checkpoint's weights
+    report(f"step 2 loss {expected['grpo/loss']:.6f}, resumed at EP=2: {losses[0]['grpo/loss']:.6f}")

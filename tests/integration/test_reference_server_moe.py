@@ -214,7 +214,12 @@ def test_bad_expert_names_and_shapes_are_refused_whole(moe):
     count = getattr(config, "num_experts", None) or config.num_local_experts
     unknown = re.sub(r"experts\.\d+\.", f"experts.{count}.", good)
     fused = "model.layers.0.mlp.experts.gate_up_proj"
-    for name, tensor in ((unknown, state[good]), (good, state[good].t()), (fused, torch.zeros(1))):
+    cases = (
+        (unknown, state[good], f"experts 0..{count - 1}"),
+        (good, state[good].t(), f"!= model's {list(state[good].shape)}"),
+        (fused, torch.zeros(1), "in-memory transformers name"),
+    )
+    for name, tensor, reason in cases:
         named = [(valid, state[valid]), (name, tensor.contiguous())]
         body = {"serialized_named_tensors": sglang_wire.encode_tensor_update(named, load_format=None),
                 "flush_cache": False}  # fmt: skip
@@ -222,7 +227,8 @@ def test_bad_expert_names_and_shapes_are_refused_whole(moe):
         response = post(moe, "/update_weights_from_tensor", body)
         assert post(moe, "/end_weight_update", {}).json()["success"]
         assert response.status_code == 400 and not response.json()["success"]
-        assert name in response.json()["message"], response.json()["message"]
+        message = response.json()["message"]
+        assert name in message and reason in message, message
     assert_serves(moe, moe.models["A"], "A")  # the valid tensor beside each bad one was not applied either
 
 

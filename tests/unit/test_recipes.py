@@ -20,7 +20,7 @@ from atropos_megatron.cli import main
 from atropos_megatron.config import LaunchConfig, load_config
 from atropos_megatron.launch.topology import check_topology, trainer_world_size
 from atropos_megatron.trainer.dry_run import dry_run
-from atropos_megatron.trainer.memory import total_parameters
+from atropos_megatron.trainer.memory import active_parameters, total_parameters
 from atropos_megatron.weights.hf_architectures import architecture_mismatches, model_config_from_hf
 
 CONFIGS = Path(__file__).parents[2] / "examples" / "configs"
@@ -37,6 +37,10 @@ class Recipe:
     """The size the model card states."""
     hf_config: dict
     """The published config.json (the keys that define the architecture)."""
+    ep: int = 1
+    """Expert parallel size (MoE recipes)."""
+    published_active_params: float | None = None
+    """Parameters per token the model card states (MoE: the "A3B" of Qwen3-30B-A3B)."""
 
 
 RECIPES = {
@@ -123,6 +127,51 @@ RECIPES = {
         },
     ),
 }
+# Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B config.json (model cards: 30.5B total / 3.3B activated,
+# 235B / 22B); the 235B's differs in width, depth, heads and expert width only.
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe",
+    "attention_bias": False,
+    "decoder_sparse_step": 1,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+QWEN3_235B_A22B = {
+    **QWEN3_30B_A3B,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 1536,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 94,
+}
+RECIPES["qwen3-30b-a3b_1+1nodes.yaml"] = Recipe(
+    world=8, tp=2, pp=1, dp=4, ep=4, servers=4, published_params=30.5e9, published_active_params=3.3e9,
+    hf_config=QWEN3_30B_A3B,
+)  # fmt: skip
+RECIPES["qwen3-235b-a22b_8+8nodes.yaml"] = Recipe(
+    world=64, tp=4, pp=2, dp=8, ep=8, servers=8, published_params=235e9, published_active_params=22e9,
+    hf_config=QWEN3_235B_A22B,
+)  # fmt: skip
 RECIPES["llama3.1-70b-lora_1+3nodes.yaml"] = Recipe(
     world=8, tp=8, pp=1, dp=1, servers=3, published_params=70.6e9,
     hf_config=RECIPES["llama3.1-70b_4+4nodes.yaml"].hf_config,
@@ -170,6 +219,16 @@ def test_recipe_lays_out_and_fits_80_gib(name):
     assert lines[0].startswith(f"note: {cfg.model.hf_path} is not on this machine")
     assert f"layout: world {recipe.world} (launch section: {launch.train_nodes} training node" in report
     assert f"= TP {recipe.tp} x PP {recipe.pp} x CP 1 x DP {recipe.dp}" in report
+    assert cfg.parallel.expert_parallel_size == recipe.ep
+    if recipe.ep > 1:
+        expert_dp = recipe.world // (recipe.tp * recipe.ep * recipe.pp)
+        assert (
+            f"experts: EP {recipe.ep} x expert TP {recipe.tp} x PP {recipe.pp} x expert DP {expert_dp}"
+            in report
+        )
+        # SGLang 0.5.23 spells expert parallelism --ep-size; it must divide the server's --tp-size.
+        extra = launch.inference.extra_args
+        assert launch.inference.gpus_per_server % int(extra[extra.index("--ep-size") + 1]) == 0
     assert "fits in 80 GiB" in report and "does NOT fit" not in report
     assert "reference model: not built" in report
 
@@ -189,6 +248,8 @@ def test_recipe_architecture_is_the_published_model(name, tmp_path):
     explicit = cfg.model
     total = total_parameters(explicit)
     assert total == pytest.approx(recipe.published_params, rel=0.01)
+    if recipe.published_active_params is not None:  # the card rounds to two digits
+        assert active_parameters(explicit) == pytest.approx(recipe.published_active_params, rel=0.02)
     # What a real run reads from config.json is exactly the model section the dry run falls back to.
     from_hf = model_config_from_hf(recipe.hf_config, dtype="bf16")
     assert architecture_mismatches(from_hf, explicit) == []
