@@ -21,6 +21,9 @@ uniform, which is what makes the task's first rewards ~0.1. Parameters with the 
 - ``small``: 4 layers, width 256, 4 q / 2 kv heads, FFN 1024: 4,069,632 (16 MB)
 - ``base``: 8 layers, width 512, 8 q / 4 kv heads, FFN 2048: 31,740,416 (127 MB)
 
+With ``experts=E`` the model is instead a Qwen3-MoE of the same shape (q/k norms, no QKV bias) whose
+every MLP is E experts of half the FFN width, two per token (renormalised): the demo's ``--moe``.
+
 The model goes to ``model/`` and the tokenizer to its own ``tokenizer/``: next to a ``config.json``
 that says qwen2, transformers 5's ``AutoTokenizer`` would pick Qwen2's byte-level BPE class, which
 cannot read them.
@@ -245,8 +248,12 @@ def build_model(
     context: int = MAX_POSITIONS,
     vocab: Vocabulary = CHAR_VOCABULARY,
     output_std: float | None = None,
+    experts: int = 0,
 ):
     """A randomly initialised fp32 ``Qwen2ForCausalLM`` of ``MODEL_SIZES[size]``; same seed, same weights.
+
+    ``experts > 0``: a ``Qwen3MoeForCausalLM`` of the same shape instead, each MLP ``experts`` experts of
+    half the FFN width with top-2 routing (see the module docstring).
 
     ``output_std``: draw the output layer with this standard deviation instead of the initialiser's
     0.02. A frozen base needs it for LoRA to learn anything: behind the final norm, a 0.02-wide output
@@ -255,9 +262,9 @@ def build_model(
     assets does not change the caller's random stream.
     """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    config = Qwen2Config(
+    common = dict(
         vocab_size=vocab.size,
         max_position_embeddings=context,
         tie_word_embeddings=False,
@@ -266,9 +273,24 @@ def build_model(
         pad_token_id=vocab.pad_id,
         **_model_shape(size),
     )
+    if experts < 0:
+        raise ValueError(f"experts must be >= 0 (0: a dense Qwen2), got {experts}")
+    if experts:
+        config = Qwen3MoeConfig(
+            **common,
+            num_experts=experts,
+            num_experts_per_tok=min(2, experts),
+            moe_intermediate_size=common["intermediate_size"] // 2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+        model_class = Qwen3MoeForCausalLM
+    else:
+        config, model_class = Qwen2Config(**common), Qwen2ForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = model_class(config)
         if output_std is not None:
             with torch.no_grad():
                 model.lm_head.weight.normal_(0.0, output_std)
@@ -294,11 +316,12 @@ def build_assets(
     context: int | None = None,
     size: ModelSize = "tiny",
     output_std: float | None = None,
+    experts: int = 0,
 ) -> DemoAssets:
     """Write a model to ``directory/model`` and its tokenizer to ``directory/tokenizer``.
 
     ``context`` defaults to the tokenizer's :data:`DEFAULT_CONTEXT` (128 chars, 2048 bytes); the
-    defaults give the demo's assets; ``output_std`` as in :func:`build_model`. Deterministic: the same arguments give byte-identical files.
+    defaults give the demo's assets; ``output_std`` and ``experts`` as in :func:`build_model`. Deterministic: the same arguments give byte-identical files.
     """
     from transformers.utils import logging as hf_logging
 
@@ -321,7 +344,9 @@ def build_assets(
     bar_was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is only noise here
     try:
-        model = build_model(seed=seed, size=size, context=context, vocab=vocab, output_std=output_std)
+        model = build_model(
+            seed=seed, size=size, context=context, vocab=vocab, output_std=output_std, experts=experts
+        )
         model.save_pretrained(assets.model_dir)
         build(context=context).save_pretrained(assets.tokenizer_dir)
     finally:
@@ -353,13 +378,21 @@ def _parse_args(argv: list[str] | None = None):
     parser.add_argument(
         "--size", choices=list(MODEL_SIZES), default="tiny", help="model preset (default: tiny)"
     )
+    parser.add_argument(
+        "--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per MLP (default 0: dense)"
+    )
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":  # python -m atropos_megatron.demo.assets DIR [--tokenizer bytes ...]
     args = _parse_args()
     built = build_assets(
-        args.directory, seed=args.seed, tokenizer=args.tokenizer, context=args.context, size=args.size
+        args.directory,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        context=args.context,
+        size=args.size,
+        experts=args.experts,
     )
     print(
         f"model:     {built.model_dir} ({built.size}, context {built.context}, vocab {built.vocab_size})\n"

@@ -58,6 +58,8 @@ class AssetOptions:
     size: str = "tiny"
     output_std: float | None = None
     """The output layer's initial std (None: the initialiser's); see ``assets.build_model``."""
+    experts: int = 0
+    """A Qwen3-MoE with this many experts per MLP instead of a dense Qwen2; see ``assets.build_model``."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ def prepare_run(
             context=spec.assets.context,
             size=spec.assets.size,
             output_std=spec.assets.output_std,
+            experts=spec.assets.experts,
         )
         model_dir, tokenizer_dir = assets.model_dir, assets.tokenizer_dir
     else:

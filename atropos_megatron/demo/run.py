@@ -38,19 +38,26 @@ LORA_OUTPUT_STD = 0.25
 adapters on the frozen model's linear layers can make it confident."""
 
 
-def demo_spec(config_path: str | Path = DEFAULT_CONFIG, *, lora_rank: int = 0) -> RunSpec:
+def demo_spec(
+    config_path: str | Path = DEFAULT_CONFIG, *, lora_rank: int = 0, moe_experts: int = 0
+) -> RunSpec:
     """The demo as a local run: the toy environment, its group size and seed, the character model.
 
     ``lora_rank > 0``: LoRA adapters of that rank (alpha = 2 x rank) on a frozen base whose output
-    layer is :data:`LORA_OUTPUT_STD` wide.
+    layer is :data:`LORA_OUTPUT_STD` wide. ``moe_experts > 0``: a Qwen3-MoE of that many experts per
+    layer (top-2) instead of the dense Qwen2.
     """
+    variant = f", LoRA rank {lora_rank}" if lora_rank else ""
+    variant += f", MoE {moe_experts} experts top-2" if moe_experts else ""
     return RunSpec(
         env_script=ENV_SCRIPT,
         config_path=Path(config_path),
         env_defaults=lambda cfg: ["--env.group_size", str(GROUP_SIZE), "--env.seed", str(cfg.seed)],
         # The task scores characters and is tuned for the 99-character vocabulary and 128 positions.
-        assets=AssetOptions(tokenizer="chars", output_std=LORA_OUTPUT_STD if lora_rank else None),
-        title=f"atropos-megatron demo: alphabet_match{f', LoRA rank {lora_rank}' if lora_rank else ''}",
+        assets=AssetOptions(
+            tokenizer="chars", output_std=LORA_OUTPUT_STD if lora_rank else None, experts=moe_experts
+        ),
+        title=f"atropos-megatron demo: alphabet_match{variant}",
     )
 
 
@@ -89,13 +96,15 @@ def run_demo(
     timeout_s: float = 1800.0,
     progress: bool = True,
     lora_rank: int = 0,
+    moe_experts: int = 0,
 ) -> RunResult:
     """Run the demo and return what it measured (see :func:`~atropos_megatron.demo.local.run_local`).
 
-    ``lora_rank``: train LoRA adapters of this rank instead of every weight (see :func:`demo_spec`).
+    ``lora_rank``: train LoRA adapters of this rank instead of every weight; ``moe_experts``: train a
+    mixture-of-experts model (see :func:`demo_spec`).
     """
     return run_local(
-        demo_spec(config_path, lora_rank=lora_rank),
+        demo_spec(config_path, lora_rank=lora_rank, moe_experts=moe_experts),
         run_dir,
         steps=steps,
         overrides=[*lora_overrides(lora_rank), *overrides],
@@ -118,6 +127,7 @@ the alphabet of the prompt). About a minute on 2 cores; the mean reward climbs f
   atropos-megatron demo                                  # 40 steps into runs/demo
   atropos-megatron demo --steps 60 optimizer.lr=1e-3     # any config field, as key=value
   atropos-megatron demo --lora 8                         # LoRA adapters of rank 8 on a frozen base
+  atropos-megatron demo --moe 4                          # a Qwen3-MoE: 4 experts per layer, top-2
 
 Afterwards, in the run directory:
   reward_curve.png   reward per step and its 5-step mean
@@ -147,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train LoRA adapters of this rank (alpha = 2 x RANK) on a frozen base instead of every "
         "weight; the base's output layer is drawn wider so that adapters can learn (default 0: off)",
     )
+    parser.add_argument(
+        "--moe",
+        type=int,
+        default=0,
+        metavar="EXPERTS",
+        help="train a Qwen3-MoE of the same shape with EXPERTS experts per layer, two per token, each "
+        "half the FFN width (default 0: the dense Qwen2)",
+    )
     add_run_options(parser, timeout_min=30.0, example="optimizer.lr=1e-3")
     return parser
 
@@ -162,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout_s=args.timeout_min * 60,
             progress=not args.no_progress,
             lora_rank=args.lora,
+            moe_experts=args.moe,
         ),
         _format_result,
     )

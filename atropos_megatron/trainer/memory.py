@@ -2,9 +2,10 @@
 
 The core of ``atropos-megatron train --dry-run``: pure arithmetic on the config sections (no torch
 distributed, no Megatron import, no tensors). Parameter counts are exact for the GPT model that
-`trainer/model.py` builds (the tests compare them with real Megatron models, per pipeline rank);
-the memory figures are an estimate whose approximations are spelled out in :func:`estimate_memory`.
-It replaces guessing TP/PP from experience and discovering an OOM twenty minutes into a job.
+`trainer/model.py` builds, dense or mixture-of-experts (the tests compare them with real Megatron
+models, per pipeline rank and expert-parallel rank); the memory figures are an estimate whose
+approximations are spelled out in :func:`estimate_memory`. It replaces guessing TP/PP/EP from
+experience and discovering an OOM twenty minutes into a job.
 """
 
 from __future__ import annotations
@@ -468,10 +469,17 @@ def moe_mlp_activation_bytes(
     - router: :func:`router_score_tensors` fp32 ``[T/sp, E]`` tensors and the boolean routing map
       (and its transpose, ``2*T/sp*E`` bytes);
     - dispatched copies, the experts' ``linear_fc1`` input: ``N*h``;
-    - experts (Megatron's unfused GLU, as the trainer builds it): the fc1 output ``2*I/tp``,
-      ``silu(gate)``, the GLU output that the routing-weight multiply saves and the fc2 input, each
-      ``I/tp``: ``5*N*I/tp`` (GeLU: ``3*N*I/tp``), ``I`` = ``model.expert_ffn_hidden_size``;
+    - experts (Megatron's unfused GLU, as the trainer builds it: ``bias_activation_fusion`` off): the
+      fc1 output ``2*I/tp``, then ``I/tp`` each for ``silu(gate)``, ``up + glu_linear_offset`` (an
+      out-of-place add, a copy even for offset 0), the GLU output that the routing-weight multiply
+      saves and the fc2 input: ``6*N*I/tp`` (GeLU: fc1 output, activation and fc2 input,
+      ``3*N*I/tp``), ``I`` = ``model.expert_ffn_hidden_size``;
     - :data:`ROUTING_BYTES_PER_COPY` per copy.
+
+    Saved-tensor hooks on real Megatron MoE layers on CPU see these bytes to within the router's
+    small ``[T, k]`` top-k tensors (``tests/unit/test_memory_estimate.py``). The same count shows that
+    a dense SwiGLU MLP keeps ``5*T*f/tp`` (the offset copy too), one ``f`` more than
+    :func:`layer_activation_bytes` charges it.
     """
     d = DTYPE_BYTES[model.dtype]
     tp = layout.tensor_parallel_size
@@ -479,7 +487,7 @@ def moe_mlp_activation_bytes(
     moe = model.moe
     copies = tokens * moe.router_topk
     expert_width = model.expert_ffn_hidden_size // tp
-    per_copy = model.hidden_size + (5 if model.activation == "swiglu" else 3) * expert_width
+    per_copy = model.hidden_size + (6 if model.activation == "swiglu" else 3) * expert_width
     router = tokens // sp * moe.num_experts * (4 * router_score_tensors + 2)
     return copies * (per_copy * d + ROUTING_BYTES_PER_COPY) + router
 

@@ -74,6 +74,11 @@ def check_model_layout(model: ModelConfig, layout: ParallelConfig) -> None:
         padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
     except ValueError as exc:
         problems.append(str(exc))
+    if model.moe.enabled and tp > 1 and not layout.sequence_parallel:
+        problems.append(
+            f"tensor_parallel_size={tp} with MoE layers needs parallel.sequence_parallel=true (Megatron's MoE "
+            "layers refuse to train at TP > 1 without it)"
+        )
     if problems:
         raise ValueError("the model does not fit this parallel layout: " + "; ".join(problems))
 

@@ -116,6 +116,26 @@ def test_the_lora_demo_learns_with_the_base_frozen(tmp_path, report, lora_sync):
     assert model_keys and all(".lora." in key for key in model_keys)
 
 
+@pytest.mark.slow
+def test_the_moe_demo_learns(tmp_path, report):
+    """``demo --moe 4``: a Qwen3-MoE (4 experts, top-2) learns the task, served by the reference server
+    from per-expert weight pushes; the trainer logs routing metrics every step."""
+    from atropos_megatron.demo.run import run_demo
+
+    result = run_demo(tmp_path / "demo", steps=40, progress=False, timeout_s=900, moe_experts=4)
+    summary = result.summary
+    report(
+        f"MoE 4 experts top-2: reward {summary.first_mean:.3f} -> {summary.last_mean:.3f} "
+        f"({summary.gain:+.3f}) in {summary.last_step} steps, {result.wall_s:.0f} s"
+    )
+    assert summary.last_step == 40 and result.exits["trainer"].how == "finished"
+    assert summary.gain >= 0.4, f"reward rose only {summary.gain:+.3f}"
+    assert all(e.clean for e in result.exits.values()), result.exits
+    assert "MoE: 4 experts, top-2" in (result.run_dir / "logs" / "trainer.log").read_text()
+    last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 1.0 <= last["moe/load_max_over_mean"] <= 4.0 and "moe/expert_share/3" in last
+
+
 # ------------------------------------------------------------------------------------------------
 # The supervisor
 # ------------------------------------------------------------------------------------------------

@@ -45,15 +45,19 @@ def moe(request, tmp_path_factory):
         "B": save_tiny_checkpoint(arch, root / "b", seed=1),
     }
     tiny_tokenizer().save_pretrained(root / "tok")  # AutoTokenizer would pick the family's own class
+    previous = torch.multiprocessing.get_sharing_strategy()
     sglang_wire.use_file_system_sharing()  # how SGLang clients send CPU tensors to another process
-    with ReferenceServer(
-        root / "a",
-        tokenizer_path=root / "tok",
-        served_model_name="tiny",
-        admin_api_key=ADMIN_KEY,
-        weight_version="A",
-    ) as server:
-        yield types.SimpleNamespace(arch=arch, root=root, server=server, models=models)
+    try:
+        with ReferenceServer(
+            root / "a",
+            tokenizer_path=root / "tok",
+            served_model_name="tiny",
+            admin_api_key=ADMIN_KEY,
+            weight_version="A",
+        ) as server:
+            yield types.SimpleNamespace(arch=arch, root=root, server=server, models=models)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(previous)
 
 
 def post(moe, path: str, body: dict) -> httpx.Response:

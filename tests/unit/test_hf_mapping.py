@@ -211,3 +211,23 @@ def test_model_hf_path_takes_the_architecture_from_config_json(tmp_path):
         "bf16",
     )
     assert resolve_architecture(ModelConfig()) == ModelConfig()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        (dict(expert_parallel_size=3), "expert_parallel_size=3 does not divide model.moe.num_experts=4"),
+        (dict(tensor_parallel_size=2), "needs parallel.sequence_parallel=true"),
+        (dict(tensor_parallel_size=3), "does not divide model.moe.ffn_hidden_size=32"),
+    ],
+)
+def test_moe_layouts_that_do_not_fit_are_named(sizes, message):
+    from atropos_megatron.config import ParallelConfig
+    from atropos_megatron.trainer.model import check_model_layout
+
+    cfg = model_config_from_hf(tiny_hf_config("qwen3_moe").to_dict())
+    with pytest.raises(ValueError, match=message):
+        check_model_layout(cfg, ParallelConfig(**sizes))
+    dense = model_config_from_hf(tiny_hf_config("qwen3").to_dict())
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        check_model_layout(dense, ParallelConfig(expert_parallel_size=2))

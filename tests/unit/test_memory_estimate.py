@@ -26,6 +26,7 @@ from atropos_megatron.trainer.memory import (
     lora_params_per_pipeline_rank,
     micro_batch_shape,
     moe_dispatch_bytes,
+    moe_mlp_activation_bytes,
     parameter_counts,
     params_per_pipeline_rank,
     router_score_tensors,
@@ -191,6 +192,86 @@ def test_moe_parameter_counts_match_megatron_models_on_every_rank(report):
         assert total_parameters(model) == sum(per_rank[0][model_name, "EP=1 DP=4"][1])
     assert checked == 4 * len(MOE_MODELS) * len(MOE_LAYOUTS)
     report(f"MoE parameter counts equal Megatron's on {checked} (model, layout, rank) cases")
+
+
+SAVED_LAYOUTS = {  # on 2 ranks; every rank feeds the same tokens
+    "TP=1 DP=2": dict(),
+    "TP=2 SP": dict(tensor_parallel_size=2, sequence_parallel=True),
+    "EP=2": dict(expert_parallel_size=2),
+}
+SAVED_BATCH, SAVED_SEQ = 2, 32
+
+
+def _mlp_saved_bytes(rank, world_size):
+    """``{layout: bytes}``: what one training forward of ``MOE_MODELS["qwen3moe-like"]`` saves for
+    backward inside its MoE MLPs (:func:`_saved_inside_moe_mlps`), per layout."""
+    import torch
+
+    from atropos_megatron.trainer import parallel
+    from atropos_megatron.trainer.model import build_model
+
+    parallel.init_distributed(ParallelConfig(), seed=0)
+    tokens = torch.randint(0, 200, (SAVED_BATCH, SAVED_SEQ), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(SAVED_SEQ).expand(SAVED_BATCH, SAVED_SEQ)
+    model = dataclasses.replace(ModelConfig(**MOE_MODELS["qwen3moe-like"]), max_position_embeddings=SAVED_SEQ)
+    measured = {}
+    for name, layout_kwargs in SAVED_LAYOUTS.items():
+        layout = ParallelConfig(**layout_kwargs)
+        parallel.setup_model_parallel(layout, seed=0)
+        (chunk,) = build_model(model, layout, moe_aux_loss_coef=0.01)
+        measured[name] = _saved_inside_moe_mlps(chunk, model, tokens, positions)
+    return measured
+
+
+def _saved_inside_moe_mlps(chunk, model, tokens, positions) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves while an MoE layer's MLP (router,
+    dispatch, experts, combine) runs its training forward."""
+    import torch
+
+    chunk.train()
+    params = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
+    saved, inside = {}, []
+
+    def enter(*_):
+        inside.append(True)
+
+    def leave(*_):  # a forward hook's return value would replace the output: return None
+        inside.pop()
+
+    for layer in chunk.decoder.layers:
+        if layer.layer_number - 1 in model.moe_layers:
+            layer.mlp.register_forward_pre_hook(enter)
+            layer.mlp.register_forward_hook(leave)
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if inside and storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        chunk(tokens, positions, attention_mask=None)
+    return sum(saved.values())
+
+
+@pytest.mark.distributed
+def test_moe_activation_estimate_matches_what_megatron_layers_save(report):
+    per_rank = run_ranks(_mlp_saved_bytes, 2, timeout_s=300)
+    model = ModelConfig(**MOE_MODELS["qwen3moe-like"])
+    tokens = SAVED_BATCH * SAVED_SEQ
+    ratios = {}
+    for name, layout_kwargs in SAVED_LAYOUTS.items():
+        layout = ParallelConfig(**layout_kwargs)
+        local = tokens // (layout.tensor_parallel_size if layout.sequence_parallel else 1)
+        per_rank_estimate = len(model.moe_layers) * (
+            moe_mlp_activation_bytes(model, layout, tokens=tokens, router_score_tensors=2)  # + aux loss
+            + local * model.hidden_size * 4  # the router's input, counted with the norms by the estimate
+        )
+        # Summed over ranks: with EP the routing decides which rank gets a copy, not how many there are.
+        ratios[name] = sum(measured[name] for measured in per_rank) / (2 * per_rank_estimate)
+    report("MoE MLP saved bytes / estimate: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    for name, ratio in ratios.items():
+        assert 0.95 < ratio < 1.05, (name, ratio)
 
 
 def test_tied_embedding_is_counted_once_with_one_stage_and_twice_with_two():
@@ -484,9 +565,9 @@ def test_small_moe_case_matches_the_hand_computed_bytes():
     # Dense state sharded over DP=2, experts' over expert DP = 2 / (TP 1 x EP 2 x PP 1) = 1.
     assert stage.optimizer_bytes == (params - experts) * 12 // 2 + experts * 12
     # Activations, T = 256 tokens: attention and norms as in the dense case (262144 bytes + 131072
-    # scores x 6 bytes); MoE: 256 copies (top-1) x ((64 + 5 x 32) x 2 bytes + 12 routing bytes) + the
+    # scores x 6 bytes); MoE: 256 copies (top-1) x ((64 + 6 x 32) x 2 bytes + 12 routing bytes) + the
     # router's one fp32 [256, 4] tensor and its routing map (+2 bytes): 256 x 4 x 6.
-    per_layer = 262144 + 131072 * 6 + 256 * (224 * 2 + 12) + 256 * 4 * 6
+    per_layer = 262144 + 131072 * 6 + 256 * (256 * 2 + 12) + 256 * 4 * 6
     workspace = 131072 * 6  # the attention scores' buffers outweigh the dispatch (98304 bytes)
     head = 2 * 256 * 64 * 2
     assert stage.activations_bytes == 2 * per_layer + workspace + head
@@ -535,9 +616,9 @@ def test_moe_layers_cost_more_activations_than_the_dense_layers_they_replace_whe
     layout = ParallelConfig(expert_parallel_size=2)
     shape = dict(tokens=256, attention_length=128)
     dense = layer_activation_bytes(model, layout, **shape)
-    # 4 copies of each token through 32-wide experts (5 x 32 + 64 per copy) vs one 128-wide SwiGLU (4 x 128).
+    # 4 copies of each token through 32-wide experts (6 x 32 + 64 per copy) vs one 128-wide SwiGLU (4 x 128).
     moe = layer_activation_bytes(top4, layout, **shape, moe=True)
-    assert moe - dense == 256 * 4 * ((64 + 5 * 32) * 2 + 12) + 256 * 4 * 6 - 256 * 4 * 128 * 2
+    assert moe - dense == 256 * 4 * ((64 + 6 * 32) * 2 + 12) + 256 * 4 * 6 - 256 * 4 * 128 * 2
 
 
 def test_moe_layouts_that_do_not_divide_name_the_fields():
