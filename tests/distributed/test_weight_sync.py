@@ -1,6 +1,7 @@
 """A trained Megatron model's weights reach a real inference server by every transport, and it serves them.
 
-Two gloo ranks hold a TP=2 Megatron model loaded from a tiny HF checkpoint. Per transport: one SGD
+Two gloo ranks hold a TP=2 Megatron model loaded from a tiny HF checkpoint (and, in a second case, a
+Qwen3-MoE at EP=2: each rank holds half the experts, pushed under per-expert HF names). Per transport: one SGD
 step on a vocab-parallel cross-entropy (so the weights really move), then ``WeightPusher.push`` exports
 them (TP gather, HF names, buckets) through a real bridge into the reference SGLang-protocol server
 (a separate process). The server's log-probs of a probe sequence must then equal the trainer's own,
@@ -24,7 +25,7 @@ PROBE = [3, 77, 14, 200, 9, 128, 45, 61, 249, 5, 33, 180]
 TRANSPORTS = ("grpc", "disk", "distributed")
 
 
-def _sync_body(rank, world_size, hf_dir, server_url, disk_dir):
+def _sync_body(rank, world_size, hf_dir, server_url, disk_dir, sizes):
     import torch
     import torch.distributed as dist
     from megatron.core import tensor_parallel
@@ -38,19 +39,25 @@ def _sync_body(rank, world_size, hf_dir, server_url, disk_dir):
     from atropos_megatron.weights.transfer import WeightPusher
 
     parallel.init_distributed(ParallelConfig(), seed=0)
-    layout = ParallelConfig(tensor_parallel_size=2)
+    layout = ParallelConfig(**sizes)
     coords = parallel.setup_model_parallel(layout, seed=1)
     cfg = model_config_from_hf(read_hf_config(hf_dir))
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
     (model,) = build_model(cfg, layout)
     load_hf_weights(
-        [model], SafetensorsCheckpoint(hf_dir), cfg, padded_vocab=padded, tp_rank=coords.tp_rank, tp_size=2
+        [model],
+        SafetensorsCheckpoint(hf_dir),
+        cfg,
+        padded_vocab=padded,
+        tp_rank=coords.tp_rank,
+        tp_size=coords.tp,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     tokens = torch.tensor([PROBE])
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
 
     def train_step(seed: int) -> None:
+        # The same batch on every rank: under EP (no DDP here) the replicated weights stay equal.
         batch = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
         logits = model(batch[:, :-1], torch.arange(15).expand(2, 15), attention_mask=None)
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch[:, 1:]).mean()
@@ -60,8 +67,8 @@ def _sync_body(rank, world_size, hf_dir, server_url, disk_dir):
 
     @torch.no_grad()
     def trainer_logprobs() -> torch.Tensor:
-        shard = model(tokens, positions, attention_mask=None).float()  # [1, S, padded / 2]
-        shards = [torch.empty_like(shard) for _ in range(2)]
+        shard = model(tokens, positions, attention_mask=None).float()  # [1, S, padded / TP]
+        shards = [torch.empty_like(shard) for _ in range(coords.tp)]
         dist.all_gather(shards, shard, group=parallel.tensor_parallel_group())
         logits = torch.cat(shards, dim=-1)[0, :-1, : cfg.vocab_size]
         return torch.log_softmax(logits, dim=-1).gather(-1, tokens[0, 1:, None]).squeeze(-1)
@@ -106,17 +113,22 @@ def _sync_body(rank, world_size, hf_dir, server_url, disk_dir):
     return results
 
 
-def test_trained_tp2_weights_reach_the_server_by_every_transport(tmp_path: Path, report):
+@pytest.mark.parametrize(
+    ("model_type", "sizes"),
+    [("qwen2", dict(tensor_parallel_size=2)), ("qwen3_moe", dict(expert_parallel_size=2))],
+    ids=["qwen2 TP=2", "qwen3_moe EP=2"],
+)
+def test_trained_weights_reach_the_server_by_every_transport(tmp_path: Path, report, model_type, sizes):
     hf_dir = tmp_path / "hf"
-    save_tiny_checkpoint("qwen2", hf_dir)
+    save_tiny_checkpoint(model_type, hf_dir)
     with ReferenceServer(hf_dir, weight_version="0") as server:
         before, _ = served_logprobs(server.url, PROBE)
         (results, _) = run_ranks(
-            _sync_body, 2, str(hf_dir), server.url, str(tmp_path / "pushed"), timeout_s=240
+            _sync_body, 2, str(hf_dir), server.url, str(tmp_path / "pushed"), sizes, timeout_s=240
         )
     for step, transport in enumerate(TRANSPORTS, start=1):
         version, diff, updated, buckets, served = results[transport]
-        report(f"{transport}: {buckets} buckets, max |served - trainer logprob| = {diff:.2e}")
+        report(f"{model_type} {transport}: {buckets} buckets, max |served - trainer logprob| = {diff:.2e}")
         assert version == str(step) and updated == [True]
         assert buckets > 1 or transport == "disk"  # disk: the servers read a directory, no buckets
         assert diff < TOLERANCE, f"{transport}: the server does not serve the trained weights ({diff:.2e})"
