@@ -431,6 +431,11 @@ class GRPOConfig:
     micro-batch's tokens); null means the model's own `model.moe.router_aux_loss_coef` (config.json's
     `router_aux_loss_coef`: 0.001 for Qwen3-MoE and Mixtral), 0 turns it off. Added to the gradient,
     not to the reported GRPO loss; `moe/aux_loss` reports it."""
+    routing_replay: bool = False
+    """MoE models: send each token to the experts the inference engine chose for it (rollout routing
+    replay), where the batch carries them (`weights.capture_routed_experts`); tokens without them keep
+    the trainer's own routing. The routing weights stay the trainer's router's. `moe/replayed_token_share`
+    and `moe/replay_same_experts` (how often the engine chose the trainer's own experts) say what it did."""
     moe_z_loss_coef: float = 0.0
     """MoE models: weight of the router z-loss (ST-MoE: mean squared log-sum-exp of the router logits),
     which keeps router logits small; 0 turns it off."""

@@ -36,7 +36,9 @@ from atropos_megatron.config import DataConfig, GRPOConfig
 MicroBatch = dict[str, Any]
 """Tensors ``[b, s]`` (``tokens``, ``position_ids``, ``labels``, ``loss_mask``, ``advantages``,
 ``weights``, ``temperature``; ``inference_logprobs`` and ``env_ref_logprobs`` with bool masks
-``has_inference_logprobs`` / ``has_env_ref_logprobs`` when any sequence sent them), ``attention_mask``
+``has_inference_logprobs`` / ``has_env_ref_logprobs`` when any sequence sent them; ``routed_experts``
+int16 ``[b, s, layers, k]``, -1 where unknown, when any sequence has the engine's routing and
+``grpo.routing_replay`` is on), ``attention_mask``
 (bool ``[b, 1, s, s]``, True = masked; None for plain causal), ``trained_tokens`` (int) and
 ``aggregation`` (``algo.reduce.aggregation_key`` of the config the ``weights`` were made for)."""
 
@@ -59,6 +61,9 @@ class Rollout:
     ref_logprobs: torch.Tensor | None
     group: int = 0
     """Index of the sequence's group in the batch."""
+    routed_experts: torch.Tensor | None = None
+    """int16 ``[L, layers, k]``: the experts the inference engine routed each input token to (MoE
+    models, ``grpo.routing_replay``); -1 rows where it is not known."""
 
     @property
     def length(self) -> int:
@@ -157,10 +162,20 @@ def build_rollouts(batch: Any, cfg: GRPOConfig) -> tuple[list[Rollout], BatchSta
                     if info.has_ref_logprobs
                     else None,
                     group=g,
+                    routed_experts=_routed_experts(batch, offsets, i) if cfg.routing_replay else None,
                 )
             )
         zero_groups += not group_has_signal
     return rollouts, _stats(rollouts, scores, len(batch.groups), zero_groups)
+
+
+def _routed_experts(batch: Any, offsets: np.ndarray, i: int) -> torch.Tensor | None:
+    """Sequence ``i``'s rows of the batch's ``routed_experts`` ``[T, layers, k]``; None if all unknown."""
+    routed = getattr(batch, "routed_experts", None)
+    if routed is None:
+        return None
+    rows = torch.as_tensor(np.asarray(routed[offsets[i] : offsets[i + 1]]), dtype=torch.int16)
+    return rows if bool((rows >= 0).any()) else None
 
 
 def _stats(rollouts: list[Rollout], scores: torch.Tensor, groups: int, zero_groups: int) -> BatchStats:
@@ -308,6 +323,9 @@ def _layout(
         if any(getattr(share[i], field) is not None for row in rows for i in row):
             out[key] = torch.zeros(b, row_len)
             out[f"has_{key}"] = torch.zeros(b, row_len, dtype=torch.bool)
+    routed = [share[i].routed_experts for row in rows for i in row if share[i].routed_experts is not None]
+    if routed:
+        out["routed_experts"] = torch.full((b, row_len, *routed[0].shape[1:]), -1, dtype=torch.int16)
     segments = torch.full((b, row_len), -1, dtype=torch.int64)
     for r, row in enumerate(rows):
         start = 0
@@ -325,6 +343,8 @@ def _layout(
                 if key in out and getattr(seq, field) is not None:
                     out[key][r, span] = getattr(seq, field)
                     out[f"has_{key}"][r, span] = True
+            if routed and seq.routed_experts is not None:
+                out["routed_experts"][r, span] = seq.routed_experts
             segments[r, span] = segment
             start = end
         out["position_ids"][r, start:] = torch.arange(row_len - start)

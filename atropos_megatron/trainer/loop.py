@@ -142,6 +142,7 @@ class Trainer:
             chunks, self.model, cfg.optimizer, total_steps=cfg.steps * cfg.grpo.updates_per_batch
         )
         self.router_stats = self._watch_routers()
+        self.routing_replay = self._install_routing_replay()
         self.progress = checkpoint.Progress(
             step=0, weight_version="0", layout=(self.layout.tp, self.layout.pp, self.layout.dp)
         )
@@ -184,6 +185,26 @@ class Trainer:
         )
         counts_tokens = parallel_cfg.sequence_parallel or self.layout.tp_rank == 0
         return RouterStats(self.state.chunks, self.model, counts_tokens=counts_tokens)
+
+    def _install_routing_replay(self):
+        """``grpo.routing_replay``: the actor's routers take the engine's experts where batches carry them."""
+        if not self.cfg.grpo.routing_replay:
+            return None
+        if not self.model.moe.enabled:
+            raise ValueError("grpo.routing_replay needs a mixture-of-experts model (model.moe.num_experts=0)")
+        from atropos_megatron.trainer.routing_replay import RoutingReplay
+
+        parallel_cfg = self.cfg.parallel
+        replay = RoutingReplay(
+            self.state.chunks,
+            num_experts=self.model.moe.num_experts,
+            tp_rank=self.layout.tp_rank,
+            tp_size=self.layout.tp,
+            sequence_parallel=parallel_cfg.sequence_parallel,
+            recompute_full=parallel_cfg.recompute == "full",
+        )
+        self._log("MoE routing replay: tokens whose batch carries the engine's experts are routed to them")
+        return replay
 
     def _load_initial_weights(self, chunks: list[torch.nn.Module]) -> None:
         if self.model.dist_checkpoint is not None:
@@ -299,6 +320,8 @@ class Trainer:
         loss_metrics = gather_loss_metrics(per_micro_batch)
         if self.router_stats is not None:
             metrics.update(self.router_stats.step_metrics())  # collective
+        if self.routing_replay is not None:
+            metrics.update(self.routing_replay.step_metrics())  # collective
         self.progress = replace(
             self.progress,
             step=self.progress.step + 1,

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from atropos_megatron.config import ModelConfig
+from atropos_megatron.weights.export import unwrap_chunk
 from atropos_megatron.weights.megatron_shards import iter_global_params
 
 _ROUTER = ".mlp.router.weight"
@@ -52,9 +53,11 @@ class RouterStats:
             return
         for chunk in chunks:
             routers = {
-                name: param for name, param in iter_global_params(_unwrap(chunk)) if name.endswith(_ROUTER)
+                name: param
+                for name, param in iter_global_params(unwrap_chunk(chunk))
+                if name.endswith(_ROUTER)
             }
-            for module in _unwrap(chunk).modules():
+            for module in unwrap_chunk(chunk).modules():
                 weight = getattr(module, "weight", None)
                 for name, param in routers.items():
                     if weight is param:
@@ -102,9 +105,3 @@ class RouterStats:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
-        chunk = chunk.module
-    return chunk

@@ -33,7 +33,9 @@ def forward_backward(
     Args:
         chunks: this rank's model chunks (one per virtual pipeline stage).
         micro_batches: each with ``tokens`` ``[b, s]`` int64, ``position_ids`` ``[b, s]`` and
-            optionally ``attention_mask`` (bool ``[b, 1, s, s]``, True = masked); all of one shape.
+            optionally ``attention_mask`` (bool ``[b, 1, s, s]``, True = masked) and ``routed_experts``
+            (``[b, s, layers, k]``, -1 = unknown: the experts to replay where a ``RoutingReplay`` is
+            installed on the chunks); all of one shape.
         loss_fn: see :data:`LossFn`.
         forward_only: skip backward (evaluation, log-prob passes).
 
@@ -48,9 +50,20 @@ def forward_backward(
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"))
+        replay = _routing_replay(model)
+        if replay is not None:  # MoE with grpo.routing_replay: the engine's experts for these tokens
+            replay.begin_forward(batch.get("routed_experts"), for_backward=not forward_only)
+        try:
+            output = model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"))
+        finally:
+            if replay is not None:
+                replay.end_forward()
         return output, functools.partial(loss_fn, batch)
 
+    for chunk in chunks:
+        replay = _routing_replay(chunk)
+        if replay is not None:
+            replay.reset()
     # The interleaved schedule pulls micro-batches for each chunk from that chunk's own iterator.
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
@@ -62,3 +75,12 @@ def forward_backward(
         micro_batch_size=batch_size,
         forward_only=forward_only,
     )
+
+
+def _routing_replay(model: torch.nn.Module):
+    """The chunk's ``trainer.routing_replay.RoutingReplay``, if one is installed (through DDP wrappers)."""
+    while True:
+        replay = getattr(model, "routing_replay", None)
+        if replay is not None or not isinstance(getattr(model, "module", None), torch.nn.Module):
+            return replay
+        model = model.module
