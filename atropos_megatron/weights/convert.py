@@ -216,6 +216,7 @@ def model_for_layout(
         pipeline_parallel_size=pp,
         virtual_pipeline_parallel_size=vpp,
         expert_parallel_size=ep,
+        sequence_parallel=tp > 1,  # changes no weight; MoE layers need it at TP > 1
     )
     try:
         model = model_config_from_hf(hf_config, **fields)

@@ -31,16 +31,12 @@ BATCH, SEQ = 2, 12
 
 def _logits_at_each_layout(rank, world_size):
     import torch
-    from megatron.core import tensor_parallel
 
     from atropos_megatron.config import ParallelConfig
     from atropos_megatron.trainer import parallel
-    from atropos_megatron.trainer.model import build_model, padded_vocab_size
-    from atropos_megatron.trainer.step import forward_backward
     from atropos_megatron.weights.hf_architectures import model_config_from_hf
-    from atropos_megatron.weights.hf_mapping import hf_to_megatron
-    from atropos_megatron.weights.megatron_shards import load_full_state_dict
     from tests.hf_models import MOE_VARIANTS, fp64_logits, hf_state, tiny_hf_model
+    from tests.layouts import full_logits, load_hf_state
 
     parallel.init_distributed(ParallelConfig(), seed=0)
     # Every rank feeds the same tokens: each data-parallel replica must give HF's logits.
@@ -56,21 +52,9 @@ def _logits_at_each_layout(rank, world_size):
         cfg = model_config_from_hf(hf_model.config.to_dict(), max_position_embeddings=SEQ)
         state = hf_state(hf_model)
         for name, sizes in LAYOUTS.items():
-            layout = ParallelConfig(**sizes)
-            coords = parallel.setup_model_parallel(layout, seed=1)
-            padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, coords.tp)
-            full = dict(hf_to_megatron(state.items(), cfg, padded_vocab=padded))
-            chunks = build_model(cfg, layout)
-            load_full_state_dict(chunks, full, tp_rank=coords.tp_rank, tp_size=coords.tp)
-            logits = []
-
-            def keep(batch, output, logits=logits):
-                logits.append(tensor_parallel.gather_from_tensor_model_parallel_region(output.detach()))
-                return output.sum() * 0.0, {}
-
-            forward_backward(chunks, [batch], loss_fn=keep, forward_only=True)
-            if coords.is_last_stage:
-                got = logits[0][..., : cfg.vocab_size]
+            chunks, _ = load_hf_state(cfg, state, sizes)
+            got = full_logits(chunks, batch, cfg.vocab_size)
+            if got is not None:
                 measured[f"{model_type} {name}"] = (got - expected).abs().max().item()
                 measured[f"{model_type} {name} vs fp64"] = (got.double() - exact).abs().max().item()
     return measured

@@ -62,17 +62,12 @@ def _force_hf_routing(model, routed: torch.Tensor) -> None:
 
 
 def _hf_body(rank, world_size):
-    from megatron.core import tensor_parallel
-
     from atropos_megatron.config import ParallelConfig
     from atropos_megatron.trainer import parallel
-    from atropos_megatron.trainer.model import build_model, padded_vocab_size
     from atropos_megatron.trainer.routing_replay import RoutingReplay
-    from atropos_megatron.trainer.step import forward_backward
     from atropos_megatron.weights.hf_architectures import model_config_from_hf
-    from atropos_megatron.weights.hf_mapping import hf_to_megatron
-    from atropos_megatron.weights.megatron_shards import load_full_state_dict
     from tests.hf_models import MOE_VARIANTS, hf_state, tiny_hf_model
+    from tests.layouts import full_logits, load_hf_state
 
     parallel.init_distributed(ParallelConfig(), seed=0)
     tokens = torch.randint(0, 250, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
@@ -88,11 +83,7 @@ def _hf_body(rank, world_size):
             unforced = hf_model(tokens).logits
             _force_hf_routing(hf_model, routed)
             expected = hf_model(tokens).logits
-        coords = parallel.setup_model_parallel(ParallelConfig(), seed=1)
-        padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
-        chunks = build_model(cfg, ParallelConfig())
-        full = dict(hf_to_megatron(hf_state(tiny_hf_model(model_type)).items(), cfg, padded_vocab=padded))
-        load_full_state_dict(chunks, full, tp_rank=coords.tp_rank, tp_size=coords.tp)
+        chunks, _ = load_hf_state(cfg, hf_state(tiny_hf_model(model_type)), {})
         RoutingReplay(
             chunks, num_experts=cfg.moe.num_experts, tp_rank=0, tp_size=1, sequence_parallel=False,
             recompute_full=False,
@@ -102,14 +93,7 @@ def _hf_body(rank, world_size):
             "position_ids": torch.arange(SEQ).expand(BATCH, SEQ),
             "routed_experts": routed,
         }
-        logits = []
-
-        def keep(batch, output, logits=logits):
-            logits.append(tensor_parallel.gather_from_tensor_model_parallel_region(output.detach()))
-            return output.sum() * 0.0, {}
-
-        forward_backward(chunks, [batch], loss_fn=keep, forward_only=True)
-        got = logits[0][..., : cfg.vocab_size]
+        got = full_logits(chunks, batch, cfg.vocab_size)
         measured[model_type] = ((got - expected).abs().max().item(), (unforced - expected).abs().max().item())
     return measured
 
