@@ -44,10 +44,9 @@ class RouterStats:
         self.num_experts = model.moe.num_experts
         self.topk = model.moe.router_topk
         self.rows = {layer: row for row, layer in enumerate(model.moe_layers)}
-        # Per MoE layer: tokens routed to each expert, summed router probabilities, and [tokens, sum lse^2].
-        self.counts = torch.zeros(len(self.rows), self.num_experts, dtype=torch.float64)
-        self.prob_sums = torch.zeros_like(self.counts)
-        self.tokens = torch.zeros(len(self.rows), 2, dtype=torch.float64)
+        # Per MoE layer: tokens routed to each expert, summed router probabilities, tokens, sum of lse^2
+        # (allocated on the routers' device at the first count).
+        self.sums: torch.Tensor | None = None
         self.handles = []
         if not counts_tokens:
             return
@@ -71,20 +70,39 @@ class RouterStats:
             with torch.no_grad():
                 _, routing_map = outputs
                 hidden = inputs[0].reshape(-1, inputs[0].shape[-1])
-                logits = torch.nn.functional.linear(hidden.double(), module.weight.double())
-                self.counts[row] += routing_map.reshape(-1, self.num_experts).sum(0).double().cpu()
-                self.prob_sums[row] += torch.softmax(logits, dim=-1).sum(0).cpu()
-                self.tokens[row, 0] += logits.shape[0]
-                self.tokens[row, 1] += torch.logsumexp(logits, dim=-1).pow(2).sum().cpu()
+                logits = torch.nn.functional.linear(hidden.float(), module.weight.float())
+                # Sums stay on the router's device until step_metrics: no host sync per layer.
+                sums = torch.cat(
+                    [
+                        routing_map.reshape(-1, self.num_experts).sum(0).float(),
+                        torch.softmax(logits, dim=-1).sum(0),
+                        torch.stack(
+                            [logits.new_tensor(logits.shape[0]), torch.logsumexp(logits, -1).pow(2).sum()]
+                        ),
+                    ]
+                ).double()
+                if self.sums is None:
+                    self.sums = torch.zeros(
+                        len(self.rows), sums.numel(), dtype=torch.float64, device=sums.device
+                    )
+                self.sums[row] += sums
 
         return count
 
     def step_metrics(self) -> dict[str, float]:
         """The metrics above for the counts since the last call, then reset. Collective over the world."""
-        totals = torch.cat([self.counts, self.prob_sums, self.tokens], dim=1)
+        width = 2 * self.num_experts + 2
+        totals = (
+            torch.zeros(len(self.rows), width, dtype=torch.float64)
+            if self.sums is None
+            else self.sums.clone()
+        )
+        if self.sums is not None:
+            self.sums.zero_()
+        if totals.device.type == "cpu" and dist.get_backend() == "nccl":
+            totals = totals.cuda()  # a rank that counted nothing yet still joins the NCCL reduction
         dist.all_reduce(totals)
-        self.counts.zero_(), self.prob_sums.zero_(), self.tokens.zero_()
-        counts, prob_sums, tokens = totals.split([self.num_experts, self.num_experts, 2], dim=1)
+        counts, prob_sums, tokens = totals.cpu().split([self.num_experts, self.num_experts, 2], dim=1)
         seen = tokens[:, 0] > 0
         if not bool(seen.any()):
             return {}

@@ -82,8 +82,9 @@ class RoutingReplay:
         self.recompute_full = recompute_full
         self.in_forward = False
         self.targets: list[RouterTargets] = []
-        # [routed tokens, replayed tokens, replayed tokens whose engine experts equal the trainer's own]
-        self.counts = torch.zeros(3, dtype=torch.float64)
+        # [routed tokens, replayed tokens, replayed tokens whose engine experts equal the trainer's own],
+        # on the routers' device until step_metrics (no host sync per layer)
+        self.counts: torch.Tensor | None = None
         for chunk in chunks:
             module = unwrap_chunk(chunk)
             routers = {id(p): name for name, p in iter_global_params(module) if name.endswith(_ROUTER)}
@@ -127,14 +128,16 @@ class RoutingReplay:
 
     def count(self, known: torch.Tensor, target: torch.Tensor, own: torch.Tensor) -> None:
         same = (target.sort(dim=-1).values == own.sort(dim=-1).values).all(dim=-1, keepdim=True)
-        self.counts += torch.tensor(
-            [known.numel(), int(known.sum()), int((same & known).sum())], dtype=torch.float64
-        )
+        total = torch.tensor(known.numel(), device=known.device)
+        counts = torch.stack([total, known.sum(), (same & known).sum()]).double()
+        self.counts = counts if self.counts is None else self.counts + counts
 
     def step_metrics(self) -> dict[str, float]:
         """``moe/replayed_token_share`` and ``moe/replay_same_experts`` since the last call. Collective."""
-        counts = self.counts.clone()
-        self.counts.zero_()
+        counts = torch.zeros(3, dtype=torch.float64) if self.counts is None else self.counts
+        self.counts = None
+        if counts.device.type == "cpu" and dist.get_backend() == "nccl":
+            counts = counts.cuda()  # a rank that replayed nothing still joins the NCCL reduction
         dist.all_reduce(counts)
         routed, replayed, same = counts.tolist()
         if routed == 0:
