@@ -224,6 +224,12 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--served-model-name", default=None, help="model name in /v1 (default: --model)")
     serve.add_argument("--max-batch", type=int, default=16, help="most samples decoded together (default 16)")
     serve.add_argument("--seed", type=int, default=0, help="seed for sampling without sampling_seed")
+    serve.add_argument(
+        "--enable-return-routed-experts",
+        action="store_true",
+        help="as SGLang's: requests with return_routed_experts get meta_info.routed_experts, each fed "
+        "token's experts per layer (MoE models only)",
+    )
     from atropos_megatron.inference.lora_options import add_lora_arguments  # argparse + stdlib only
 
     add_lora_arguments(serve)

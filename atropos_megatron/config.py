@@ -643,6 +643,7 @@ class BridgeConfig:
 WEIGHT_TRANSPORTS = ("grpc", "distributed", "disk")
 PAUSE_MODES = ("abort", "retract", "in_place")
 LORA_SYNCS = ("merged", "adapter")
+INFERENCE_ENGINES = ("sglang", "vllm")  # = bridge.inference_client.ENGINES
 FUSED_LINEAR_MODES = ("auto", "always", "never")
 
 
@@ -654,6 +655,14 @@ class WeightsConfig:
     """`grpc` (buckets through the bridge, loaded with /update_weights_from_tensor on the bridge's
     host), `distributed` (trainer rank 0 broadcasts over NCCL/gloo to every server) or `disk`
     (safetensors in `disk_dir`, loaded with /update_weights_from_disk)."""
+    inference_engine: str = "sglang"
+    """What every server in `inference_servers` runs: `sglang` (SGLang, or `atropos-megatron serve`) or
+    `vllm` (vLLM >= 0.33 with `VLLM_SERVER_DEV_MODE=1` and `--weight-transfer-config`, or `serve
+    --protocol vllm`; docs/vllm.md). It picks the routes the bridge calls and, for `distributed`, how
+    the trainer joins the group and broadcasts (vLLM: one broadcast per tensor; its `nccl` backend needs
+    the `vllm` package on the trainer's sending rank). A server that answers as the other engine is
+    reported unhealthy with that reason. vLLM takes `transport: distributed` only, `lora_sync: merged`,
+    `pause_mode` `abort` or `in_place` (vLLM's `keep`)."""
     inference_servers: list[str] = field(default_factory=list)
     """Base URLs of the SGLang (or reference) servers the bridge keeps in sync. With `grpc` they must
     share the bridge's host (tensors travel through shared memory): run one bridge per node
@@ -705,10 +714,26 @@ class WeightsConfig:
     generation requests that name none. Point the environments' `base_url` at these."""
     lora_proxy_host: str = "127.0.0.1"
     """Address the adapter proxies listen on (0.0.0.0 to serve environments on other hosts)."""
+    capture_routed_experts: bool = False
+    """Rollout routing replay for MoE models: the bridge's proxies (`lora_proxy_ports`, required; they
+    also name adapters with `lora_sync: adapter`) add `return_routed_experts: true` to every `/generate`
+    request, keep each sample's expert ids by its token ids and take them out of the response, and the
+    bridge attaches them to the batch sequences with the same tokens (`TrainingBatch.routed_experts`;
+    -1 rows for the others). The servers need SGLang's `--enable-return-routed-experts`; the trainer
+    registers its model's layers and top-k to receive them. Costs `2 * num_hidden_layers *
+    num_experts_per_tok` bytes per token in batches (768 B for Qwen3-30B-A3B)."""
+    routed_experts_store_bytes: int = 2 * 1024**3
+    """Bytes of captured routings the bridge holds until a batch claims them (int16 ids + token keys);
+    past it the oldest are dropped (their sequences get -1 rows). 2 GiB hold ~2.7M tokens of
+    Qwen3-30B-A3B routings."""
 
     def __post_init__(self) -> None:
         _require_choice(self.transport, "weights.transport", WEIGHT_TRANSPORTS)
         _require_choice(self.lora_sync, "weights.lora_sync", LORA_SYNCS)
+        _require_choice(self.pause_mode, "weights.pause_mode", PAUSE_MODES)
+        _require_choice(self.inference_engine, "weights.inference_engine", INFERENCE_ENGINES)
+        if self.inference_engine == "vllm":
+            self._check_vllm()
         _require(
             self.lora_sync != "adapter" or self.transport in ("grpc", "disk"),
             "weights.lora_sync",
@@ -722,7 +747,13 @@ class WeightsConfig:
         )
         for port in self.lora_proxy_ports:
             _require(0 < port < 65536, "weights.lora_proxy_ports", f"{port} is not a TCP port")
-        _require_choice(self.pause_mode, "weights.pause_mode", PAUSE_MODES)
+        _require(
+            not self.capture_routed_experts or bool(self.lora_proxy_ports),
+            "weights.capture_routed_experts",
+            "needs weights.lora_proxy_ports (one per inference server): routings are captured by the "
+            "bridge's proxies, so environments must generate through them",
+        )
+        _require(self.routed_experts_store_bytes > 0, "weights.routed_experts_store_bytes", "must be > 0")
         _require(self.bucket_bytes > 0, "weights.bucket_bytes", "must be > 0")
         _require(
             self.max_bucket_bytes >= self.bucket_bytes, "weights.max_bucket_bytes", "must be >= bucket_bytes"
@@ -750,6 +781,32 @@ class WeightsConfig:
             "must be null, 'nccl' or 'gloo'",
         )
         _require(0 <= self.master_port < 65536, "weights.master_port", "must be a TCP port or 0")
+
+    def _check_vllm(self) -> None:
+        """What vLLM 0.33's RL routes cannot do, refused by name (docs/vllm.md §4)."""
+        _require(
+            self.transport == "distributed",
+            "weights.transport",
+            f"{self.transport} is not supported with inference_engine=vllm: vLLM has no route that loads "
+            "serialized tensors (grpc) and 0.33 has no disk weight-transfer engine (disk); use distributed",
+        )
+        _require(
+            self.lora_sync == "merged",
+            "weights.lora_sync",
+            "adapter is not supported with inference_engine=vllm (the adapter proxy names adapters in "
+            "SGLang's lora_path field); use merged",
+        )
+        _require(
+            self.pause_mode != "retract",
+            "weights.pause_mode",
+            "vLLM has no retract: use in_place (vLLM's keep: paused requests continue after the update with "
+            "their KV cache) or abort",
+        )
+        _require(
+            not self.capture_routed_experts,
+            "weights.capture_routed_experts",
+            "needs SGLang's return_routed_experts; not supported with inference_engine=vllm",
+        )
 
 
 @dataclass(kw_only=True)

@@ -184,12 +184,23 @@ def _atropos_lines(status) -> list[str]:
 def _bridge_lines(status) -> list[str]:
     rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(status.rejected_groups.items()))
     last = "never" if status.seconds_since_batch < 0 else f"{_duration(status.seconds_since_batch)} ago"
-    return [
+    lines = [
         f"bridge     fetched {status.batches_fetched}, served {status.batches_served}, acked "
         f"{status.batches_acked}, retained {status.retained}, committed step {status.committed_step}, "
         f"ready {status.queue_depth}, spool {_bytes(status.spool_bytes)}; last batch handed out {last}",
         f"           rejected groups: {rejected or 'none'}",
     ]
+    r = status.routed_experts
+    if r.enabled:
+        shape = "" if r.shape_registered else " (the trainer asked for none: not attached)"
+        if r.width_mismatch:
+            shape += f"; {r.width_mismatch} not of the trainer's layers x top-k"
+        lines.append(
+            f"           routed experts: sequences matched {r.sequences_matched}, unmatched "
+            f"{r.sequences_unmatched}; samples captured {r.captured}, without routing {r.no_routing}, "
+            f"malformed {r.malformed}, evicted {r.evicted}; held {r.entries} ({_bytes(r.bytes)}){shape}"
+        )
+    return lines
 
 
 def _server_lines(status) -> list[str]:

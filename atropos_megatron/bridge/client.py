@@ -116,10 +116,14 @@ class BridgeClient:
         save_checkpoint_interval: int = 0,
         vocab_size: int = 0,
         committed_step: int = 0,
+        num_hidden_layers: int = 0,
+        num_experts_per_tok: int = 0,
     ) -> bridge_pb2.RegisterRunResponse:
         """Register the run; ``starting_step``: the step the trainer's model is at, ``committed_step``:
         its newest durable checkpoint's (the same after a resume). The answer says how many batches the
-        bridge serves again before new ones."""
+        bridge serves again before new ones. ``num_hidden_layers`` and ``num_experts_per_tok`` (both
+        > 0) ask for rollout routings: batches then carry ``routed_experts`` int16 ``[T, layers, k]``
+        where the bridge captured them (``weights.capture_routed_experts``)."""
         request = bridge_pb2.RegisterRunRequest(
             request_id=_request_id(),
             run_name=run_name,
@@ -131,6 +135,8 @@ class BridgeClient:
             save_checkpoint_interval=save_checkpoint_interval,
             vocab_size=vocab_size,
             committed_step=committed_step,
+            num_hidden_layers=num_hidden_layers,
+            num_experts_per_tok=num_experts_per_tok,
         )
         self._registration = request
         return self._call(self._stub.RegisterRun, request, rejoin=False)

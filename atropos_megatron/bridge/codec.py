@@ -134,6 +134,10 @@ class EncodedBatch:
     """float32 ``[T]`` or None when no group sent the field."""
     groups: tuple[GroupInfo, ...]
     fetched_unix_s: float
+    routed_experts: np.ndarray | None = None
+    """int16 ``[T, num_hidden_layers, num_experts_per_tok]``: the experts the inference engine routed
+    input token i to in each layer (rollout routing replay; 0 in dense layers, -1 in sequences whose
+    routing the bridge did not capture); None when no sequence has one (``bridge/routed_experts.py``)."""
 
     @property
     def num_sequences(self) -> int:
@@ -491,6 +495,7 @@ _PROTO_DTYPES = {
     ("f", 2): bridge_pb2.DTYPE_FLOAT16,
     ("b", 1): bridge_pb2.DTYPE_BOOL,
     ("u", 1): bridge_pb2.DTYPE_UINT8,
+    ("i", 2): bridge_pb2.DTYPE_INT16,
 }
 # proto dtype -> little-endian wire dtype (bool travels as uint8 and is checked to be 0 or 1).
 _WIRE_DTYPES = {
@@ -500,6 +505,7 @@ _WIRE_DTYPES = {
     bridge_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
     bridge_pb2.DTYPE_BOOL: np.dtype("u1"),
     bridge_pb2.DTYPE_UINT8: np.dtype("u1"),
+    bridge_pb2.DTYPE_INT16: np.dtype("<i2"),
 }
 
 
@@ -567,6 +573,8 @@ def batch_to_proto(batch: EncodedBatch) -> bridge_pb2.TrainingBatch:
         values = getattr(batch, name)
         if values is not None:
             getattr(message, name).CopyFrom(tensor_to_proto(values))
+    if batch.routed_experts is not None:
+        message.routed_experts.CopyFrom(tensor_to_proto(batch.routed_experts))
     return message
 
 
@@ -596,7 +604,25 @@ def batch_from_proto(message: bridge_pb2.TrainingBatch) -> EncodedBatch:
         ref_logprobs=_optional_field_tensor(message, "ref_logprobs", num_tokens),
         groups=tuple(_group_info_from_proto(info) for info in message.groups),
         fetched_unix_s=message.fetched_unix_s,
+        routed_experts=_routed_experts_tensor(message, num_tokens),
     )
+
+
+def _routed_experts_tensor(message: bridge_pb2.TrainingBatch, num_tokens: int) -> np.ndarray | None:
+    """The optional int16 ``[T, L, k]`` routing table, checked (ids >= -1, L and k >= 1)."""
+    if not message.HasField("routed_experts"):
+        return None
+    try:
+        values = tensor_from_proto(message.routed_experts)
+    except ValueError as error:
+        raise ValueError(f"routed_experts: {error}") from None
+    if values.dtype != np.int16 or values.ndim != 3 or values.shape[0] != num_tokens or 0 in values.shape[1:]:
+        raise ValueError(
+            f"routed_experts: {values.dtype} {list(values.shape)}, expected int16 [{num_tokens}, layers, top_k]"
+        )
+    if values.size and values.min() < -1:
+        raise ValueError(f"routed_experts: expert id {int(values.min())} (only -1 marks a missing routing)")
+    return values
 
 
 def _field_tensor(message: bridge_pb2.TrainingBatch, name: str, dtype: type, length: int) -> np.ndarray:

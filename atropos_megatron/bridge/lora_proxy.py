@@ -1,12 +1,18 @@
-"""HTTP proxies in front of the inference servers that name the newest LoRA adapter in every request.
+"""HTTP proxies in front of the inference servers, for two jobs: name the newest LoRA adapter in every
+generation request (``weights.lora_sync: adapter``) and capture the experts an MoE model routed each
+token to (``weights.capture_routed_experts``). Either or both; everything else passes unchanged.
 
-SGLang applies a LoRA adapter only to requests that name it (``lora_path`` in ``/generate`` and the
+Adapters: SGLang applies a LoRA adapter only to requests that name it (``lora_path`` in ``/generate`` and the
 ``/v1`` routes, or ``model: "<served>:<adapter>"``), and has no default adapter; atroposlib's clients
 name none. With ``weights.lora_sync: adapter`` an unchanged environment would therefore sample from
 the frozen base (docs/sglang-lora.md §4, §8). The bridge loads each push as a new adapter
 (``policy-v<step>``) and runs one proxy per server: environments point their ``base_url`` at the
 proxy, which forwards every request and response unchanged (streaming included), except that a
 generation request naming no adapter gets ``lora_path`` = that server's newest adapter.
+
+Routed experts: a ``/generate`` request with ``input_ids`` gets ``return_routed_experts: true``; its
+response is read whole (not streamed), each sample's ``meta_info.routed_experts`` is stored by its
+token ids for the batches (``routed_experts.py``) and removed from what the environment receives.
 
 Threads, not an event loop: the bridge stays free of web frameworks, and a request's thread mostly
 waits on the server.
@@ -21,6 +27,13 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+
+from atropos_megatron.bridge.routed_experts import (
+    CaptureRequest,
+    RoutedExpertsStore,
+    ask_routed_experts,
+    capture_response,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +64,22 @@ def name_adapter(path: str, body: bytes, adapter: str | None) -> bytes:
 
 
 class AdapterProxy:
-    """One server's proxy: ``http://host:port`` forwards to ``upstream`` naming ``adapter()``."""
+    """One server's proxy: ``http://host:port`` forwards to ``upstream`` naming ``adapter()`` and, with
+    ``routed_experts``, capturing routings into it."""
 
     def __init__(
-        self, upstream: str, adapter: Callable[[], str | None], *, host: str, port: int, timeout_s: float
+        self,
+        upstream: str,
+        adapter: Callable[[], str | None],
+        *,
+        host: str,
+        port: int,
+        timeout_s: float,
+        routed_experts: RoutedExpertsStore | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.adapter = adapter
+        self.routed_experts = routed_experts
         self._client = httpx.Client(base_url=self.upstream, timeout=timeout_s)
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
@@ -79,12 +101,24 @@ class AdapterProxy:
         self._server.server_close()
         self._client.close()
 
-    def forward(self, method: str, path: str, headers: dict[str, str], body: bytes):
-        """The upstream response as a context manager over a streamed ``httpx.Response``."""
+    def forward(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[httpx.Response, CaptureRequest | None]:
+        """The upstream response (streamed: close it), and what to capture from it (None: nothing)."""
+        capture = None
         if method == "POST":
             body = name_adapter(path, body, self.adapter())
+            if self.routed_experts is not None:
+                body, capture = ask_routed_experts(path, body)
         request = self._client.build_request(method, path, headers=headers, content=body)
-        return self._client.send(request, stream=True)
+        return self._client.send(request, stream=True), capture
+
+    def captured_body(self, capture: CaptureRequest, upstream: httpx.Response) -> bytes:
+        """The whole (decoded) response body with the routings taken out and stored."""
+        content = upstream.read()
+        if upstream.status_code != 200:
+            return content
+        return capture_response(capture, content, self.routed_experts)
 
 
 def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
@@ -104,7 +138,7 @@ def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
             body = self._read_body()
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             try:
-                upstream = proxy.forward(self.command, self.path, headers, body)
+                upstream, capture = proxy.forward(self.command, self.path, headers, body)
             except httpx.HTTPError as exc:
                 message = json.dumps({"error": {"message": f"{proxy.upstream} unreachable: {exc}"}}).encode()
                 self.send_response(502)
@@ -114,6 +148,9 @@ def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(message)
                 return
             try:
+                if capture is not None:
+                    self._send_whole(upstream, proxy.captured_body(capture, upstream))
+                    return
                 self.send_response(upstream.status_code)
                 for key, value in upstream.headers.multi_items():
                     if key.lower() not in _HOP_BY_HOP:
@@ -129,6 +166,16 @@ def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True  # the client or the server went away mid-response
             finally:
                 upstream.close()
+
+        def _send_whole(self, upstream: httpx.Response, content: bytes) -> None:
+            """A rewritten body: decoded (no Content-Encoding) with its own length."""
+            self.send_response(upstream.status_code)
+            for key, value in upstream.headers.multi_items():
+                if key.lower() not in _HOP_BY_HOP and key.lower() != "content-encoding":
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
 
         def _read_body(self) -> bytes:
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -147,13 +194,27 @@ def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def start_proxies(servers, ports: list[int], *, host: str, timeout_s: float) -> list[AdapterProxy]:
-    """One started proxy per server (``ServerState``s, same order as ``ports``), naming its adapter."""
+def start_proxies(
+    servers,
+    ports: list[int],
+    *,
+    host: str,
+    timeout_s: float,
+    routed_experts: RoutedExpertsStore | None = None,
+) -> list[AdapterProxy]:
+    """One started proxy per server (``ServerState``s, same order as ``ports``), naming its adapter (if
+    any) and capturing routings into ``routed_experts`` (if given)."""
     proxies = []
     for server, port in zip(servers, ports, strict=True):
         proxy = AdapterProxy(
-            server.url, lambda server=server: server.adapter, host=host, port=port, timeout_s=timeout_s
+            server.url,
+            lambda server=server: server.adapter,
+            host=host,
+            port=port,
+            timeout_s=timeout_s,
+            routed_experts=routed_experts,
         )
         proxies.append(proxy.start())
-        logger.info("LoRA adapter proxy %s -> %s (environments' base_url)", proxy.url, server.url)
+        jobs = "routed-experts capture" if routed_experts is not None else "LoRA adapter"
+        logger.info("%s proxy %s -> %s (environments' base_url)", jobs, proxy.url, server.url)
     return proxies

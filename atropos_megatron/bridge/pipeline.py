@@ -22,8 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from atropos_megatron.bridge import codec
+from atropos_megatron.bridge.routed_experts import (
+    RoutedExpertsStore,
+    attach_routed_experts,
+    discard_routed_experts,
+)
 from atropos_megatron.bridge.spool import BatchSpool
 from atropos_megatron.bridge.v1 import bridge_pb2
+from atropos_megatron.logs import FirstTimeInfo
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +57,24 @@ class Limits:
 
     vocab_size: int | None
     max_token_len: int | None
+    routed_experts_shape: tuple[int, int] | None = None
+    """``(num_hidden_layers, num_experts_per_tok)`` when the trainer replays routings."""
 
 
 class BatchPipeline:
     """Prefetching, validating, durable batch queue between Atropos and the trainer."""
 
-    def __init__(self, spool: BatchSpool, fetch: FetchGroups, *, prefetch: int, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        spool: BatchSpool,
+        fetch: FetchGroups,
+        *,
+        prefetch: int,
+        poll_s: float = 1.0,
+        routed_experts: RoutedExpertsStore | None = None,
+    ) -> None:
         self.spool = spool
+        self.routed_experts = routed_experts  # weights.capture_routed_experts: the proxies' captures
         self._fetch = fetch
         self._prefetch = prefetch
         self._poll_s = poll_s
@@ -76,6 +93,8 @@ class BatchPipeline:
         self._no_batch_since: float | None = None if self._ready else time.monotonic()
         self._last_handed_out: float | None = None
         self._last_acked = ("", 0)
+        self._routing_log = FirstTimeInfo()
+        self._unmatched_warned = False
         if self._ready:
             logger.info("spool holds %d un-acknowledged batches; they are served first", len(self._ready))
 
@@ -246,6 +265,35 @@ class BatchPipeline:
         elif self._no_batch_since is None:
             self._no_batch_since = time.monotonic()
 
+    def _attach_routed_experts(self, batch: codec.EncodedBatch, limits: Limits) -> codec.EncodedBatch:
+        """The captured routings joined to ``batch`` (before it is spooled: a replay serves it as is)."""
+        if self.routed_experts is None:
+            return batch
+        if limits.routed_experts_shape is None:  # the trainer takes none: free what these claim anyway
+            discard_routed_experts(batch, self.routed_experts)
+            return batch
+        num_layers, top_k = limits.routed_experts_shape
+        joined = attach_routed_experts(batch, self.routed_experts, num_layers=num_layers, top_k=top_k)
+        logger.log(
+            self._routing_log.level(),
+            "batch at step %d: routed experts for %d of %d sequences",
+            batch.step,
+            joined.matched,
+            batch.num_sequences,
+        )
+        if joined.unmatched and not self._unmatched_warned:
+            self._unmatched_warned = True  # counted in the status from here on, not logged per batch
+            logger.warning(
+                "%d of %d sequences of the batch at step %d have no captured routing (-1 rows: the trainer "
+                "routes them itself): their tokens are not what an inference proxy saw (the environment "
+                "re-tokenized, edited or truncated them, generated with a text prompt or not through the "
+                "proxy), or the routing was evicted; see bridge-status routed_experts",
+                joined.unmatched,
+                batch.num_sequences,
+                batch.step,
+            )
+        return joined.batch
+
     # -- Atropos side -----------------------------------------------------------------------------
 
     def _fetch_loop(self) -> None:
@@ -291,6 +339,7 @@ class BatchPipeline:
             logger.warning("an Atropos batch had no valid group left; skipped")
             self.counters["skipped"] += 1
             return
+        batch = self._attach_routed_experts(batch, limits)
         message = codec.batch_to_proto(batch)
         self.spool.put(message)  # durable before anyone can receive it
         with self._cond:

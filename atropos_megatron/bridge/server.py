@@ -66,12 +66,17 @@ def build_service(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> Br
         poll_max_interval_s=cfg.poll_max_interval_s,
     )
     spool = BatchSpool(cfg.spool_dir)
+    store = None
+    if weights is not None and weights.capture_routed_experts:
+        from atropos_megatron.bridge.routed_experts import RoutedExpertsStore
+
+        store = RoutedExpertsStore(weights.routed_experts_store_bytes)
 
     def fetch(wait_s: float, stop: threading.Event):
         atropos.resume_step = spool.next_step  # what a re-registration after an API restart announces
         return atropos.fetch_batch(wait_s=wait_s, stop=stop)
 
-    pipeline = BatchPipeline(spool, fetch, prefetch=cfg.prefetch_batches)
+    pipeline = BatchPipeline(spool, fetch, prefetch=cfg.prefetch_batches, routed_experts=store)
     return BridgeService(cfg, atropos, pipeline, weight_sync)
 
 
@@ -168,7 +173,7 @@ def _add_bridge_service(service: BridgeService, server: grpc.Server) -> None:
 def serve(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> None:
     """Run the bridge until SIGTERM/SIGINT, then finish in-flight calls and stop."""
     service = build_service(cfg, weights)
-    proxies = _start_lora_proxies(service)  # before the port opens: whoever waits on it finds them up
+    proxies = start_inference_proxies(service)  # before the port opens: whoever waits on it finds them up
     server, port = create_server(cfg, service)
     security = ("TLS" if cfg.tls_cert else "plaintext") + (", token auth" if cfg.auth_token else "")
     upstream = "weights agent (no Atropos)" if cfg.mode == "agent" else f"Atropos at {cfg.atropos_url}"
@@ -196,10 +201,17 @@ def serve(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> None:
         service.atropos.close()
 
 
-def _start_lora_proxies(service: BridgeService) -> list:
-    """With ``weights.lora_sync: adapter``, one adapter proxy per inference server (``lora_proxy.py``)."""
+def start_inference_proxies(service: BridgeService) -> list:
+    """One proxy per inference server (``lora_proxy.py``) with ``weights.lora_sync: adapter`` (it names
+    the newest adapter) or ``weights.capture_routed_experts`` (it captures routings for the batches)."""
     cfg = service.weights.cfg
-    if cfg.lora_sync != "adapter":
+    store = service.pipeline.routed_experts if service.pipeline is not None else None
+    if cfg.capture_routed_experts and store is None:
+        logger.warning(
+            "weights.capture_routed_experts is ignored by a bridge in agent mode: the job's bridge, which "
+            "builds the batches, must run the proxies"
+        )
+    if cfg.lora_sync != "adapter" and store is None:
         return []
     if not cfg.lora_proxy_ports:
         logger.warning(
@@ -214,4 +226,5 @@ def _start_lora_proxies(service: BridgeService) -> list:
         cfg.lora_proxy_ports,
         host=cfg.lora_proxy_host,
         timeout_s=cfg.request_timeout_s,
+        routed_experts=store,
     )

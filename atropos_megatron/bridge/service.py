@@ -57,6 +57,7 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
         self.weights = weights
         self._shared_buffer = None  # grpc transport: one bucket of shared memory, made on first use
         self._registered: tuple[str, bridge_pb2.RegisterRunResponse] | None = None
+        self._routing_shape: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self.stall_policy = stalls.StallPolicy(stall_after_s=cfg.stall_after_s)
         self._logged_stalls: tuple[str, ...] = ()
@@ -129,6 +130,12 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
             )
         if not 0 <= request.committed_step <= request.starting_step:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "committed_step must be in [0, starting_step]")
+        routing = (request.num_hidden_layers, request.num_experts_per_tok)
+        if min(routing) < 0 or (0 in routing and routing != (0, 0)):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "num_hidden_layers and num_experts_per_tok must both be > 0 (routing replay) or both 0",
+            )
         with self._lock:
             if self._registered is None:
                 self._registered = (request.run_name, self._register_with_atropos(request, context))
@@ -147,7 +154,22 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
             request.committed_step,
             replayed,
         )
-        limits = Limits(vocab_size=request.vocab_size or None, max_token_len=request.max_token_len)
+        limits = Limits(
+            vocab_size=request.vocab_size or None,
+            max_token_len=request.max_token_len,
+            routed_experts_shape=routing if routing != (0, 0) else None,
+        )
+        if limits.routed_experts_shape and self.pipeline.routed_experts is None:
+            logger.warning(
+                "the trainer replays rollout routings but weights.capture_routed_experts is off: its "
+                "batches carry none (it routes every token itself)"
+            )
+        elif self.pipeline.routed_experts is not None and not limits.routed_experts_shape:
+            logger.warning(
+                "weights.capture_routed_experts is on but the trainer registered no routing shape "
+                "(num_hidden_layers, num_experts_per_tok): batches carry no routed_experts"
+            )
+        self._routing_shape = limits.routed_experts_shape
         self.pipeline.start(limits)
         self.start_watch()
         response = bridge_pb2.RegisterRunResponse()
@@ -231,7 +253,20 @@ class BridgeService(bridge_pb2_grpc.BridgeServicer):
             weight_pushes=self.weights.pushes,
             servers_behind=self.weights.servers_behind,
             mode=self.cfg.mode,
+            routed_experts=self._routed_experts_status(),
             **snapshot,
+        )
+
+    def _routed_experts_status(self) -> bridge_pb2.RoutedExpertsCapture:
+        store = self.pipeline.routed_experts if self.pipeline is not None else None
+        if store is None:
+            return bridge_pb2.RoutedExpertsCapture(enabled=False)
+        counts = store.snapshot()
+        fields = bridge_pb2.RoutedExpertsCapture.DESCRIPTOR.fields_by_name
+        return bridge_pb2.RoutedExpertsCapture(
+            enabled=True,
+            shape_registered=self._routing_shape is not None,
+            **{name: value for name, value in counts.items() if name in fields},
         )
 
     def _waiting_fields(self) -> dict:

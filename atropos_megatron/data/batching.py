@@ -37,7 +37,7 @@ MicroBatch = dict[str, Any]
 """Tensors ``[b, s]`` (``tokens``, ``position_ids``, ``labels``, ``loss_mask``, ``advantages``,
 ``weights``, ``temperature``; ``inference_logprobs`` and ``env_ref_logprobs`` with bool masks
 ``has_inference_logprobs`` / ``has_env_ref_logprobs`` when any sequence sent them; ``routed_experts``
-int16 ``[b, s, layers, k]``, -1 where unknown, when any sequence has the engine's routing and
+int16 ``[b, s, layers, k]``, -1 where unknown and -2 on padding, when any sequence has the engine's routing and
 ``grpo.routing_replay`` is on), ``attention_mask``
 (bool ``[b, 1, s, s]``, True = masked; None for plain causal), ``trained_tokens`` (int) and
 ``aggregation`` (``algo.reduce.aggregation_key`` of the config the ``weights`` were made for)."""
@@ -325,7 +325,8 @@ def _layout(
             out[f"has_{key}"] = torch.zeros(b, row_len, dtype=torch.bool)
     routed = [share[i].routed_experts for row in rows for i in row if share[i].routed_experts is not None]
     if routed:
-        out["routed_experts"] = torch.full((b, row_len, *routed[0].shape[1:]), -1, dtype=torch.int16)
+        # -2: no token here (padding); -1: a token whose routing the engine did not report.
+        out["routed_experts"] = torch.full((b, row_len, *routed[0].shape[1:]), -2, dtype=torch.int16)
     segments = torch.full((b, row_len), -1, dtype=torch.int64)
     for r, row in enumerate(rows):
         start = 0
@@ -343,8 +344,8 @@ def _layout(
                 if key in out and getattr(seq, field) is not None:
                     out[key][r, span] = getattr(seq, field)
                     out[f"has_{key}"][r, span] = True
-            if routed and seq.routed_experts is not None:
-                out["routed_experts"][r, span] = seq.routed_experts
+            if routed:
+                out["routed_experts"][r, span] = -1 if seq.routed_experts is None else seq.routed_experts
             segments[r, span] = segment
             start = end
         out["position_ids"][r, start:] = torch.arange(row_len - start)

@@ -219,10 +219,16 @@ def run_local(
 # ------------------------------------------------------------------------------------------------
 
 
+def uses_proxy(cfg) -> bool:
+    """Environments generate through the bridge's proxy: it names the newest adapter in each request
+    (``weights.lora_sync: adapter``) or captures the experts each token was routed to
+    (``weights.capture_routed_experts``)."""
+    return cfg.weights.lora_sync == "adapter" or cfg.weights.capture_routed_experts
+
+
 def generation_url(cfg, urls: dict[str, str]) -> str:
-    """Where environments generate: the server, or with ``weights.lora_sync: adapter`` the bridge's
-    proxy in front of it (it names the newest adapter in each request)."""
-    return urls["lora_proxy"] if cfg.weights.lora_sync == "adapter" else urls["inference"]
+    """Where environments generate: the server, or the bridge's proxy in front of it (:func:`uses_proxy`)."""
+    return urls["lora_proxy"] if uses_proxy(cfg) else urls["inference"]
 
 
 def environment_command(
@@ -303,10 +309,11 @@ def _resolve_config(
     ]
     if steps is not None:
         owned.append(f"steps={steps}")
+    # The proxy's port first (weights.capture_routed_experts requires one), kept only where it is used.
+    proxy = f"weights.lora_proxy_ports=[{urls['lora_proxy'].rsplit(':', 1)[1]}]"
     try:
-        cfg = load_config(spec.config_path, [*overrides, *owned])
-        if cfg.weights.lora_sync == "adapter":  # environments reach the server through the bridge's proxy
-            owned.append(f"weights.lora_proxy_ports=[{urls['lora_proxy'].rsplit(':', 1)[1]}]")
+        cfg = load_config(spec.config_path, [*overrides, *owned, proxy])
+        if not uses_proxy(cfg):
             cfg = load_config(spec.config_path, [*overrides, *owned])
     except (ConfigError, FileNotFoundError) as exc:
         raise RunError(str(exc)) from None
@@ -360,6 +367,8 @@ def _build_roles(
     if cfg.weights.lora_sync == "adapter":  # each push arrives as a new SGLang LoRA adapter
         lora = cfg.model.lora
         serve += ["--enable-lora", "--max-lora-rank", str(lora.rank), "--lora-target-modules", *lora.target_modules]
+    if cfg.weights.capture_routed_experts:  # the bridge's proxy asks every /generate for its routing
+        serve += ["--enable-return-routed-experts"]
     # fmt: on
     # One thread per process: five processes share the cores. Measured on 2 cores (40 demo steps):
     # 39 s with one thread each, 48-64 s with torch's default two (generation starves: the trainer

@@ -41,6 +41,7 @@ from atropos_megatron.inference.generation import (
 )
 from atropos_megatron.inference.lora_options import LoraOptions
 from atropos_megatron.inference.lora_runtime import LoraRuntime
+from atropos_megatron.inference.routed_experts import routing_spec
 from atropos_megatron.inference.sampling import FinishReason, finished_text
 from atropos_megatron.logs import FirstTimeInfo
 
@@ -68,6 +69,7 @@ class EngineOptions:
     seed: int = 0
     return_original_logprob: bool = False  # SGLANG_RETURN_ORIGINAL_LOGPROB=1: unscaled logprobs
     lora: LoraOptions | None = None  # --enable-lora and its limits; None: LoRA off
+    enable_return_routed_experts: bool = False  # requests may ask for their routing (MoE models only)
 
 
 class Engine:
@@ -82,6 +84,8 @@ class Engine:
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.eos_ids = _eos_ids(model, tokenizer)
         self.lora = LoraRuntime(model, options.lora.target_modules) if options.lora else None
+        # The routers stay the same modules across weight updates (weights are copied in place).
+        self.routing = routing_spec(model) if options.enable_return_routed_experts else None
         self._rng = random.Random(options.seed)
         self._restart_log = FirstTimeInfo()  # retract pauses restart requests on every update
         self._cond = threading.Condition()
@@ -260,6 +264,7 @@ class Engine:
             original_logprob=self.options.return_original_logprob,
             decode=self.decode,
             make_generator=self._make_generator,
+            routing=self.routing,
         )
         while True:
             with self._cond:

@@ -3,11 +3,14 @@
 One call runs a static batch to completion: every sample of every request in it (``n`` rows per
 request) is prefilled together and decoded step by step until each row stops. Between steps it calls
 ``gate``, which is how the engine pauses, aborts and detects a weight change (then the batch is
-restarted from the prompts, so no result mixes two weight versions). No scheduling, no HTTP here.
+restarted from the prompts, so no result mixes two weight versions). With ``ctx.routing`` and a
+request that asks, the routers' choices for every fed token are recorded too (``routed_experts.py``).
+No scheduling, no HTTP here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from atropos_megatron.inference.routed_experts import RoutingRecorder, RoutingSpec
 from atropos_megatron.inference.sampling import (
     FinishReason,
     SamplingParams,
@@ -40,6 +44,8 @@ class GenerateRequest:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     adapter: LoraAdapter | None = None  # the LoRA adapter its rows run (held until it finishes); None: base
+    return_routed_experts: bool = False  # record each fed token's experts (needs the engine's routing)
+    routed_experts_start_len: int = 0  # the routing returned covers positions [start, len - 1)
 
 
 @dataclass(kw_only=True)
@@ -54,6 +60,9 @@ class SampleOutput:
     input_logprobs: list[float | None] = field(default_factory=list)  # from logprob_start_len on
     input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     weight_version: str = "default"
+    routed_experts: torch.Tensor | None = None
+    """int32 ``[prompt + output - 1, num_layers, top_k]``: every fed token's experts (when asked and
+    finished, not aborted)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[float, int]]] = field(default_factory=list)
     finish: FinishReason | None = None
+    routing: list[torch.Tensor] = field(default_factory=list)  # [positions, L, k] per pass that fed it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +96,7 @@ class DecodeContext:
     original_logprob: bool
     decode: Callable[[Sequence[int], bool], str]  # (ids, skip_special_tokens) -> text
     make_generator: Callable[[GenerateRequest, int], torch.Generator | None]  # (request, sample index)
+    routing: RoutingSpec | None = None  # the model's routers (--enable-return-routed-experts); None: off
 
 
 def generate_batch(
@@ -125,6 +136,8 @@ def generate_batch(
     for row in rows:  # max_new_tokens=0: finished before any forward pass
         row.finish = check_stop(row.params, [], (), max_new_tokens=row.max_new_tokens, decode=lambda _: "")
     input_lp: dict[int, tuple[list, list]] = {}
+    capture = ctx.routing is not None and any(r.return_routed_experts for r in requests)
+    recorder = RoutingRecorder(ctx.routing) if capture else None
     while True:
         decision = gate()
         if decision.restart:
@@ -132,9 +145,14 @@ def generate_batch(
         for row in rows:
             if row.finish is None and row.request in decision.aborts:
                 row.finish = FinishReason("abort", message=decision.aborts[row.request])
-        if all(row.finish is not None for row in rows):
+        # SGLang prefills a max_new_tokens=0 request too: its prompt's routing exists.
+        prefill_owed = (
+            capture and cache is None and any(r.finish is None or r.finish.type != "abort" for r in rows)
+        )
+        if all(row.finish is not None for row in rows) and not prefill_owed:
             break
-        with torch.inference_mode():
+        fed = [cache is None or row.finish is None for row in rows]  # rows whose tokens are real
+        with torch.inference_mode(), recorder or contextlib.nullcontext():
             out = model(
                 input_ids=step_ids,
                 attention_mask=mask,
@@ -143,6 +161,8 @@ def generate_batch(
                 logits_to_keep=0 if cache is None and need_input else 1,
                 **{cache_arg: cache},
             )
+        if recorder is not None:
+            _keep_routing(rows, recorder.take(*step_ids.shape), fed, prompts if cache is None else None)
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         logits = out.logits.float()
         if step_ids is ids and need_input:
@@ -153,6 +173,17 @@ def generate_batch(
         step_positions = step_positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return _outputs(requests, rows, input_lp, ctx)
+
+
+def _keep_routing(rows: list[_Row], step: torch.Tensor, fed: list[bool], prompts) -> None:
+    """Append each fed row's positions of one pass (``step``: ``[rows, seq, L, k]``) to its routing.
+
+    The prefill (``prompts`` given) feeds every row its left-padded prompt; a decode step feeds each
+    row the token it sampled last, which belongs to the sample only while the row is unfinished.
+    """
+    for i, row in enumerate(rows):
+        if fed[i]:
+            row.routing.append(step[i, step.shape[1] - len(prompts[i]) :] if prompts is not None else step[i])
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -235,6 +266,13 @@ def _outputs(requests, rows, input_lp, ctx) -> list[list[SampleOutput]]:
         assert row.finish is not None
         values, tops = input_lp.get(row.request, ([], []))
         decode = lambda ids, p=row.params: ctx.decode(ids, p.skip_special_tokens)  # noqa: E731
+        routed = None
+        if requests[row.request].return_routed_experts and row.routing and row.finish.type != "abort":
+            # Prompt + one per decode step = prompt + output - 1 rows (prompt rows, cut to prompt - 1, when
+            # nothing was sampled: SGLang returns [0, seqlen - 1) and the last token is never fed).
+            expected = len(requests[row.request].input_ids) + len(row.output_ids) - 1
+            routed = torch.cat(row.routing)[:expected]
+            assert routed.shape[0] == expected, f"routed experts: {routed.shape[0]} rows, expected {expected}"
         outputs[row.request].append(
             SampleOutput(
                 output_ids=row.output_ids,
@@ -244,6 +282,7 @@ def _outputs(requests, rows, input_lp, ctx) -> list[list[SampleOutput]]:
                 output_top_logprobs=row.top,
                 input_logprobs=values,
                 input_top_logprobs=tops,
+                routed_experts=routed,
             )
         )
     return outputs

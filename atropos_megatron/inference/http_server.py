@@ -383,6 +383,7 @@ def serve(args: Any) -> int:
 
     from atropos_megatron.inference.engine import EngineOptions, load_engine
     from atropos_megatron.inference.lora_options import LoraOptionsError, lora_options_from_args
+    from atropos_megatron.inference.routed_experts import RoutedExpertsError
 
     try:
         lora = lora_options_from_args(args)
@@ -401,10 +402,11 @@ def serve(args: Any) -> int:
         return_original_logprob=getattr(args, "protocol", "sglang") == "vllm"
         or os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "0").lower() in ("1", "true"),
         lora=lora,
+        enable_return_routed_experts=getattr(args, "enable_return_routed_experts", False),
     )
     try:
         engine = load_engine(args.model, device=args.device, dtype=args.dtype, options=options)
-    except LoraOptionsError as exc:  # a --lora-target-modules the model does not have
+    except (LoraOptionsError, RoutedExpertsError) as exc:  # bad --lora-target-modules; a dense model
         logger.error("serve: %s", exc)
         return 2
     protocol = getattr(args, "protocol", "sglang")

@@ -1,7 +1,9 @@
 """SGLang's native ``POST /generate``: parse ``GenerateReqInput`` JSON, build the response dicts.
 
 Shapes follow SGLang 0.5.x (notes: sglang-protocol.md section 1.8): one dict per sample, a list when
-the request is batched or ``n > 1``. Logprob entries are ``[logprob, token_id, text_or_null]``. No
+the request is batched or ``n > 1``. Logprob entries are ``[logprob, token_id, text_or_null]``.
+``return_routed_experts`` adds ``meta_info.routed_experts`` on a server started with
+``--enable-return-routed-experts`` (``routed_experts.py``), and nothing without the flag. No
 model here: :func:`parse_generate` turns JSON into :class:`GenerateRequest` objects and
 :func:`sample_json` turns one finished sample back into JSON.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atropos_megatron.inference.generation import GenerateRequest, SampleOutput
+from atropos_megatron.inference.routed_experts import encode_routed_experts
 from atropos_megatron.inference.sampling import SamplingParams, SamplingParamsError, parse_sampling_params
 
 
@@ -41,10 +44,10 @@ _IGNORED_AT_DEFAULT: dict[str, Any] = {
     "bootstrap_room": None,
     "extra_key": None,
     "no_logs": ...,
-    "return_routed_experts": False,
 }
 _FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len"}
 _FIELDS |= {"top_logprobs_num", "return_text_in_logprobs", "lora_path"}
+_FIELDS |= {"return_routed_experts", "routed_experts_start_len"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def parse_generate(body: Any, engine) -> ParsedGenerate:
             raise RequestError("sampling_params as a list needs one entry per prompt")
     else:
         raw_params = [raw_params] * len(prompts)
-    options = _logprob_options(body)
+    options = {**_logprob_options(body), **routed_experts_options(body)}
     requests = []
     for ids, raw in zip(prompts, raw_params, strict=True):
         try:
@@ -93,6 +96,12 @@ def build_request(ids: list[int], params: SamplingParams, engine, **options: Any
         raise RequestError(f"token ids out of the vocabulary [0, {engine.vocab_size}): {bad[:5]}")
     if len(ids) >= engine.context_length:
         raise RequestError(f"the prompt has {len(ids)} tokens; the context length is {engine.context_length}")
+    start = options.get("routed_experts_start_len", 0)
+    if options.get("return_routed_experts") and start > len(ids):  # SGLang's scheduler, word for word
+        raise RequestError(
+            f"recv_req.routed_experts_start_len={start} is higher than the number of input tokens "
+            f"len(req.origin_input_ids)={len(ids)}. Please use a smaller routed_experts_start_len."
+        )
     return GenerateRequest(input_ids=list(ids), params=params, **options)
 
 
@@ -134,6 +143,37 @@ def _logprob_options(body: dict) -> dict[str, Any]:
     return options
 
 
+def routed_experts_options(body: dict) -> dict[str, Any]:
+    """``return_routed_experts`` and ``routed_experts_start_len`` (also on the /v1 routes).
+
+    SGLang checks the start only for requests that ask (its scheduler aborts them with HTTP 400); a
+    server without ``--enable-return-routed-experts`` answers them without the field.
+    """
+    options = {
+        "return_routed_experts": body.get("return_routed_experts", False),
+        "routed_experts_start_len": body.get("routed_experts_start_len", 0),
+    }
+    if not isinstance(options["return_routed_experts"], bool):
+        raise RequestError("return_routed_experts must be a boolean")
+    start = options["routed_experts_start_len"]
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise RequestError("routed_experts_start_len must be an integer")
+    if options["return_routed_experts"] and start < 0:
+        raise RequestError(
+            f"recv_req.routed_experts_start_len={start} is lower than 0. "
+            "Please use a non-negative routed_experts_start_len."
+        )
+    return options
+
+
+def routed_experts_json(sample: SampleOutput, request: GenerateRequest) -> str | None:
+    """``meta_info["routed_experts"]`` of a sample: rows ``[start, prompt + output - 1)``, or None."""
+    if not request.return_routed_experts or sample.routed_experts is None:
+        return None
+    start = min(request.routed_experts_start_len, sample.routed_experts.shape[0])
+    return encode_routed_experts(sample.routed_experts[start:])
+
+
 def sample_json(
     sample: SampleOutput, request: GenerateRequest, engine, *, e2e_latency_s: float
 ) -> dict[str, Any]:
@@ -164,6 +204,9 @@ def sample_json(
             meta["output_top_logprobs"] = [
                 [[lp, tok, text(tok)] for lp, tok in top] for top in sample.output_top_logprobs
             ]
+    routed = routed_experts_json(sample, request)
+    if routed is not None:
+        meta["routed_experts"] = routed
     meta["e2e_latency"] = e2e_latency_s
     return {"text": sample.text, "output_ids": sample.output_ids, "meta_info": meta}
 

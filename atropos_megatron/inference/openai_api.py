@@ -4,8 +4,9 @@ Requests become :class:`GenerateRequest` objects (SGLang maps them onto ``/gener
 and finished samples become the JSON SGLang 0.5.x returns (notes: sglang-protocol.md sections
 4.1-4.2): legacy completion logprobs with ``text_offset`` -1, chat ``logprobs.content`` entries with
 UTF-8 ``bytes``, ``matched_stop``, ``usage`` and ``metadata.weight_version``; a bad request gets SGLang's
-``ErrorResponse``. Unknown fields are ignored, as SGLang's pydantic models do; streaming is refused
-(not implemented here). LoRA selection (``model="<served>:<adapter>"``) lives in ``lora_api``.
+``ErrorResponse``; ``return_routed_experts`` gives the first sample's routing in the response-level
+``sglext`` (SGLang's layout). Unknown fields are ignored, as SGLang's pydantic models do; streaming is
+refused (not implemented here). LoRA selection (``model="<served>:<adapter>"``) lives in ``lora_api``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import uuid
 from typing import Any
 
 from atropos_megatron.inference.generation import GenerateRequest, SampleOutput
-from atropos_megatron.inference.native_api import RequestError, build_request
+from atropos_megatron.inference.native_api import (
+    RequestError,
+    build_request,
+    routed_experts_json,
+    routed_experts_options,
+)
 from atropos_megatron.inference.sampling import SamplingParamsError, parse_sampling_params
 
 # OpenAI request field -> SGLang sampling param.
@@ -76,9 +82,10 @@ def parse_completion(body: Any, engine) -> list[GenerateRequest]:
     else:
         raise RequestError("prompt must be a string, a list of strings or token ids")
     params = _params(raw)
+    routed = routed_experts_options(body)
     return [
         build_request(
-            ids, params, engine, return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0
+            ids, params, engine, return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0, **routed
         )
         for ids in prompts
     ]
@@ -104,7 +111,11 @@ def parse_chat(body: Any, engine) -> GenerateRequest:
         raise RequestError(f"cannot apply the chat template: {exc}") from exc
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     want = bool(body.get("logprobs"))
-    return build_request(ids, params, engine, return_logprob=want, top_logprobs_num=(top or 0) if want else 0)
+    top_logprobs_num = (top or 0) if want else 0
+    routed = routed_experts_options(body)
+    return build_request(
+        ids, params, engine, return_logprob=want, top_logprobs_num=top_logprobs_num, **routed
+    )
 
 
 def _params(raw: dict[str, Any]):
@@ -128,7 +139,7 @@ def _usage(requests: list[GenerateRequest], samples: list[list[SampleOutput]]) -
 
 def _envelope(kind: str, model: str, choices: list, requests, samples) -> dict[str, Any]:
     versions = [s.weight_version for group in samples for s in group]
-    return {
+    envelope = {
         "id": uuid.uuid4().hex,
         "object": kind,
         "created": int(time.time()),
@@ -137,6 +148,12 @@ def _envelope(kind: str, model: str, choices: list, requests, samples) -> dict[s
         "usage": _usage(requests, samples),
         "metadata": {"weight_version": versions[0] if versions else None},
     }
+    # SGLang's response-level ``sglext`` holds the first sample's routing only (serving_completions.py,
+    # serving_chat.py: "from first ret_item"); the other samples' are not returned on these routes.
+    routed = routed_experts_json(samples[0][0], requests[0]) if samples and samples[0] else None
+    if routed:
+        envelope["sglext"] = {"routed_experts": routed}
+    return envelope
 
 
 def completion_json(model: str, requests, samples, engine) -> dict[str, Any]:

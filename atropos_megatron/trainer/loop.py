@@ -53,7 +53,7 @@ EXIT_PREEMPTED = 143
 
 _BATCH_FIELDS = (
     "batch_id", "step", "seq_lens", "input_ids", "labels", "loss_mask", "scores", "group_index",
-    "advantages", "inference_logprobs", "ref_logprobs", "fetched_unix_s",
+    "advantages", "inference_logprobs", "ref_logprobs", "routed_experts", "fetched_unix_s",
 )  # fmt: skip
 
 
@@ -512,6 +512,9 @@ class Trainer:
             save_checkpoint_interval=cfg.checkpoint.save_interval_steps,
             vocab_size=self.model.vocab_size,
             committed_step=self.progress.step,  # the model is the checkpoint's (or fresh: 0)
+            # Routing replay: the bridge shapes the engine's routings as [tokens, layers, top-k].
+            num_hidden_layers=self.model.num_layers if self.routing_replay else 0,
+            num_experts_per_tok=self.model.moe.router_topk if self.routing_replay else 0,
         )
         if response.replayed_batches:
             logger.info(

@@ -11,7 +11,7 @@ normalised as the model's routing prescribes.
 
 Megatron's router asks ``router.router_replay.get_replay_topk(...)`` for its top-k when that attribute
 is set; :class:`RouterTargets` is that object, one per MoE layer of the actor. Its targets come from
-each micro-batch's ``routed_experts`` (``[b, s, num_layers, k]``, -1 where unknown), laid out in the
+each micro-batch's ``routed_experts`` (``[b, s, num_layers, k]``, -1 where unknown, -2 on padding), laid out in the
 router's token order: position-major ``[s, b]``, and under sequence parallelism only this TP rank's
 slice of the positions. With full activation recomputation the backward pass routes each micro-batch
 again; the targets of every forward are queued for it in order (Megatron's schedules run backward in
@@ -30,6 +30,8 @@ from atropos_megatron.weights.export import unwrap_chunk
 from atropos_megatron.weights.megatron_shards import iter_global_params
 
 _ROUTER = ".mlp.router.weight"
+PADDING = -2
+"""``routed_experts`` of a position that holds no token (-1: a token whose routing is unknown)."""
 
 
 class RouterTargets:
@@ -128,12 +130,14 @@ class RoutingReplay:
 
     def count(self, known: torch.Tensor, target: torch.Tensor, own: torch.Tensor) -> None:
         same = (target.sort(dim=-1).values == own.sort(dim=-1).values).all(dim=-1, keepdim=True)
-        total = torch.tensor(known.numel(), device=known.device)
-        counts = torch.stack([total, known.sum(), (same & known).sum()]).double()
+        tokens = (target > PADDING).all(dim=-1)  # padding positions are no tokens
+        counts = torch.stack([tokens.sum(), known.sum(), (same & known).sum()]).double()
         self.counts = counts if self.counts is None else self.counts + counts
 
     def step_metrics(self) -> dict[str, float]:
-        """``moe/replayed_token_share`` and ``moe/replay_same_experts`` since the last call. Collective."""
+        """``moe/replayed_token_share`` (of the loss pass's tokens, padding excluded) and
+        ``moe/replay_same_experts`` (of those, the ones whose engine experts equal the router's own
+        choice) since the last call. Collective."""
         counts = torch.zeros(3, dtype=torch.float64) if self.counts is None else self.counts
         self.counts = None
         if counts.device.type == "cpu" and dist.get_backend() == "nccl":

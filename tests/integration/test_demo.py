@@ -117,23 +117,32 @@ def test_the_lora_demo_learns_with_the_base_frozen(tmp_path, report, lora_sync):
 
 
 @pytest.mark.slow
-def test_the_moe_demo_learns(tmp_path, report):
-    """``demo --moe 4``: a Qwen3-MoE (4 experts, top-2) learns the task, served by the reference server
-    from per-expert weight pushes; the trainer logs routing metrics every step."""
+def test_the_moe_demo_learns_with_rollout_routing_replay(tmp_path, report):
+    """``demo --moe 4`` with routing replay: a Qwen3-MoE (4 experts, top-2) learns the task while the
+    bridge captures the reference server's routed experts through its proxy and the trainer replays them:
+    every token of every sequence, and on the first (on-policy) step exactly the experts its own routers
+    choose."""
     from atropos_megatron.demo.run import run_demo
 
-    result = run_demo(tmp_path / "demo", steps=40, progress=False, timeout_s=900, moe_experts=4)
+    replay = ["weights.capture_routed_experts=true", "grpo.routing_replay=true"]
+    result = run_demo(
+        tmp_path / "demo", steps=40, progress=False, timeout_s=900, moe_experts=4, overrides=replay
+    )
     summary = result.summary
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     report(
-        f"MoE 4 experts top-2: reward {summary.first_mean:.3f} -> {summary.last_mean:.3f} "
-        f"({summary.gain:+.3f}) in {summary.last_step} steps, {result.wall_s:.0f} s"
+        f"MoE 4 experts top-2, routing replay: reward {summary.first_mean:.3f} -> {summary.last_mean:.3f} "
+        f"({summary.gain:+.3f}) in {summary.last_step} steps, {result.wall_s:.0f} s; replayed token share "
+        f"{min(m['moe/replayed_token_share'] for m in metrics):.2f}-{max(m['moe/replayed_token_share'] for m in metrics):.2f}, "
+        f"engine's experts = trainer's on step 1: {metrics[0]['moe/replay_same_experts']:.3f}"
     )
     assert summary.last_step == 40 and result.exits["trainer"].how == "finished"
     assert summary.gain >= 0.4, f"reward rose only {summary.gain:+.3f}"
     assert all(e.clean for e in result.exits.values()), result.exits
     assert "MoE: 4 experts, top-2" in (result.run_dir / "logs" / "trainer.log").read_text()
-    last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert 1.0 <= last["moe/load_max_over_mean"] <= 4.0 and "moe/expert_share/3" in last
+    assert all(m["moe/replayed_token_share"] == 1.0 for m in metrics)
+    assert metrics[0]["moe/replay_same_experts"] == 1.0  # sampled with the weights it trains
+    assert 1.0 <= metrics[-1]["moe/load_max_over_mean"] <= 4.0 and "moe/expert_share/3" in metrics[-1]
 
 
 # ------------------------------------------------------------------------------------------------

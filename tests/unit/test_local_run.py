@@ -76,6 +76,29 @@ def test_environment_command_connects_the_script_and_passes_the_users_flags_last
     assert command[command.index("--openai.base_url") + 1] == "http://127.0.0.1:3/v1"
 
 
+def test_routed_experts_capture_puts_the_environment_behind_the_proxy_and_asks_the_server(tmp_path):
+    from atropos_megatron.demo.local import _build_roles, _resolve_config
+
+    spec = RunSpec(env_script=tmp_path / "env.py", config_path=None)
+    urls = {
+        "api": "http://127.0.0.1:1",
+        "inference": "http://127.0.0.1:2",
+        "lora_proxy": "http://127.0.0.1:3",
+    }
+    for capture in (True, False):
+        overrides = ["weights.capture_routed_experts=true"] if capture else []
+        cfg = _resolve_config(spec, tmp_path / "run", urls, "127.0.0.1:4", 5, overrides)
+        assert cfg.weights.lora_proxy_ports == ([3] if capture else [])  # the required proxy, only then
+        command = environment_command(spec, cfg, urls, urls["api"], tmp_path / "m", tmp_path / "t")
+        assert (
+            command[command.index("--openai.base_url") + 1]
+            == f"{urls['lora_proxy' if capture else 'inference']}/v1"
+        )
+        roles = _build_roles(cfg, tmp_path / "c.yaml", tmp_path / "m", tmp_path / "t", urls, 4, None, command)
+        serve = next(role for role in roles if role.name == "inference").command
+        assert ("--enable-return-routed-experts" in serve) == capture
+
+
 # ------------------------------------------------------------------------------------------------
 # The environment launcher's fixes, against atroposlib 0.4.0 itself
 # ------------------------------------------------------------------------------------------------

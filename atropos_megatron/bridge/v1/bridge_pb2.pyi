@@ -17,6 +17,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BOOL: _ClassVar[DType]
     DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_INT16: _ClassVar[DType]
 
 class WeightTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ DTYPE_BFLOAT16: DType
 DTYPE_FLOAT16: DType
 DTYPE_BOOL: DType
 DTYPE_UINT8: DType
+DTYPE_INT16: DType
 WEIGHT_TRANSPORT_UNSPECIFIED: WeightTransport
 WEIGHT_TRANSPORT_GRPC: WeightTransport
 WEIGHT_TRANSPORT_DISTRIBUTED: WeightTransport
@@ -48,7 +50,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterRunRequest(_message.Message):
-    __slots__ = ("request_id", "run_name", "batch_size", "max_token_len", "starting_step", "num_steps", "checkpoint_dir", "save_checkpoint_interval", "vocab_size", "committed_step")
+    __slots__ = ("request_id", "run_name", "batch_size", "max_token_len", "starting_step", "num_steps", "checkpoint_dir", "save_checkpoint_interval", "vocab_size", "committed_step", "num_hidden_layers", "num_experts_per_tok")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_NAME_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +61,8 @@ class RegisterRunRequest(_message.Message):
     SAVE_CHECKPOINT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    NUM_HIDDEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_PER_TOK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     run_name: str
     batch_size: int
@@ -69,7 +73,9 @@ class RegisterRunRequest(_message.Message):
     save_checkpoint_interval: int
     vocab_size: int
     committed_step: int
-    def __init__(self, request_id: _Optional[str] = ..., run_name: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_token_len: _Optional[int] = ..., starting_step: _Optional[int] = ..., num_steps: _Optional[int] = ..., checkpoint_dir: _Optional[str] = ..., save_checkpoint_interval: _Optional[int] = ..., vocab_size: _Optional[int] = ..., committed_step: _Optional[int] = ...) -> None: ...
+    num_hidden_layers: int
+    num_experts_per_tok: int
+    def __init__(self, request_id: _Optional[str] = ..., run_name: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_token_len: _Optional[int] = ..., starting_step: _Optional[int] = ..., num_steps: _Optional[int] = ..., checkpoint_dir: _Optional[str] = ..., save_checkpoint_interval: _Optional[int] = ..., vocab_size: _Optional[int] = ..., committed_step: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ...) -> None: ...
 
 class RegisterRunResponse(_message.Message):
     __slots__ = ("trainer_uuid", "starting_step", "replayed_batches")
@@ -94,7 +100,7 @@ class GetBatchRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., redeliver_unacked: _Optional[bool] = ..., peek: _Optional[bool] = ...) -> None: ...
 
 class TrainingBatch(_message.Message):
-    __slots__ = ("batch_id", "step", "num_sequences", "num_groups", "seq_lens", "input_ids", "labels", "loss_mask", "scores", "group_index", "advantages", "inference_logprobs", "ref_logprobs", "groups", "fetched_unix_s")
+    __slots__ = ("batch_id", "step", "num_sequences", "num_groups", "seq_lens", "input_ids", "labels", "loss_mask", "scores", "group_index", "advantages", "inference_logprobs", "ref_logprobs", "groups", "fetched_unix_s", "routed_experts")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +116,7 @@ class TrainingBatch(_message.Message):
     REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     FETCHED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     step: int
     num_sequences: int
@@ -125,7 +132,8 @@ class TrainingBatch(_message.Message):
     ref_logprobs: Tensor
     groups: _containers.RepeatedCompositeFieldContainer[GroupInfo]
     fetched_unix_s: float
-    def __init__(self, batch_id: _Optional[str] = ..., step: _Optional[int] = ..., num_sequences: _Optional[int] = ..., num_groups: _Optional[int] = ..., seq_lens: _Optional[_Union[Tensor, _Mapping]] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., loss_mask: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., group_index: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., inference_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., fetched_unix_s: _Optional[float] = ...) -> None: ...
+    routed_experts: Tensor
+    def __init__(self, batch_id: _Optional[str] = ..., step: _Optional[int] = ..., num_sequences: _Optional[int] = ..., num_groups: _Optional[int] = ..., seq_lens: _Optional[_Union[Tensor, _Mapping]] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., loss_mask: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., group_index: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., inference_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., fetched_unix_s: _Optional[float] = ..., routed_experts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
     __slots__ = ("env_id", "overrides_json", "has_advantages", "has_inference_logprobs", "has_ref_logprobs")
@@ -180,7 +188,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class BridgeStatus(_message.Message):
-    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable", "weight_version", "servers", "weight_pushes", "mode", "retained", "committed_step", "batches_committed", "batches_replayed", "spool_bytes", "servers_behind", "atropos", "stalls", "seconds_since_batch", "seconds_without_batch", "last_acked_batch_id", "last_acked_step")
+    __slots__ = ("registered", "queue_depth", "unacked", "batches_fetched", "batches_served", "batches_acked", "rejected_groups", "next_step", "atropos_url", "atropos_reachable", "weight_version", "servers", "weight_pushes", "mode", "retained", "committed_step", "batches_committed", "batches_replayed", "spool_bytes", "servers_behind", "atropos", "stalls", "seconds_since_batch", "seconds_without_batch", "last_acked_batch_id", "last_acked_step", "routed_experts")
     class RejectedGroupsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +222,7 @@ class BridgeStatus(_message.Message):
     SECONDS_WITHOUT_BATCH_FIELD_NUMBER: _ClassVar[int]
     LAST_ACKED_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ACKED_STEP_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     registered: bool
     queue_depth: int
     unacked: int
@@ -240,7 +249,34 @@ class BridgeStatus(_message.Message):
     seconds_without_batch: float
     last_acked_batch_id: str
     last_acked_step: int
-    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ..., weight_version: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ..., weight_pushes: _Optional[int] = ..., mode: _Optional[str] = ..., retained: _Optional[int] = ..., committed_step: _Optional[int] = ..., batches_committed: _Optional[int] = ..., batches_replayed: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., servers_behind: _Optional[int] = ..., atropos: _Optional[_Union[AtroposQueue, _Mapping]] = ..., stalls: _Optional[_Iterable[_Union[Stall, _Mapping]]] = ..., seconds_since_batch: _Optional[float] = ..., seconds_without_batch: _Optional[float] = ..., last_acked_batch_id: _Optional[str] = ..., last_acked_step: _Optional[int] = ...) -> None: ...
+    routed_experts: RoutedExpertsCapture
+    def __init__(self, registered: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., unacked: _Optional[int] = ..., batches_fetched: _Optional[int] = ..., batches_served: _Optional[int] = ..., batches_acked: _Optional[int] = ..., rejected_groups: _Optional[_Mapping[str, int]] = ..., next_step: _Optional[int] = ..., atropos_url: _Optional[str] = ..., atropos_reachable: _Optional[bool] = ..., weight_version: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[InferenceServerStatus, _Mapping]]] = ..., weight_pushes: _Optional[int] = ..., mode: _Optional[str] = ..., retained: _Optional[int] = ..., committed_step: _Optional[int] = ..., batches_committed: _Optional[int] = ..., batches_replayed: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., servers_behind: _Optional[int] = ..., atropos: _Optional[_Union[AtroposQueue, _Mapping]] = ..., stalls: _Optional[_Iterable[_Union[Stall, _Mapping]]] = ..., seconds_since_batch: _Optional[float] = ..., seconds_without_batch: _Optional[float] = ..., last_acked_batch_id: _Optional[str] = ..., last_acked_step: _Optional[int] = ..., routed_experts: _Optional[_Union[RoutedExpertsCapture, _Mapping]] = ...) -> None: ...
+
+class RoutedExpertsCapture(_message.Message):
+    __slots__ = ("enabled", "captured", "no_routing", "malformed", "evicted", "entries", "bytes", "sequences_matched", "sequences_unmatched", "width_mismatch", "shape_registered")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_FIELD_NUMBER: _ClassVar[int]
+    NO_ROUTING_FIELD_NUMBER: _ClassVar[int]
+    MALFORMED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_MATCHED_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_UNMATCHED_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    captured: int
+    no_routing: int
+    malformed: int
+    evicted: int
+    entries: int
+    bytes: int
+    sequences_matched: int
+    sequences_unmatched: int
+    width_mismatch: int
+    shape_registered: bool
+    def __init__(self, enabled: _Optional[bool] = ..., captured: _Optional[int] = ..., no_routing: _Optional[int] = ..., malformed: _Optional[int] = ..., evicted: _Optional[int] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., sequences_matched: _Optional[int] = ..., sequences_unmatched: _Optional[int] = ..., width_mismatch: _Optional[int] = ..., shape_registered: _Optional[bool] = ...) -> None: ...
 
 class Stall(_message.Message):
     __slots__ = ("code", "message")
