@@ -4,8 +4,8 @@ Routes and bodies follow SGLang's ``http_server.py`` (notes/sglang-protocol.md Â
 generations exist: from 0.5.21 on, ``/update_weights_from_tensor`` and ``/update_weights_from_distributed``
 fail unless a session is open (``/begin_weight_update`` ... ``/end_weight_update``); before that the
 session routes do not exist (404). :meth:`SGLangClient.server_info` reads the version from
-``GET /server_info`` and :attr:`SGLangClient.needs_session` decides from it, so the caller never
-guesses.
+``GET /server_info`` and :func:`needs_session` decides from it, so the caller never guesses. A
+``/server_info`` in vLLM's shape fails with ``EngineMismatch`` (``weights.inference_engine`` is wrong).
 
 Every call has a deadline; failures raise :class:`SGLangError` with the route, HTTP status and
 SGLang's message (weight routes answer HTTP 200 with ``success: false`` or HTTP 400 when they refuse).
@@ -15,39 +15,32 @@ admin key on its admin routes.
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
-logger = logging.getLogger(__name__)
+from atropos_megatron.bridge.inference_client import (
+    EngineMismatch,
+    GroupJoin,
+    InferenceError,
+    JsonHttp,
+    ServerInfo,
+    Step,
+)
 
 SESSION_VERSION = (0, 5, 21)  # first SGLang release that needs begin/end_weight_update around updates
+FLATTENED_BUCKET = "flattened_bucket"  # = sglang_wire.FLATTENED_BUCKET (not imported: it loads torch)
+
+__all__ = ["SESSION_VERSION", "SGLangClient", "SGLangError", "ServerInfo", "needs_session", "parse_version"]
 
 
-class SGLangError(RuntimeError):
-    """A call to an inference server failed (unreachable, timed out, or refused)."""
-
-    def __init__(self, url: str, route: str, message: str, *, status_code: int | None = None) -> None:
-        super().__init__(f"{url}{route}: {message}")
-        self.url = url
-        self.route = route
-        self.status_code = status_code
+class SGLangError(InferenceError):
+    """A call to an SGLang server failed (unreachable, timed out, or refused)."""
 
 
-@dataclass(frozen=True)
-class ServerInfo:
-    """What the bridge needs to know about a server before it updates it."""
-
-    version: str  # SGLang's __version__ ("" when the server did not say)
-    tp_size: int
-    weight_version: str
-
-    @property
-    def needs_session(self) -> bool:
-        return parse_version(self.version) >= SESSION_VERSION
+def needs_session(info: ServerInfo) -> bool:
+    """Whether updates must sit inside ``/begin_weight_update`` ... ``/end_weight_update``."""
+    return parse_version(info.version) >= SESSION_VERSION
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -61,19 +54,25 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(parts) if len(parts) == 3 else (999,)
 
 
-class SGLangClient:
-    """Control and weight calls to one server at ``url`` (no retries here: the caller decides)."""
+class SGLangClient(JsonHttp):
+    """Control and weight calls to one server at ``url`` (no retries here: the caller decides).
 
-    def __init__(self, url: str, *, admin_api_key: str | None = None, timeout_s: float = 600.0) -> None:
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {admin_api_key}"} if admin_api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+    Implements ``inference_client.InferenceClient`` (the engine-neutral names, each one or two of
+    SGLang's calls below) and keeps SGLang's own calls under SGLang's names."""
+
+    engine = "sglang"
+    error_type = SGLangError
+    group_before_update = False
 
     # -- discovery ------------------------------------------------------------------------------
 
     def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         body = self._request("GET", "/server_info", timeout_s=timeout_s)
         info = body if isinstance(body, dict) else {}
+        if "vllm_config" in info:  # vLLM's dev-mode /server_info
+            raise EngineMismatch(
+                self.url, "/server_info", "the server answers as vLLM; set weights.inference_engine=vllm"
+            )
         version = info.get("weight_version")
         if version is None:  # SGLang keeps it in /model_info only
             version = self.weight_version(timeout_s=timeout_s)
@@ -209,8 +208,64 @@ class SGLangClient:
         """Unload adapter ``name``; SGLang answers once the requests running on it have finished."""
         self._weight_call("/unload_lora_adapter", {"lora_name": name})
 
-    def close(self) -> None:
-        self._http.close()
+    # -- inference_client.InferenceClient ------------------------------------------------------
+
+    def refusal(self, transport: str, *, adapter: bool) -> str | None:
+        return None  # every transport, and adapters by grpc and disk (the header check refuses the rest)
+
+    def pause(self, mode: str) -> None:
+        self.pause_generation(mode)
+
+    def resume(self) -> None:
+        self.continue_generation()
+
+    def begin_update(self, info: ServerInfo) -> None:
+        if needs_session(info):
+            self.begin_weight_update()
+
+    def finish_update_steps(self, info: ServerInfo, version: str, *, flush_attempts: int) -> list[Step]:
+        """End the session (0.5.21+), flush the prefix cache (best effort: SGLang refuses while paused
+        requests are in flight), tag the version."""
+        steps = [Step("end_weight_update", self.end_weight_update)] if needs_session(info) else []
+        return steps + [
+            Step("flush_cache", lambda: self.flush_cache(attempts=flush_attempts), best_effort=True),
+            Step("update_weight_version", lambda: self.update_weight_version(version)),
+        ]
+
+    def abandon_update(self, info: ServerInfo) -> None:
+        if needs_session(info):
+            self.end_weight_update()
+
+    def set_weight_version(self, version: str) -> None:
+        self.update_weight_version(version)
+
+    def reset_weight_group(self, group_name: str) -> None:
+        self.destroy_weights_update_group(group_name)
+
+    def init_weight_group(self, join: GroupJoin) -> None:
+        self.init_weights_update_group(**dataclasses.asdict(join))
+
+    def update_from_group(
+        self, names: list[str], dtypes: list[str], shapes: list[list[int]], *, group_name: str
+    ) -> None:
+        self.update_weights_from_distributed(
+            names=names, dtypes=dtypes, shapes=shapes, group_name=group_name, load_format=FLATTENED_BUCKET
+        )
+
+    def update_from_tensor(self, payloads: list[str]) -> None:
+        self.update_weights_from_tensor(payloads, load_format=FLATTENED_BUCKET)
+
+    def update_from_disk(self, path: str) -> None:
+        self.update_weights_from_disk(path)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self.load_lora_adapter(name, path)
+
+    def load_adapter_from_tensors(self, name: str, config: dict[str, Any], payloads: list[str]) -> None:
+        self.load_lora_adapter_from_tensors(name, config, payloads, load_format=FLATTENED_BUCKET)
+
+    def unload_adapter(self, name: str) -> None:
+        self.unload_lora_adapter(name)
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -220,48 +275,6 @@ class SGLangClient:
             message = answer.get("message") or answer.get("error_message") or "refused without a message"
             raise SGLangError(self.url, route, str(message))
 
-    def _request(
-        self,
-        method: str,
-        route: str,
-        *,
-        json: dict[str, Any] | None = None,
-        expect_json: bool = True,
-        timeout_s: float | None = None,
-    ) -> Any:
-        kwargs: dict[str, Any] = {"json": json} if json is not None else {}
-        if timeout_s is not None:
-            kwargs["timeout"] = timeout_s
-        try:
-            response = self._http.request(method, route, **kwargs)
-        except httpx.HTTPError as exc:
-            raise SGLangError(self.url, route, f"{type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 400:
-            raise SGLangError(self.url, route, _error_text(response), status_code=response.status_code)
-        if not expect_json or not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            return response.text
-
 
 def _with_version(body: dict[str, Any], weight_version: str | None) -> dict[str, Any]:
     return {**body, "weight_version": weight_version} if weight_version is not None else body
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return f"HTTP {response.status_code}: {response.text[:300]}"
-    if isinstance(body, dict):
-        detail = (
-            body.get("message")
-            or body.get("error_message")
-            or body.get("detail")
-            or body.get("error")
-            or body
-        )
-        return f"HTTP {response.status_code}: {detail}"
-    return f"HTTP {response.status_code}: {body}"

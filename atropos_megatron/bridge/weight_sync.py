@@ -1,11 +1,16 @@
 """Keep every inference server on the trainer's newest weights: one push at a time, all servers at once.
 
-A push (one ``PushWeights`` stream) runs SGLang's recommended sequence on every reachable server in
-parallel (notes/sglang-protocol.md §1.9): ``pause_generation`` -> ``begin_weight_update`` (0.5.21+)
--> one update call per bucket -> ``end_weight_update`` -> ``flush_cache`` -> ``update_weight_version``
--> ``continue_generation``. Each call is retried with backoff; a server that still fails drops out of
-the push, stays paused (it may hold a mix of old and new tensors, and must not serve that) and is
-reported unhealthy. Every push carries the full weights, so the next one brings it up to date.
+A push (one ``PushWeights`` stream) runs the same phases on every reachable server in parallel, each
+server through its engine's ``inference_client.InferenceClient`` (``weights.inference_engine``): pause
+-> begin the update -> one update call per bucket -> the finishing steps (tag ``weight_version``) ->
+resume. With SGLang that is its recommended sequence (notes/sglang-protocol.md §1.9):
+``pause_generation`` -> ``begin_weight_update`` (0.5.21+) -> updates -> ``end_weight_update`` ->
+``flush_cache`` -> ``update_weight_version`` -> ``continue_generation``; with vLLM, its RL routes
+(``vllm_client.py``): ``/pause`` -> ``/start_weight_update`` -> ``/update_weights`` ->
+``/finish_weight_update`` -> ``/resume``. Each call is retried with backoff; a server that still fails
+drops out of the push, stays paused (it may hold a mix of old and new tensors, and must not serve
+that) and is reported unhealthy. Every push carries the full weights, so the next one brings it up to
+date. A transport (or adapter push) the engine cannot take is refused before anything is paused.
 
 Between pushes a monitor thread checks each server (every ``weights.health_interval_s``, and an
 unreachable one every ``RECHECK_S`` until it answers). One that comes back behind the current
@@ -42,7 +47,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atropos_megatron.bridge.client import weight_nbytes
-from atropos_megatron.bridge.sglang_client import ServerInfo, SGLangClient, SGLangError
+from atropos_megatron.bridge.inference_client import (
+    GroupJoin,
+    InferenceClient,
+    InferenceError,
+    ServerInfo,
+    build_client,
+)
 from atropos_megatron.config import WeightsConfig
 from atropos_megatron.logs import FirstTimeInfo
 
@@ -53,7 +64,6 @@ RECHECK_S = 0.25
 """How often an unreachable server is probed: a restarted one is paused this soon after it answers."""
 KEPT_ADAPTERS = 2
 """LoRA adapters kept loaded per server: the newest and the one requests in transit may still name."""
-FLATTENED_BUCKET = "flattened_bucket"  # = sglang_wire.FLATTENED_BUCKET (not imported: it loads torch)
 
 
 class PushRefused(RuntimeError):
@@ -108,7 +118,7 @@ class ServerState:
     """What the bridge knows about one inference server."""
 
     url: str
-    client: SGLangClient
+    client: InferenceClient
     info: ServerInfo | None = None
     reachable: bool = False
     weight_version: str = ""
@@ -129,7 +139,7 @@ class ServerState:
             url=self.url,
             healthy=self.reachable,
             weight_version=self.weight_version,
-            sglang_version=self.info.version if self.info else "",
+            sglang_version=self.info.label if self.info else "",  # the engine's release (vLLM: "vllm X")
             tp_size=self.info.tp_size if self.info else 0,
             last_error=self.last_error,
             updated=updated,
@@ -170,7 +180,13 @@ class WeightSync:
         self.cfg = cfg
         self.servers = [
             ServerState(
-                url, SGLangClient(url, admin_api_key=cfg.admin_api_key, timeout_s=cfg.request_timeout_s)
+                url,
+                build_client(
+                    cfg.inference_engine,
+                    url,
+                    admin_api_key=cfg.admin_api_key,
+                    timeout_s=cfg.request_timeout_s,
+                ),
             )
             for url in cfg.inference_servers
         ]
@@ -238,7 +254,7 @@ class WeightSync:
     def _check(self, server: ServerState) -> None:
         try:
             info = server.client.server_info(timeout_s=HEALTH_TIMEOUT_S)
-        except SGLangError as exc:
+        except InferenceError as exc:
             if server.reachable:
                 logger.warning("inference server %s is unreachable: %s", server.url, exc)
             server.reachable, server.last_error = False, str(exc)
@@ -253,8 +269,8 @@ class WeightSync:
         if not self.current_version or info.weight_version == self.current_version:
             return
         try:  # behind: pausing again is harmless, and covers a restart between two checks
-            server.client.pause_generation(self.cfg.pause_mode)
-        except SGLangError as exc:
+            server.client.pause(self.cfg.pause_mode)
+        except InferenceError as exc:
             server.last_error = str(exc)
             return
         server.last_error = f"behind: serves {info.weight_version!r}, current is {self.current_version!r}"
@@ -304,16 +320,22 @@ class WeightPush:
 
     def start(self) -> None:
         sync = self.sync
+        for server in sync.servers:
+            reason = server.client.refusal(self.header.transport, adapter=self.header.lora is not None)
+            if reason:
+                raise PushRefused(f"{server.url} ({server.client.engine}): {reason}")
         probed = list(sync._pool.map(self._probe, sync.servers))
         self._active = [server for server, ok in zip(sync.servers, probed, strict=True) if ok]
-        if self.header.transport == "distributed":
-            self._check_group()
+        new_group = self.header.transport == "distributed" and self._check_group()
         if self.header.transport == "grpc":
             for address in self.cfg.bridge_agents:
                 self._agents.append((address, sync._open_agent_stream(address, self.header)))
+        if new_group:
+            offsets = self._rank_offsets()
+            self._start_group_init(offsets, early=True)
         self._each(self._prepare)
-        if self.header.transport == "distributed" and self.header.group.init:
-            self._start_group_init()
+        if new_group:
+            self._start_group_init(offsets, early=False)
         logger.log(
             self.sync.push_log.level(),
             "weight push %r (%s) to %d server(s)%s",
@@ -326,14 +348,15 @@ class WeightPush:
     def _probe(self, server: ServerState) -> bool:
         try:
             server.info = server.client.server_info(timeout_s=HEALTH_TIMEOUT_S)
-        except SGLangError as exc:
+        except InferenceError as exc:
             server.reachable, server.last_error = False, str(exc)
             logger.warning("weight push %r skips %s: %s", self.header.weight_version, server.url, exc)
             return False
         server.reachable, server.weight_version = True, server.info.weight_version
         return True
 
-    def _check_group(self) -> None:
+    def _check_group(self) -> bool:
+        """Whether this push creates the group (else it reuses the one made with the same servers)."""
         group = self.header.group
         if group is None:
             raise PushRefused("the distributed transport needs a group in the header")
@@ -346,45 +369,50 @@ class WeightPush:
             )
         if not group.init and members != self.sync._group_members:
             raise PushRefused("the servers changed since the group was created; push again with init=true")
+        return group.init
 
     def _prepare(self, server: ServerState) -> None:
         if self.header.lora is not None:
             return  # a new adapter changes no weight a running request uses: nothing to pause
-        self._retrying(
-            server, "pause_generation", lambda: server.client.pause_generation(self.cfg.pause_mode)
-        )
+        self._retrying(server, "pause", lambda: server.client.pause(self.cfg.pause_mode))
         server.held = True
-        if server.info.needs_session:
-            self._retrying(server, "begin_weight_update", server.client.begin_weight_update)
+        self._retrying(server, "begin_update", lambda: server.client.begin_update(server.info))
 
-    def _start_group_init(self) -> None:
+    def _rank_offsets(self) -> dict[str, int]:
+        """Each server's first rank in the group: the trainer is rank 0, servers follow in order."""
+        offsets, offset = {}, 1
+        for server in self._active:
+            offsets[server.url] = offset
+            offset += server.info.tp_size
+        return offsets
+
+    def _start_group_init(self, offsets: dict[str, int], *, early: bool) -> None:
+        """Make the servers join the trainer's new group: before ``begin_update`` (``early``) for
+        engines whose ``group_before_update`` says so, after it for the others."""
         group = self.header.group
-        for server in self._active:  # drop any previous group of this name; a fresh server has none
-            with contextlib.suppress(SGLangError):
-                server.client.destroy_weights_update_group(group.group_name)
-        offset = 1
-        for server in list(self._active):
-            kwargs = dict(
-                master_address=group.master_address,
-                master_port=group.master_port,
-                rank_offset=offset,
-                world_size=group.world_size,
-                group_name=group.group_name,
-                backend=group.backend,
+        servers = [s for s in self._active if s.client.group_before_update == early]
+        for server in servers:  # drop any previous group of this name; a fresh server has none
+            with contextlib.suppress(InferenceError):
+                server.client.reset_weight_group(group.group_name)
+        for server in servers:
+            join = GroupJoin(
+                group.master_address,
+                group.master_port,
+                offsets[server.url],
+                group.world_size,
+                group.group_name,
+                group.backend,
             )
             # Returns only once the trainer has joined the rendezvous, so it runs in the background.
-            self._group_inits.append(
-                (server, self.sync._pool.submit(server.client.init_weights_update_group, **kwargs))
-            )
-            offset += server.info.tp_size
+            self._group_inits.append((server, self.sync._pool.submit(server.client.init_weight_group, join)))
         self.sync._group_members = tuple(server.url for server in self._active)
 
     def _await_group(self) -> None:
         for server, future in self._group_inits:
             try:
                 future.result()
-            except SGLangError as exc:
-                self._drop(server, f"init_weights_update_group: {exc}")
+            except InferenceError as exc:
+                self._drop(server, f"init_weight_group: {exc}")
         self._group_inits = []
 
     # -- buckets --------------------------------------------------------------------------------
@@ -401,17 +429,13 @@ class WeightPush:
             client = server.client
             if lora is None:
                 self._retrying(
-                    server,
-                    "update_weights_from_tensor",
-                    lambda: client.update_weights_from_tensor(payloads(server), load_format=FLATTENED_BUCKET),
+                    server, "update_from_tensor", lambda: client.update_from_tensor(payloads(server))
                 )
             else:
                 self._retrying(
                     server,
-                    "load_lora_adapter_from_tensors",
-                    lambda: client.load_lora_adapter_from_tensors(
-                        lora.name, lora.config, payloads(server), load_format=FLATTENED_BUCKET
-                    ),
+                    "load_adapter_from_tensors",
+                    lambda: client.load_adapter_from_tensors(lora.name, lora.config, payloads(server)),
                 )
 
         forwards = [
@@ -441,19 +465,16 @@ class WeightPush:
         create a new group for the next push (GetStatus shows who is left).
         """
         self._await_group()
-        body = dict(
-            names=[t.name for t in tensors],
-            dtypes=[t.dtype for t in tensors],
-            shapes=[list(t.shape) for t in tensors],
-            group_name=self.header.group.group_name,
-            load_format=FLATTENED_BUCKET,
-        )
+        names, dtypes = [t.name for t in tensors], [t.dtype for t in tensors]
+        shapes = [list(t.shape) for t in tensors]
 
         def update(server: ServerState) -> None:
             try:
-                server.client.update_weights_from_distributed(**body)
-            except SGLangError as exc:
-                self._drop(server, f"update_weights_from_distributed: {exc}")
+                server.client.update_from_group(
+                    names, dtypes, shapes, group_name=self.header.group.group_name
+                )
+            except InferenceError as exc:
+                self._drop(server, f"update_from_group: {exc}")
                 self.sync._group_members = ()  # the group lost a member: it must be created again
 
         self._each(update, drop_on_error=False)
@@ -471,17 +492,11 @@ class WeightPush:
             self._await_group()
         if self.header.transport == "disk" and self.header.lora is not None:
             name, path = self.header.lora.name, self.header.disk_path
-            self._each(
-                lambda s: self._retrying(
-                    s, "load_lora_adapter", lambda: s.client.load_lora_adapter(name, path)
-                )
-            )
+            self._each(lambda s: self._retrying(s, "load_adapter", lambda: s.client.load_adapter(name, path)))
         elif self.header.transport == "disk":
             path = self.header.disk_path
             self._each(
-                lambda s: self._retrying(
-                    s, "update_weights_from_disk", lambda: s.client.update_weights_from_disk(path)
-                )
+                lambda s: self._retrying(s, "update_from_disk", lambda: s.client.update_from_disk(path))
             )
         self._each(self._complete)
         agent_servers: list[ServerSnapshot] = []
@@ -519,39 +534,40 @@ class WeightPush:
             self._complete_adapter(server)
             return
         version = self.header.weight_version
-        if server.info.needs_session:
-            self._retrying(server, "end_weight_update", server.client.end_weight_update)
         # Only aborted requests drain while the server is paused; retracted or frozen ones stay until
-        # continue_generation, so retrying the flush then would only stall the push (a minute by default).
+        # it resumes, so retrying a flush then would only stall the push (a minute by default).
         attempts = self.cfg.flush_cache_attempts if self.cfg.pause_mode == "abort" else 1
-        try:  # best effort: the weights are in; a cache SGLang will not flush yet must not strand them
-            server.client.flush_cache(attempts=attempts)
-        except SGLangError as exc:
-            self._note_flush_skipped(server, exc)
-        self._retrying(server, "update_weight_version", lambda: server.client.update_weight_version(version))
-        self._retrying(server, "continue_generation", server.client.continue_generation)
+        for step in server.client.finish_update_steps(server.info, version, flush_attempts=attempts):
+            if not step.best_effort:
+                self._retrying(server, step.name, step.call)
+                continue
+            try:  # the weights are in; a cache the server will not flush yet must not strand them
+                step.call()
+            except InferenceError as exc:
+                self._note_flush_skipped(server, exc)
+        self._retrying(server, "resume", server.client.resume)
         server.held, server.weight_version, server.last_error = False, version, ""
 
     def _complete_adapter(self, server: ServerState) -> None:
         """After an adapter load: name it in the proxy, retire old adapters, release a held server."""
         version = self.header.weight_version
-        self._retrying(server, "update_weight_version", lambda: server.client.update_weight_version(version))
+        self._retrying(server, "set_weight_version", lambda: server.client.set_weight_version(version))
         # The proxy names it from the next request on; the one before stays for requests in transit.
         server.adapters = [*server.adapters, self.header.lora.name]
         retired, server.adapters = server.adapters[:-KEPT_ADAPTERS], server.adapters[-KEPT_ADAPTERS:]
         for name in retired:  # returns once the requests still running on it are done: never wait here
             self.sync._pool.submit(self._unload, server, name)
         if server.held:  # paused by the monitor (restarted, behind): it has the newest adapter now
-            self._retrying(server, "continue_generation", server.client.continue_generation)
+            self._retrying(server, "resume", server.client.resume)
         server.held, server.weight_version, server.last_error = False, version, ""
 
     def _unload(self, server: ServerState, name: str) -> None:
         try:
-            server.client.unload_lora_adapter(name)
-        except SGLangError as exc:  # the adapter stays loaded: memory, not correctness
+            server.client.unload_adapter(name)
+        except InferenceError as exc:  # the adapter stays loaded: memory, not correctness
             logger.warning("%s: could not unload LoRA adapter %r: %s", server.url, name, exc)
 
-    def _note_flush_skipped(self, server: ServerState, exc: SGLangError) -> None:
+    def _note_flush_skipped(self, server: ServerState, exc: InferenceError) -> None:
         """SGLang refuses ``/flush_cache`` while requests are in flight, which retract and in_place
         pushes leave by design; the update itself is in. Said once per server, then counted."""
         server.flushes_skipped += 1
@@ -580,9 +596,8 @@ class WeightPush:
         for _, future in self._group_inits:
             future.cancel()
         for server in self._active:
-            if server.info.needs_session:
-                with contextlib.suppress(SGLangError):
-                    server.client.end_weight_update()
+            with contextlib.suppress(InferenceError):  # so that the next push can begin its own
+                server.client.abandon_update(server.info)
             server.last_error = (
                 f"push {self.header.weight_version!r} aborted ({reason}); paused until the next push"
             )
@@ -605,7 +620,7 @@ class WeightPush:
         for server, future in zip(servers, futures, strict=True):
             try:
                 future.result()
-            except SGLangError as exc:
+            except InferenceError as exc:
                 if drop_on_error:
                     self._drop(server, str(exc))
 
@@ -615,7 +630,7 @@ class WeightPush:
             try:
                 call()
                 return
-            except SGLangError as exc:
+            except InferenceError as exc:
                 if attempt == self.cfg.update_retries:
                     raise
                 logger.warning(

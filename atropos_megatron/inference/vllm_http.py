@@ -17,6 +17,7 @@ from atropos_megatron.inference.native_api import RequestError
 from atropos_megatron.inference.vllm_weights import VllmWeightTransfer
 
 PAUSE_MODES = {"abort": "abort", "keep": "in_place"}  # vLLM mode -> engine mode ("wait": see pause)
+VLLM_VERSION = "0.33.0"  # the vLLM release whose routes this server mirrors (GET /version)
 
 
 def register(app: FastAPI, engine: Engine, route: Callable, json_response: Callable, run_samples: Callable,
@@ -46,6 +47,10 @@ def register(app: FastAPI, engine: Engine, route: Callable, json_response: Calla
             return json_response(vllm_api.error_json(str(exc)), 400)
         (samples,) = await run_samples([parsed])
         return json_response(vllm_api.generate_json(parsed, samples, logprobs, engine))
+
+    @route("/version", methods=("GET",), public=True)
+    async def version(request: Request) -> Response:  # vLLM's instrumentator/basic.py
+        return json_response({"version": VLLM_VERSION})
 
     @route("/pause", admin=True)
     async def pause(request: Request) -> Response:

@@ -29,12 +29,11 @@ from atropos_megatron.inference.weight_loader import (
     parse_dtype,
     receive_distributed,
 )
+from atropos_megatron.weights.sync_group import VLLM_GROUP_NAME
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("nccl", "gloo")
-GROUP_NAME = (
-    "vllm_weight_transfer"  # store prefix of this server's group (vLLM's StatelessProcessGroup has none)
-)
+GROUP_NAME = VLLM_GROUP_NAME  # store prefix of our gloo group (vLLM's StatelessProcessGroup has none)
 NOT_CONFIGURED = (
     "Weight transfer not configured. Please set weight_transfer_config to enable weight transfer."
 )

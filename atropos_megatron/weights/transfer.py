@@ -7,7 +7,9 @@ only the sender rank talks to the bridge, with the transport that ``weights.tran
   same-host servers through shared memory.
 - ``distributed``: the stream carries only names/dtypes/shapes; the sender broadcasts each bucket on
   a process group that it shares with every server (rank 0 here, ranks 1.. on the servers). The
-  group lives across pushes and is created again when the set of reachable servers changes.
+  group lives across pushes and is created again when the set of reachable servers changes. SGLang
+  receives a bucket as one flat broadcast; vLLM (``weights.inference_engine: vllm``) one broadcast
+  per tensor, on the group ``sync_group.init_vllm_sender`` joins.
 - ``disk``: the sender writes ``<disk_dir>/weight_v<version>`` (safetensors, bucket-sized shards,
   written to a temporary name and renamed) and the stream names that directory.
 
@@ -65,8 +67,16 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class _Group:
     """The ``distributed`` transport's process group and the servers it was created with."""
 
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup | sync_group.VllmSender
     members: tuple[str, ...]
+
+    def send(self, bucket: WeightBucket) -> None:
+        """Broadcast ``bucket`` as the servers receive it (the bridge announced its tensors)."""
+        if isinstance(self.group, sync_group.VllmSender):
+            for _, tensor in bucket.named_tensors():  # vLLM: one broadcast per tensor, in order
+                self.group.broadcast(tensor)
+        else:  # SGLang's flattened bucket
+            dist.broadcast(bucket.data, src=0, group=self.group)
 
 
 class WeightPusher:
@@ -205,7 +215,9 @@ class WeightPusher:
         servers = [s for s in self.bridge.status().servers if s.healthy]
         members = tuple(s.url for s in servers)
         init = self._group is None or self._group.members != members
-        group_fields: dict[str, Any] = {"group_name": self.cfg.group_name, "init": init}
+        vllm = self.cfg.inference_engine == "vllm"
+        group_name = sync_group.VLLM_GROUP_NAME if vllm else self.cfg.group_name
+        group_fields: dict[str, Any] = {"group_name": group_name, "init": init}
         if init:
             self.close()
             group_fields.update(
@@ -217,11 +229,11 @@ class WeightPusher:
         stream = self.bridge.open_weight_push(version, transport="distributed", group=group_fields)
         try:
             if init:
-                group = _join_group(stream, group_fields)
+                group = _join_group(stream, group_fields, vllm=vllm)
                 self._group = _Group(group, members)
             for bucket in buckets:
                 stream.send_bucket(bucket.index, _specs(bucket))
-                dist.broadcast(bucket.data, src=0, group=self._group.group)
+                self._group.send(bucket)
         except BaseException:
             stream.cancel()
             self.close()  # a failed broadcast leaves the group unusable
@@ -261,8 +273,9 @@ def _specs(bucket: WeightBucket) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(t.name, str(t.dtype).removeprefix("torch."), t.shape) for t in bucket.tensors]
 
 
-def _join_group(stream, fields: dict[str, Any]) -> dist.ProcessGroup:
-    """Join the weight group as rank 0 while the bridge makes the servers join theirs.
+def _join_group(stream, fields: dict[str, Any], *, vllm: bool = False):
+    """Join the weight group as rank 0 while the bridge makes the servers join theirs (vLLM's group
+    with ``vllm``).
 
     The rendezvous blocks until every server is in; if the bridge refuses the push meanwhile, the
     stream's error is raised at once instead of waiting for the rendezvous to time out.
@@ -271,6 +284,15 @@ def _join_group(stream, fields: dict[str, Any]) -> dist.ProcessGroup:
 
     def join() -> None:
         try:
+            if vllm:
+                result["group"] = sync_group.init_vllm_sender(
+                    backend=fields["backend"],
+                    master_address=fields["master_address"],
+                    master_port=fields["master_port"],
+                    world_size=fields["world_size"],
+                    timeout_s=GROUP_TIMEOUT_S,
+                )
+                return
             result["group"] = sync_group.init_custom_process_group(
                 backend=fields["backend"],
                 init_method=f"tcp://{fields['master_address']}:{fields['master_port']}",

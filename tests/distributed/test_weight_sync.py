@@ -6,6 +6,11 @@ step on a vocab-parallel cross-entropy (so the weights really move), then ``Weig
 them (TP gather, HF names, buckets) through a real bridge into the reference SGLang-protocol server
 (a separate process). The server's log-probs of a probe sequence must then equal the trainer's own,
 computed from the TP-sharded logits, in fp32 to 1e-5, under the pushed ``weight_version``.
+
+The same with the server in vLLM mode (``serve --protocol vllm``, vLLM 0.33's RL routes, the gloo
+stand-in for its NCCL transfer engine) and ``weights.inference_engine: vllm``: two ``distributed``
+pushes (the group made, then reused), each checked through the ``/generate`` atroposlib's
+``VLLMServer`` reads: the raw log-probs of its greedy completion must be the trainer's, to 1e-6.
 """
 
 from __future__ import annotations
@@ -16,16 +21,17 @@ import pytest
 
 from tests.harness import run_ranks
 from tests.hf_models import save_tiny_checkpoint
-from tests.reference_server import ReferenceServer, served_logprobs
+from tests.reference_server import ReferenceServer, served_logprobs, served_vllm_logprobs
 
 pytestmark = pytest.mark.distributed
 
 TOLERANCE = 1e-5
 PROBE = [3, 77, 14, 200, 9, 128, 45, 61, 249, 5, 33, 180]
 TRANSPORTS = ("grpc", "disk", "distributed")
+VLLM_TOLERANCE = 1e-6
 
 
-def _sync_body(rank, world_size, hf_dir, server_url, disk_dir, sizes):
+def _sync_body(rank, world_size, hf_dir, server_url, disk_dir, sizes, engine="sglang"):
     import torch
     import torch.distributed as dist
     from megatron.core import tensor_parallel
@@ -37,6 +43,7 @@ def _sync_body(rank, world_size, hf_dir, server_url, disk_dir, sizes):
     from atropos_megatron.weights.hf_checkpoint import load_hf_weights
     from atropos_megatron.weights.safetensors_io import SafetensorsCheckpoint
     from atropos_megatron.weights.transfer import WeightPusher
+    from tests.reference_server import served_vllm_logprobs
 
     parallel.init_distributed(ParallelConfig(), seed=0)
     layout = ParallelConfig(**sizes)
@@ -54,7 +61,6 @@ def _sync_body(rank, world_size, hf_dir, server_url, disk_dir, sizes):
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     tokens = torch.tensor([PROBE])
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
 
     def train_step(seed: int) -> None:
         # The same batch on every rank: under EP (no DDP here) the replicated weights stay equal.
@@ -66,38 +72,59 @@ def _sync_body(rank, world_size, hf_dir, server_url, disk_dir, sizes):
         optimizer.step()
 
     @torch.no_grad()
-    def trainer_logprobs() -> torch.Tensor:
-        shard = model(tokens, positions, attention_mask=None).float()  # [1, S, padded / TP]
+    def trainer_logprobs(sequence=tokens) -> torch.Tensor:
+        """The log-prob of each token of ``sequence`` [1, S] after the first (collective over TP)."""
+        at = torch.arange(sequence.shape[1]).expand_as(sequence)
+        shard = model(sequence, at, attention_mask=None).float()  # [1, S, padded / TP]
         shards = [torch.empty_like(shard) for _ in range(coords.tp)]
         dist.all_gather(shards, shard, group=parallel.tensor_parallel_group())
         logits = torch.cat(shards, dim=-1)[0, :-1, : cfg.vocab_size]
-        return torch.log_softmax(logits, dim=-1).gather(-1, tokens[0, 1:, None]).squeeze(-1)
+        return torch.log_softmax(logits, dim=-1).gather(-1, sequence[0, 1:, None]).squeeze(-1)
 
+    vllm = engine == "vllm"
+
+    def served_and_expected() -> tuple[list[float] | None, torch.Tensor, str | None]:
+        """The server's log-probs (on rank 0), the trainer's of the same tokens, the served weight_version.
+        vLLM: of its greedy completion of PROBE, whose tokens every rank needs (collective)."""
+        if not vllm:
+            served, version = served_logprobs(server_url, PROBE) if rank == 0 else (None, None)
+            return served, trainer_logprobs(tokens), version
+        reply = [served_vllm_logprobs(server_url, PROBE) if rank == 0 else None]
+        dist.broadcast_object_list(reply, src=0)
+        completion, served, version = reply[0]
+        return served, trainer_logprobs(torch.tensor([PROBE + completion]))[len(PROBE) - 1 :], version
+
+    engine_fields = dict(inference_engine="vllm", pause_mode="in_place") if vllm else {}
+    pushes = [f"distributed {i}" for i in (1, 2)] if vllm else list(TRANSPORTS)  # vLLM: the group reused
     bridge = client = None
     if rank == 0:
         from atropos_megatron.bridge.client import BridgeClient
         from atropos_megatron.bridge.server import build_service, create_server
 
         bridge_cfg = BridgeConfig(mode="agent")
-        service = build_service(
-            bridge_cfg, WeightsConfig(inference_servers=[server_url], health_interval_s=0)
+        weights = WeightsConfig(
+            inference_servers=[server_url],
+            health_interval_s=0,
+            transport=pushes[0].split()[0],
+            **engine_fields,
         )
+        service = build_service(bridge_cfg, weights)
         bridge, port = create_server(bridge_cfg, service, "127.0.0.1:0")
         client = BridgeClient(f"127.0.0.1:{port}", timeout_s=60)
-    results = {}
+    results, pushers = {}, {}
     try:
-        for step, transport in enumerate(TRANSPORTS, start=1):
+        for step, push in enumerate(pushes, start=1):
             train_step(seed=step)
+            transport = push.split()[0]
             weights = WeightsConfig(
-                transport=transport, inference_servers=[server_url], disk_dir=disk_dir, bucket_bytes=64 * 1024
-            )
-            pusher = WeightPusher(weights, cfg, client)
+                transport=transport, inference_servers=[server_url], disk_dir=disk_dir, bucket_bytes=64 * 1024,
+                **engine_fields,
+            )  # fmt: skip
+            pusher = pushers.setdefault(transport, WeightPusher(weights, cfg, client))
             response = pusher.push([model], weight_version=str(step))
-            pusher.close()
-            expected = trainer_logprobs()
+            served, expected, version = served_and_expected()
             if rank == 0:
-                served, version = served_logprobs(server_url, PROBE)
-                results[transport] = (
+                results[push] = (
                     version,
                     (torch.tensor(served) - expected).abs().max().item(),
                     [s.updated for s in response.servers],
@@ -106,6 +133,8 @@ def _sync_body(rank, world_size, hf_dir, server_url, disk_dir, sizes):
                 )
             dist.barrier()
     finally:
+        for pusher in pushers.values():
+            pusher.close()
         if rank == 0:
             client.close()
             bridge.stop(0).wait()
@@ -134,3 +163,26 @@ def test_trained_weights_reach_the_server_by_every_transport(tmp_path: Path, rep
         assert diff < TOLERANCE, f"{transport}: the server does not serve the trained weights ({diff:.2e})"
     moved = max(abs(a - b) for a, b in zip(before, results["grpc"][4], strict=True))
     assert moved > 1e-3, "the optimizer step did not change what the server serves: the test proves nothing"
+
+
+def test_trained_weights_reach_a_vllm_server_by_distributed(tmp_path: Path, report):
+    hf_dir = tmp_path / "hf"
+    save_tiny_checkpoint("qwen2", hf_dir)
+    with ReferenceServer(
+        hf_dir, protocol="vllm", weight_transfer_config='{"backend": "gloo"}', weight_version="0"
+    ) as server:
+        before = served_vllm_logprobs(server.url, PROBE)
+        (results, _) = run_ranks(
+            _sync_body, 2, str(hf_dir), server.url, str(tmp_path / "pushed"),
+            dict(tensor_parallel_size=2), "vllm", timeout_s=240,
+        )  # fmt: skip
+    for step in (1, 2):  # the second push reuses the group the first made
+        version, diff, updated, buckets, served = results[f"distributed {step}"]
+        report(f"qwen2 TP=2 vLLM push {step}: {buckets} buckets, max |served - trainer logprob| = {diff:.2e}")
+        assert version == str(step) and updated == [True] and buckets > 1
+        assert diff < VLLM_TOLERANCE, (
+            f"push {step}: the server does not serve the trained weights ({diff:.2e})"
+        )
+    assert results["distributed 1"][4] != before[1], (
+        "the served log-probs did not move: the test proves nothing"
+    )
