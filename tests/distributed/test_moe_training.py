@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.distributed.test_trainer import STEPS, UPDATE_TOLERANCE, _assert_close, _hf_weights, _train
+from tests.distributed.test_trainer import (
+    STEPS,
+    UPDATE_TOLERANCE,
+    _assert_close,
+    _config,
+    _hf_weights,
+    _losses,
+    _train,
+)
 from tests.harness import run_ranks
 from tests.hf_models import save_tiny_checkpoint
 
@@ -36,26 +44,6 @@ FOUR_RANKS = {
     "ep2 pp2": ["parallel.expert_parallel_size=2", "parallel.pipeline_parallel_size=2"],
 }
 ROUTER_LOSSES_OFF = ["grpo.moe_aux_loss_coef=0", "grpo.moe_z_loss_coef=0"]
-
-
-def _config(hf_dir: str, run_dir: str, extra: list[str]):
-    from atropos_megatron.config import load_config
-
-    return load_config(
-        "examples/configs/debug_tiny.yaml",
-        [
-            f"model.hf_path={hf_dir}",
-            f"logging.run_dir={run_dir}",
-            "grpo.kl_coef=0.05",
-            "data.micro_batch_tokens=256",  # several micro-batches per step
-            *extra,
-        ],
-    )
-
-
-def _losses(metrics: list[dict]) -> list[dict]:
-    keys = ("grpo/loss", "grpo/kl_ref", "optim/grad_norm", "grpo/ratio_max", "grpo/ratio_min")
-    return [{k: m[k] for k in keys if k in m} for m in metrics]
 
 
 def _routing(metrics: list[dict]) -> list[dict]:
