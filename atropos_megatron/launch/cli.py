@@ -26,7 +26,7 @@ ENVIRONMENT_OVERRIDES = (
     ("NUM_GPUS", "launch.gpus_per_node", "GPUs per node (0: CPU)"),
     ("BATCH_SIZE", "data.batch_size", "sequences per step"),
     ("MAX_EPOCHS", "steps", "training steps (the name users of the Atropos-VeRL integration know)"),
-    ("INFERENCE_BACKEND", "launch.inference.backend", "sglang, or reference for the built-in server"),
+    ("INFERENCE_BACKEND", "launch.inference.backend", "sglang, vllm, or reference for the built-in server"),
     ("LORA_RANK", "model.lora.rank", "LoRA adapter rank; 0 trains every weight (as in Atropos-VeRL)"),
 )
 """Environment variables ``launch plan`` turns into overrides: after the YAML, before the command line."""
@@ -43,7 +43,7 @@ Start the processes of a training run on the nodes of a Slurm allocation (or on 
   launch stop --plan PLAN                  ask every node to stop as on SIGTERM: the trainer writes a
                                            checkpoint first (the sbatch scripts' time-limit trap)
 
-Roles: Atropos API + bridge + environments on the head node, inference servers (SGLang or
+Roles: Atropos API + bridge + environments on the head node, inference servers (SGLang, vLLM or
 the reference server), trainer ranks (one process per rank, torchrun's variables, static rendezvous
 on the first training node). Logs: <run_dir>/logs/<session>/<node>/<role>.log. A role that dies ends
 the job on every node with its log's tail; SIGTERM stops the trainer first so that it checkpoints.

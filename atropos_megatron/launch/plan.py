@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from atropos_megatron.config import BridgeConfig, LaunchConfig, TrainConfig
+from atropos_megatron.config import BridgeConfig, ConfigError, LaunchConfig, TrainConfig
 from atropos_megatron.launch.allocation import Allocation, Node
 from atropos_megatron.launch.topology import (
     check_topology,
@@ -162,6 +162,7 @@ def build_plan(
         config_file: where the resolved config will be written (the roles' ``--config``).
         python: interpreter for our own roles (and SGLang unless ``launch.inference.python``).
     """
+    cfg = _engine_for_backend(cfg)
     launch = cfg.launch
     try:
         check_topology(launch)
@@ -213,6 +214,8 @@ def build_plan(
     config_arg = ("--config", str(config_file))
     base_env = {"OMP_NUM_THREADS": "1"} if launch.gpus_per_node == 0 else {}
     base_env |= {"ATROPOS_MEGATRON_SESSION": allocation.session, "TOKENIZERS_PARALLELISM": "false"}
+    # vLLM mounts its RL routes (pause, resume, weight transfer) only in dev mode (docs/vllm.md §3).
+    server_env = base_env | ({"VLLM_SERVER_DEV_MODE": "1"} if launch.inference.backend == "vllm" else {})
     model_path = launch.inference.model_path or cfg.model.hf_path
     bridge_probe = ProbeSpec("tcp", bridge_address)
     server_probes = tuple(ProbeSpec("http", f"{url}/health") for url in urls)
@@ -239,9 +242,9 @@ def build_plan(
                 name=f"inference-{number}",
                 command=_server_command(resolved, model_path, nodes[index].address, port, python),
                 kind="inference",
-                summary=f"{launch.inference.backend} server {url}"
+                summary=f"{_server_kind(resolved)} server {url}"
                 + (f" on GPUs [{slots[0]}, {slots[0] + slots[1]})" if slots else ""),
-                env=base_env,
+                env=server_env,
                 ready=ProbeSpec("http", f"{url}/health"),
                 gpu_slots=slots,
             )
@@ -284,6 +287,7 @@ def build_plan(
         "seed": str(cfg.seed),
         "python": python,
         "env_launcher": f"{shlex.quote(python)} -m atropos_megatron.demo.env_launcher",
+        "server_type": environment_server_type(cfg),
     }
     for environment in launch.environments:
         where = f"launch.environments[{environment.name}]"
@@ -322,6 +326,57 @@ def build_plan(
         stop_grace_s=launch.stop_grace_s,
     )
     return plan, resolved
+
+
+SERVER_TYPES = {
+    ("sglang", "sglang"): "sglang",
+    ("reference", "sglang"): "sglang",
+    ("reference", "vllm"): "vllm",  # the reference server's vLLM mode has Atropos's /generate
+    ("vllm", "vllm"): "openai",  # stock `vllm serve` has no /generate: no token ids or log-probs
+}
+"""atroposlib ``server_type`` that works with the servers started, by (backend, inference_engine)."""
+
+
+def environment_server_type(cfg: TrainConfig) -> str:
+    """The ``{server_type}`` placeholder: what an environment's atroposlib server entries should say."""
+    return SERVER_TYPES[(cfg.launch.inference.backend, cfg.weights.inference_engine)]
+
+
+def _engine_for_backend(cfg: TrainConfig) -> TrainConfig:
+    """``launch.inference.backend`` decides what the servers run, so the bridge must speak it:
+    ``vllm`` sets ``weights.inference_engine=vllm`` (the config then refuses by name a transport, pause
+    mode or LoRA sync vLLM cannot take: the recipe must say ``transport: distributed`` and ``pause_mode:
+    in_place`` or ``abort``); ``sglang`` refuses ``inference_engine=vllm``; ``reference`` serves either
+    protocol (``serve --protocol``)."""
+    backend = cfg.launch.inference.backend
+    weights = cfg.weights
+    if backend == "sglang" and weights.inference_engine == "vllm":
+        raise PlanError(
+            "weights.inference_engine=vllm but launch.inference.backend=sglang starts SGLang servers: set "
+            "launch.inference.backend=vllm (INFERENCE_BACKEND=vllm), or reference for the reference server "
+            "in vLLM mode"
+        )
+    if backend != "vllm":
+        return cfg
+    if weights.admin_api_key:
+        raise PlanError(
+            "weights.admin_api_key is not supported with launch.inference.backend=vllm: vllm serve has no "
+            "admin key (its weight-transfer routes take none; --api-key guards only /v1); unset it and keep "
+            "the inference nodes on a private network"
+        )
+    try:
+        return replace(cfg, weights=replace(weights, inference_engine="vllm"))
+    except ConfigError as exc:
+        raise PlanError(
+            f"launch.inference.backend=vllm starts vLLM servers, so weights.inference_engine=vllm: {exc}"
+        ) from None
+
+
+def _server_kind(cfg: TrainConfig) -> str:
+    backend = cfg.launch.inference.backend
+    if backend == "reference" and cfg.weights.inference_engine == "vllm":
+        return "reference (vLLM protocol)"
+    return backend
 
 
 def _place_servers(
@@ -421,6 +476,22 @@ def _server_command(
             "--device", "cuda" if cfg.launch.gpus_per_node else "cpu",
             "--dtype", cfg.model.dtype, "--max-batch", str(cfg.data.batch_size), "--seed", str(cfg.seed),
         ]  # fmt: skip
+        if cfg.weights.inference_engine == "vllm":
+            # vLLM 0.33's RL routes + Atropos's /generate; the group backend the trainer will use
+            # (WeightTransfer: distributed_backend, else nccl with CUDA, gloo without).
+            backend = cfg.weights.distributed_backend or ("nccl" if cfg.launch.gpus_per_node else "gloo")
+            command += ["--protocol", "vllm", "--weight-transfer-config", json.dumps({"backend": backend})]
+    elif inference.backend == "vllm":
+        # Stock `vllm serve` (vLLM 0.33.0: vllm/entrypoints/cli/main.py is the `vllm` script; the flags are
+        # in engine/arg_utils.py and entrypoints/common/cli_args.py). VLLM_SERVER_DEV_MODE=1 is in the
+        # role's environment. Weights arrive over NCCL through the RL routes (docs/vllm.md §3, §6).
+        command = [
+            inference.python or python, "-m", "vllm.entrypoints.cli.main", "serve", model_path,
+            "--host", host, "--port", str(port), "--served-model-name", model_path,
+            "--tensor-parallel-size", str(inference.gpus_per_server),
+            "--weight-transfer-config", json.dumps({"backend": "nccl"}),
+        ]  # fmt: skip
+        return (*command, *inference.extra_args)
     else:
         command = [
             inference.python or python, "-m", "sglang.launch_server", "--model-path", model_path,

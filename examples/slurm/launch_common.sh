@@ -5,7 +5,8 @@
 #   ATROPOS_MEGATRON_DIR   the checkout to run from (default: the directory you ran sbatch in)
 #   ATROPOS_MEGATRON_VENV  its virtualenv (default: $ATROPOS_MEGATRON_DIR/.venv)
 #   MODEL_PATH, OUTPUT_DIR, NUM_GPUS, BATCH_SIZE, MAX_EPOCHS (= steps), INFERENCE_BACKEND
-#   (sglang | reference), LORA_RANK (0 = full fine-tuning), ATROPOS_API_URL: see
+#   (sglang | vllm | reference; vllm needs a recipe that says so, e.g. qwen2.5-7b_1node_vllm.yaml),
+#   LORA_RANK (0 = full fine-tuning), ATROPOS_API_URL: see
 #   `atropos-megatron launch --help`.
 # Arguments after the script name are key=value config overrides:
 #   CONFIG=examples/configs/qwen3-32b_2+2nodes.yaml sbatch examples/slurm/multi_node.sbatch optimizer.lr=5e-7

@@ -207,7 +207,7 @@ def test_environment_variables_become_overrides():
         "NUM_GPUS": "4",
         "BATCH_SIZE": "128",
         "MAX_EPOCHS": "30",
-        "INFERENCE_BACKEND": "reference",
+        "INFERENCE_BACKEND": "vllm",
         "ATROPOS_API_URL": "http://h:8000",
         "LORA_RANK": "64",
         "UNRELATED": "x",
@@ -220,7 +220,7 @@ def test_environment_variables_become_overrides():
         "/scratch/run",
         4,
     )
-    assert (cfg.data.batch_size, cfg.steps, cfg.launch.inference.backend) == (128, 30, "reference")
+    assert (cfg.data.batch_size, cfg.steps, cfg.launch.inference.backend) == (128, 30, "vllm")
     assert cfg.launch.api_url == "http://h:8000"
     assert cfg.model.lora.rank == 64 and cfg.model.lora.enabled
     assert environment_overrides({"MODEL_PATH": " "}) == []
@@ -268,3 +268,122 @@ def test_an_environment_gets_its_own_variables_working_directory_and_the_env_lau
     assert LaunchPlan.from_json(plan.to_json()) == plan
     with pytest.raises(PlanError, match=r"launch.environments\[mine\].env.X: bad placeholder"):
         _plan(["launch.environments=[{name: mine, command: x, env: {X: '{nope}'}}]"], 2, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM (issue 21 step 4): stock `vllm serve` with its RL routes; the reference server in vLLM mode
+# ------------------------------------------------------------------------------------------------
+
+VLLM = ["launch.inference.backend=vllm", "weights.transport=distributed", "weights.pause_mode=in_place"]
+
+
+def test_vllm_backend_starts_vllm_serve_with_its_rl_routes(tmp_path):
+    plan, resolved = _plan(
+        [
+            *VLLM,
+            "launch.train_nodes=1",
+            "launch.inference_nodes=1",
+            "launch.inference.gpus_per_server=4",
+            "launch.inference.python=/venvs/vllm/bin/python",
+            "launch.inference.extra_args=[--gpu-memory-utilization, '0.85']",
+            "launch.environments=[{name: e, command: 'python env.py --server-type {server_type}'}]",
+        ],
+        2,
+        tmp_path,
+    )
+    server = _role(plan, 1, "inference-0")
+    assert server.command == (
+        "/venvs/vllm/bin/python", "-m", "vllm.entrypoints.cli.main", "serve", "/models/m",
+        "--host", "10.0.0.2", "--port", "30000", "--served-model-name", "/models/m",
+        "--tensor-parallel-size", "4", "--weight-transfer-config", '{"backend": "nccl"}',
+        "--gpu-memory-utilization", "0.85",
+    )  # fmt: skip
+    assert server.env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert server.ready.kind == "http" and server.ready.target == "http://10.0.0.2:30000/health"
+    assert [_role(plan, 1, f"inference-{k}").gpu_slots for k in range(2)] == [(0, 4), (4, 4)]
+    assert "vllm server http://10.0.0.2:30000 on GPUs [0, 4)" in plan.format()
+    # the backend decides the bridge's engine; distributed: the job's bridge drives every server
+    assert resolved.weights.inference_engine == "vllm"
+    assert resolved.weights.inference_servers == list(plan.inference_urls)
+    assert _roles(plan)[1] == ["inference-0", "inference-1"]  # no bridge agent
+    # our own roles do not get vLLM's dev mode; environments learn the server_type that works
+    assert "VLLM_SERVER_DEV_MODE" not in _role(plan, 0, "bridge").env
+    assert _role(plan, 0, "env-e").command[-1] == "openai"
+    assert {probe.target for probe in _role(plan, 0, "trainer-0").needs} >= {
+        f"{url}/health" for url in plan.inference_urls
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["launch.inference.backend=vllm"], r"weights\.transport.*grpc is not supported"),
+        (["launch.inference.backend=vllm", "weights.transport=disk", "weights.disk_dir=/d"], "disk is not"),
+        (["launch.inference.backend=vllm", "weights.transport=distributed"], r"weights\.pause_mode"),
+        ([*VLLM, "weights.admin_api_key=k"], r"weights\.admin_api_key is not supported"),
+        ([*VLLM[1:], "weights.inference_engine=vllm"], r"launch\.inference\.backend=sglang starts SGLang"),
+    ],
+)
+def test_a_recipe_that_contradicts_the_vllm_backend_is_refused_by_name(tmp_path, overrides, message):
+    with pytest.raises(PlanError, match=message):
+        _plan([*overrides, "launch.inference_nodes=1"], 2, tmp_path)
+
+
+def test_vllm_abort_pause_mode_is_kept(tmp_path):
+    _, resolved = _plan(
+        ["launch.inference.backend=vllm", "weights.transport=distributed", "weights.pause_mode=abort"],
+        1,
+        tmp_path,
+    )
+    assert (resolved.weights.inference_engine, resolved.weights.pause_mode) == ("vllm", "abort")
+
+
+@pytest.mark.parametrize(("gpus", "group"), [(0, "gloo"), (8, "nccl")])
+def test_reference_server_speaks_vllm_when_the_engine_is_vllm(tmp_path, gpus, group):
+    plan, resolved = _plan(
+        [
+            "launch.inference.backend=reference",
+            "weights.inference_engine=vllm",
+            "weights.transport=distributed",
+            "weights.pause_mode=in_place",
+            f"launch.gpus_per_node={gpus}",
+            "launch.environments=[{name: e, command: 'python env.py {server_type}'}]",
+        ],
+        1,
+        tmp_path,
+    )
+    server = _role(plan, 0, "inference-0")
+    assert server.command[:4] == ("py", "-m", "atropos_megatron.cli", "serve")
+    tail = server.command[server.command.index("--protocol") :]
+    assert tail == ("--protocol", "vllm", "--weight-transfer-config", f'{{"backend": "{group}"}}')
+    assert "VLLM_SERVER_DEV_MODE" not in server.env
+    assert "reference (vLLM protocol) server" in plan.format()
+    assert _role(plan, 0, "env-e").command[-1] == "vllm"  # its /generate serves atroposlib's VLLMServer
+    assert resolved.weights.inference_engine == "vllm"
+    # SGLang protocol by default
+    plan, _ = _plan(["launch.inference.backend=reference"], 1, tmp_path)
+    assert "--protocol" not in _role(plan, 0, "inference-0").command
+
+
+def test_vllm_recipe_plans_four_colocated_vllm_servers(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.delenv("VLLM_PYTHON", raising=False)
+    recipe = Path(__file__).parents[2] / "examples" / "configs" / "qwen2.5-7b_1node_vllm.yaml"
+    cfg = load_config(
+        recipe, environment_overrides({"INFERENCE_BACKEND": "vllm", "OUTPUT_DIR": str(tmp_path)})
+    )
+    plan, resolved = build_plan(cfg, _allocation(1), config_file=tmp_path / "c.yaml", python="py")
+    servers = [role for role in plan.nodes[0].roles if role.kind == "inference"]
+    assert [role.command[:5] for role in servers] == [
+        ("py", "-m", "vllm.entrypoints.cli.main", "serve", cfg.model.hf_path)
+    ] * 4
+    assert [role.gpu_slots for role in servers] == [(k, 1) for k in range(4)]
+    assert (resolved.weights.transport, resolved.weights.pause_mode) == ("distributed", "in_place")
+    # the SGLang recipe with INFERENCE_BACKEND=vllm is refused, naming the field to change
+    sglang = recipe.with_name("qwen2.5-7b_1node.yaml")
+    cfg = load_config(
+        sglang, environment_overrides({"INFERENCE_BACKEND": "vllm", "OUTPUT_DIR": str(tmp_path)})
+    )
+    with pytest.raises(PlanError, match=r"weights\.transport"):
+        build_plan(cfg, _allocation(1), config_file=tmp_path / "c.yaml", python="py")

@@ -11,13 +11,14 @@ import re
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from atropos_megatron.cli import main
 from atropos_megatron.config import LaunchConfig, load_config
+from atropos_megatron.launch.plan import environment_server_type
 from atropos_megatron.launch.topology import check_topology, trainer_world_size
 from atropos_megatron.trainer.dry_run import dry_run
 from atropos_megatron.trainer.memory import active_parameters, total_parameters
@@ -41,6 +42,10 @@ class Recipe:
     """Expert parallel size (MoE recipes)."""
     published_active_params: float | None = None
     """Parameters per token the model card states (MoE: the "A3B" of Qwen3-30B-A3B)."""
+    backend: str = "sglang"
+    """launch.inference.backend."""
+    server_type: str = "sglang"
+    """atroposlib server_type the environment's server list names (stock vLLM: openai)."""
 
 
 RECIPES = {
@@ -127,6 +132,9 @@ RECIPES = {
         },
     ),
 }
+RECIPES["qwen2.5-7b_1node_vllm.yaml"] = replace(
+    RECIPES["qwen2.5-7b_1node.yaml"], backend="vllm", server_type="openai"
+)
 # Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B config.json (model cards: 30.5B total / 3.3B activated,
 # 235B / 22B); the 235B's differs in width, depth, heads and expert width only.
 QWEN3_30B_A3B = {
@@ -177,13 +185,15 @@ RECIPES["llama3.1-70b-lora_1+3nodes.yaml"] = Recipe(
     hf_config=RECIPES["llama3.1-70b_4+4nodes.yaml"].hf_config,
 )  # fmt: skip
 
-PLACEHOLDERS = {"api_url", "inference_url", "inference_urls", "model_path", "run_dir", "seed", "python"}
+PLACEHOLDERS = {
+    "api_url", "inference_url", "inference_urls", "model_path", "run_dir", "seed", "python", "server_type"
+}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
 def _no_launcher(monkeypatch):
     """The dry run must take its world size from the recipe, not from the shell running the tests."""
-    for name in ("WORLD_SIZE", "SLURM_NTASKS", "SGLANG_PYTHON"):
+    for name in ("WORLD_SIZE", "SLURM_NTASKS", "SGLANG_PYTHON", "VLLM_PYTHON"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -211,7 +221,7 @@ def test_recipe_lays_out_and_fits_80_gib(name):
         launch.inference.servers_per_node or launch.gpus_per_node // launch.inference.gpus_per_server
     )
     assert servers == recipe.servers
-    assert launch.inference.backend == "sglang"
+    assert launch.inference.backend == recipe.backend
 
     report = dry_run(cfg)
     lines = report.splitlines()
@@ -280,6 +290,7 @@ def test_environment_command_writes_a_server_list_atroposlib_accepts(name, tmp_p
         "run_dir": str(tmp_path),
         "seed": "1",
         "python": "echo",  # print the environment's command line instead of starting it
+        "server_type": environment_server_type(cfg),
     }
     # As the launcher does: split like a shell, then fill each argument's placeholders.
     command = [arg.format_map(values) for arg in shlex.split(environment.command)]
@@ -295,7 +306,7 @@ def test_environment_command_writes_a_server_list_atroposlib_accepts(name, tmp_p
     servers = yaml.safe_load(Path(argv[3]).read_text())["openai"]
     parsed = [server_config(**server) for server in servers]
     assert [server.base_url for server in parsed] == [f"{url}/v1" for url in urls]
-    assert {server.server_type for server in parsed} == {"sglang"}
+    assert {server.server_type for server in parsed} == {RECIPES[name].server_type}
 
 
 # ------------------------------------------------------------------------------------------------
