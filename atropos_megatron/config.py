@@ -847,7 +847,7 @@ class LoggingConfig:
         _require(self.log_interval_steps >= 1, "logging.log_interval_steps", "must be >= 1")
 
 
-INFERENCE_BACKENDS = ("sglang", "reference")
+INFERENCE_BACKENDS = ("sglang", "vllm", "reference")
 HEAD_PLACEMENTS = ("first", "dedicated")
 
 
@@ -856,10 +856,12 @@ class InferenceLaunchConfig:
     """The inference servers `atropos-megatron launch` starts (the trainer and bridge ignore it)."""
 
     backend: str = "sglang"
-    """`sglang` (`python -m sglang.launch_server`) or `reference` (`atropos-megatron serve`: HF
-    transformers, for CPU runs and tests)."""
+    """`sglang` (`python -m sglang.launch_server`), `vllm` (stock `vllm serve` with its RL routes; sets
+    `weights.inference_engine=vllm`, environments use `server_type: openai`, docs/vllm.md §7) or
+    `reference` (`atropos-megatron serve`: HF transformers, for CPU runs and tests; in vLLM mode with
+    `weights.inference_engine=vllm`)."""
     gpus_per_server: int = 1
-    """GPUs of one server (SGLang `--tp-size`)."""
+    """GPUs of one server (SGLang `--tp-size`, vLLM `--tensor-parallel-size`)."""
     servers_per_node: int | None = None
     """Servers on each inference node (null: as many as fit, `gpus_per_node // gpus_per_server`, or 1
     without GPUs)."""
@@ -872,7 +874,7 @@ class InferenceLaunchConfig:
     model_path: str | None = None
     """What the servers load (null: `model.hf_path`)."""
     python: str | None = None
-    """Interpreter that runs SGLang (null: this one); SGLang often lives in its own virtualenv."""
+    """Interpreter that runs SGLang or vLLM (null: this one); they often live in a virtualenv of their own."""
     extra_args: list[str] = field(default_factory=list)
     """Appended to each server's command, e.g. `["--mem-fraction-static", "0.85"]`."""
 
@@ -903,7 +905,9 @@ class EnvironmentLaunchConfig:
     `{inference_url}` (the first server), `{inference_urls}` (comma-separated), `{model_path}`,
     `{run_dir}`, `{seed}`, `{python}` (the launcher's interpreter), `{env_launcher}` (`{python} -m
     atropos_megatron.demo.env_launcher`: runs `SCRIPT serve ...` with the fixes `atropos-megatron run`
-    applies for atroposlib 0.4.0). The same values are in the environment variables ATROPOS_API_URL,
+    applies for atroposlib 0.4.0), `{server_type}` (the atroposlib `server_type` the started servers
+    take: `sglang`, `openai` for stock vLLM, `vllm` for the reference server in vLLM mode). The same
+    values are in the environment variables ATROPOS_API_URL,
     INFERENCE_URLS and MODEL_PATH."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables for this process only (values take the same placeholders), e.g.

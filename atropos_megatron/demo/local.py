@@ -13,7 +13,9 @@ run`` (``run_env.py``) on the user's; ``benchmarks/chaos.py`` starts the prepare
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import shutil
 import sys
 import time
@@ -41,6 +43,41 @@ MARKER = ".atropos-megatron-run"
 OLD_MARKER = ".atropos-megatron-demo"
 """What earlier versions wrote: their run directories may be cleared too."""
 HOST = "127.0.0.1"
+ENGINES = ("sglang", "vllm")
+"""What ``--engine`` picks: the protocol the reference server speaks, ``weights.inference_engine`` and
+the environment's atroposlib ``server_type`` (see :func:`engine_overrides`)."""
+
+
+def engine_overrides(engine: str) -> list[str]:
+    """The config overrides of ``--engine`` (they come before the user's, who may change them).
+
+    ``sglang``: none (the configs' own). ``vllm``: ``weights.inference_engine=vllm`` and what vLLM's
+    RL routes take (``WeightsConfig._check_vllm``): ``transport=distributed`` over ``gloo`` (the
+    reference server's CPU stand-in for vLLM's NCCL engine; also with CUDA, as the server runs on CPU)
+    and ``pause_mode=in_place`` (vLLM's ``keep``: requests wait for the update instead of failing).
+    """
+    if engine not in ENGINES:
+        raise RunError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "sglang":
+        return []
+    return [
+        "weights.inference_engine=vllm",
+        "weights.transport=distributed",
+        "weights.distributed_backend=gloo",
+        "weights.pause_mode=in_place",
+    ]
+
+
+_ENGINE_SUMMARY = {
+    "sglang": "sglang (reference server in SGLang's protocol, environment on server_type sglang)",
+    "vllm": "vllm (reference server with --protocol vllm, environment on server_type vllm)",
+}
+
+
+def engine_description(cfg) -> str:
+    """How the run generates, for the status lines and the summary."""
+    engine = cfg.weights.inference_engine
+    return _ENGINE_SUMMARY.get(engine, engine)
 
 
 class RunError(RuntimeError):
@@ -104,6 +141,8 @@ class RunResult:
     """How every process ended; all ``clean`` after a successful run."""
     wall_s: float
     plot_path: Path
+    engine: str = "sglang"
+    """``weights.inference_engine`` of the run: the protocol the server spoke and the environment used."""
 
 
 def prepare_run(
@@ -203,6 +242,7 @@ def run_local(
     started = time.monotonic()
     setup = prepare_run(spec, run_dir, steps=steps, overrides=overrides, trainer_command=trainer_command)
     _say(progress, f"run directory {setup.run_dir}: config.yaml, metrics.jsonl; logs/<process>.log")
+    _say(progress, f"inference engine {engine_description(setup.cfg)}")
     with Supervisor(setup.run_dir / "logs") as supervisor:
         for role in setup.roles:
             supervisor.start(role)
@@ -211,7 +251,8 @@ def run_local(
             supervisor, setup.metrics_path, setup.cfg.steps, timeout_s=timeout_s, progress=progress
         )
     wall_s = time.monotonic() - started
-    return _report(setup.run_dir, setup.metrics_path, supervisor.exits, wall_s=wall_s, title=spec.title)
+    result = _report(setup.run_dir, setup.metrics_path, supervisor.exits, wall_s=wall_s, title=spec.title)
+    return dataclasses.replace(result, engine=setup.cfg.weights.inference_engine)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,6 +272,13 @@ def generation_url(cfg, urls: dict[str, str]) -> str:
     return urls["lora_proxy"] if uses_proxy(cfg) else urls["inference"]
 
 
+def server_type(cfg) -> str:
+    """atroposlib's ``server_type`` for the run's engine: ``sglang`` (SGLang's ``/generate``) or ``vllm``
+    (``VLLMServer``: ``{base_url minus /v1}/generate`` with ``prompt_token_ids``, Atropos's vLLM server
+    shape, which ``serve --protocol vllm`` speaks)."""
+    return "vllm" if cfg.weights.inference_engine == "vllm" else "sglang"
+
+
 def environment_command(
     spec: RunSpec, cfg, urls: dict[str, str], api_url: str, model_dir: Path, tokenizer_dir: Path
 ) -> list[str]:
@@ -245,7 +293,7 @@ def environment_command(
         # The environment stops itself past total_steps; the run stops it once the trainer is done,
         # so leave room for groups the bridge might reject.
         "--env.total_steps", str(2 * cfg.steps + 100),
-        "--openai.server_type", "sglang",
+        "--openai.server_type", server_type(cfg),
         "--openai.base_url", generation_url(cfg, urls) + "/v1",
         "--openai.model_name", str(model_dir),
         "--openai.tokenizer_name", str(tokenizer_dir),
@@ -369,6 +417,9 @@ def _build_roles(
         serve += ["--enable-lora", "--max-lora-rank", str(lora.rank), "--lora-target-modules", *lora.target_modules]
     if cfg.weights.capture_routed_experts:  # the bridge's proxy asks every /generate for its routing
         serve += ["--enable-return-routed-experts"]
+    if cfg.weights.inference_engine == "vllm":  # vLLM 0.33's RL routes and Atropos's /generate
+        backend = cfg.weights.distributed_backend or "gloo"  # the trainer's side of the same group
+        serve += ["--protocol", "vllm", "--weight-transfer-config", json.dumps({"backend": backend})]
     # fmt: on
     # One thread per process: five processes share the cores. Measured on 2 cores (40 demo steps):
     # 39 s with one thread each, 48-64 s with torch's default two (generation starves: the trainer
@@ -446,6 +497,7 @@ def format_result(result: RunResult, *, headline: str) -> str:
     from atropos_megatron.demo.report import format_summary
 
     lines = ["", headline, format_summary(result.summary, wall_s=result.wall_s)]
+    lines.append(f"engine:         {_ENGINE_SUMMARY.get(result.engine, result.engine)}")
     window = result.summary.window
     if result.summary.steps < 2 * window:
         lines.append(f"note: with fewer than {2 * window} steps the first and last {window} overlap")
@@ -465,7 +517,16 @@ def format_result(result: RunResult, *, headline: str) -> str:
 
 
 def add_run_options(parser, *, timeout_min: float, example: str) -> None:
-    """The options every local-run command ends with: --timeout-min, --no-progress, KEY=VALUE."""
+    """The options every local-run command ends with: --engine, --timeout-min, --no-progress, KEY=VALUE."""
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="sglang",
+        help="inference protocol: sglang (default; the reference server speaks SGLang's protocol, the "
+        "environment uses server_type sglang) or vllm (the server speaks vLLM 0.33's RL routes and "
+        "Atropos's vLLM /generate, the environment uses server_type vllm; sets weights.inference_engine="
+        "vllm, transport=distributed over gloo, pause_mode=in_place)",
+    )
     parser.add_argument(
         "--timeout-min",
         type=float,

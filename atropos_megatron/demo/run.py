@@ -23,6 +23,7 @@ from atropos_megatron.demo.local import (
     RunSetup,
     RunSpec,
     add_run_options,
+    engine_overrides,
     format_result,
     prepare_run,
     run_from_command_line,
@@ -74,13 +75,14 @@ def prepare_demo(
     config_path: str | Path = DEFAULT_CONFIG,
     trainer_command: Sequence[str] | None = None,
     env_api_url: str | None = None,
+    engine: str = "sglang",
 ) -> RunSetup:
     """:func:`~atropos_megatron.demo.local.prepare_run` for the demo (``benchmarks/chaos.py`` uses it)."""
     return prepare_run(
         demo_spec(config_path),
         run_dir,
         steps=steps,
-        overrides=overrides,
+        overrides=[*engine_overrides(engine), *overrides],
         trainer_command=trainer_command,
         env_api_url=env_api_url,
     )
@@ -97,17 +99,20 @@ def run_demo(
     progress: bool = True,
     lora_rank: int = 0,
     moe_experts: int = 0,
+    engine: str = "sglang",
 ) -> RunResult:
     """Run the demo and return what it measured (see :func:`~atropos_megatron.demo.local.run_local`).
 
     ``lora_rank``: train LoRA adapters of this rank instead of every weight; ``moe_experts``: train a
-    mixture-of-experts model (see :func:`demo_spec`).
+    mixture-of-experts model (see :func:`demo_spec`); ``engine``: ``vllm`` runs the reference server
+    with ``--protocol vllm`` and the environment on atroposlib's ``server_type: vllm`` (see
+    :func:`~atropos_megatron.demo.local.engine_overrides`).
     """
     return run_local(
         demo_spec(config_path, lora_rank=lora_rank, moe_experts=moe_experts),
         run_dir,
         steps=steps,
-        overrides=[*lora_overrides(lora_rank), *overrides],
+        overrides=[*engine_overrides(engine), *lora_overrides(lora_rank), *overrides],
         trainer_command=trainer_command,
         timeout_s=timeout_s,
         progress=progress,
@@ -120,14 +125,15 @@ def run_demo(
 
 _DESCRIPTION = """\
 Train a tiny random Qwen2 with GRPO on a toy Atropos task, on this machine's CPU, with every real
-process of a cluster run: the Atropos API (run-api), the reference SGLang-protocol inference server,
-the gRPC bridge, the trainer and an Atropos environment (examples/envs/alphabet_match.py: answer in
-the alphabet of the prompt). About a minute on 2 cores; the mean reward climbs from ~0.1 to ~0.9.
+process of a cluster run: the Atropos API (run-api), the reference inference server (SGLang's
+protocol, or vLLM's with --engine vllm), the gRPC bridge, the trainer and an Atropos environment
+(examples/envs/alphabet_match.py: answer in the alphabet of the prompt). About a minute on 2 cores; the mean reward climbs from ~0.1 to ~0.9.
 
   atropos-megatron demo                                  # 40 steps into runs/demo
   atropos-megatron demo --steps 60 optimizer.lr=1e-3     # any config field, as key=value
   atropos-megatron demo --lora 8                         # LoRA adapters of rank 8 on a frozen base
   atropos-megatron demo --moe 4                          # a Qwen3-MoE: 4 experts per layer, top-2
+  atropos-megatron demo --engine vllm                    # vLLM protocol, env on server_type vllm
 
 Afterwards, in the run directory:
   reward_curve.png   reward per step and its 5-step mean
@@ -181,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             lora_rank=args.lora,
             moe_experts=args.moe,
+            engine=args.engine,
         ),
         _format_result,
     )

@@ -18,6 +18,7 @@ from atropos_megatron.demo.local import (
     AssetOptions,
     RunSpec,
     add_run_options,
+    engine_overrides,
     format_result,
     run_from_command_line,
     run_local,
@@ -27,12 +28,12 @@ DEFAULT_CONFIG = REPO / "examples/configs/run_cpu.yaml"
 
 _DESCRIPTION = """\
 Train with GRPO on your own Atropos environment, with every process of a cluster run on this machine:
-the Atropos API (run-api), the reference SGLang-protocol inference server, the gRPC bridge, the
-trainer, and your environment script started with its own `serve` CLI. The flags that connect it
-are filled in (--env.rollout_server_url, --env.tokenizer_name, --env.use_wandb false,
---env.total_steps, --openai.server_type sglang, --openai.base_url, --openai.model_name,
---openai.tokenizer_name, --openai.api_key EMPTY, --openai.health_check false); anything after `--`
-goes to the environment as given and replaces a filled-in flag of the same name.
+the Atropos API (run-api), the reference inference server (SGLang's protocol, or vLLM's with
+--engine vllm), the gRPC bridge, the trainer, and your environment script started with its own
+`serve` CLI. The flags that connect it are filled in (--env.rollout_server_url, --env.tokenizer_name,
+--env.use_wandb false, --env.total_steps, --openai.server_type sglang or vllm, --openai.base_url,
+--openai.model_name, --openai.tokenizer_name, --openai.api_key EMPTY, --openai.health_check false);
+anything after `--` goes to the environment as given and replaces a filled-in flag of the same name.
 
 Without model.hf_path (or --model), a tiny random Qwen2 is built in the run directory, with a
 byte-level tokenizer (any text round-trips) and a ChatML chat template, so any environment runs end
@@ -102,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     own, env_flags = split_env_flags(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_intermixed_args(own)
     script = Path(args.env_script).resolve()
-    overrides = [f"data.max_token_len={args.context}", *args.overrides]  # the user's come later and win
+    # the user's come later and win
+    overrides = [*engine_overrides(args.engine), f"data.max_token_len={args.context}", *args.overrides]
     if args.model:
         overrides.append(f"model.hf_path={Path(args.model).resolve()}")
     spec = RunSpec(

@@ -421,10 +421,18 @@ def serve(args: Any) -> int:
         engine, api_key=args.api_key, admin_api_key=args.admin_api_key, sglang_version=args.sglang_version,
         protocol=protocol, weight_transfer_backend=backend,
     )  # fmt: skip
-    logger.info(
-        "reference SGLang server (protocol %s, not for production) on http://%s:%d", args.sglang_version,
-        args.host, args.port,
-    )  # fmt: skip
+    if protocol == "vllm":
+        from atropos_megatron.inference.vllm_http import VLLM_VERSION
+
+        logger.info(
+            "reference server in vLLM mode (vLLM %s RL routes + Atropos's /generate, weight transfer %s, "
+            "not for production) on http://%s:%d", VLLM_VERSION, backend or "off", args.host, args.port,
+        )  # fmt: skip
+    else:
+        logger.info(
+            "reference SGLang server (protocol %s, not for production) on http://%s:%d", args.sglang_version,
+            args.host, args.port,
+        )  # fmt: skip
     try:
         # Requests held by a pause never finish by themselves: without a bound, SIGTERM would wait on
         # them forever. After the grace they are cancelled, and engine.close() aborts their jobs.

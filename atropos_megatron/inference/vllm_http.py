@@ -121,6 +121,7 @@ def register(app: FastAPI, engine: Engine, route: Callable, json_response: Calla
         transfer.finish()
         if version is not None:
             engine.set_weight_version(str(version))
+        transfer.log_finished()
 
     transfer_route("/init_weight_transfer_engine", "init_info", transfer.init, "Weight transfer initialized")
     transfer_route("/start_weight_update", None, lambda _: transfer.start(), "Weight update started")

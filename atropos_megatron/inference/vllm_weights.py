@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from atropos_megatron.inference.weight_loader import (
     parse_dtype,
     receive_distributed,
 )
+from atropos_megatron.logs import FirstTimeInfo
 from atropos_megatron.weights.sync_group import VLLM_GROUP_NAME
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,9 @@ class VllmWeightTransfer:
     update_active: bool = False
     last_specs: list[TensorSpec] = field(default_factory=list)
     _names: int = 0
+    _received: list[int] = field(default_factory=lambda: [0, 0])  # tensors, bytes of this update
+    _started: float = 0.0
+    _update_log: FirstTimeInfo = field(default_factory=FirstTimeInfo)
 
     def _check(self) -> None:
         if self.backend is None:
@@ -126,6 +131,8 @@ class VllmWeightTransfer:
                 "Call finish_weight_update first."
             )
         self.update_active = True
+        self._received = [0, 0]
+        self._started = time.monotonic()
 
     def update(self, update_info: dict[str, Any]) -> tuple[int, int]:
         self._check()
@@ -142,7 +149,9 @@ class VllmWeightTransfer:
                 named = receive_distributed(self.group, specs, load_format=None, device=self.engine.device)
                 return len(named), apply_named_tensors(self.engine.model, named)
 
-            return self.engine.run_quiescent(receive_and_apply)
+            count, nbytes = self.engine.run_quiescent(receive_and_apply)
+            self._received = [self._received[0] + count, self._received[1] + nbytes]
+            return count, nbytes
         except BaseException:
             self.update_active = False  # as vLLM's worker: a failed chunk ends the session
             raise
@@ -152,6 +161,14 @@ class VllmWeightTransfer:
         if not self.update_active:
             raise TransferError("finish_weight_update called without a matching start_weight_update.")
         self.update_active = False
+
+    def log_finished(self) -> None:
+        """One line for the update just finished (INFO the first time, then DEBUG)."""
+        logger.log(
+            self._update_log.level(),
+            "weights updated through vLLM's weight transfer (%s): version=%s tensors=%d bytes=%d in %.3f s",
+            self.backend, self.engine.weight_version, *self._received, time.monotonic() - self._started,
+        )  # fmt: skip
 
     def shutdown(self) -> None:
         from atropos_megatron.weights.sync_group import destroy_group

@@ -82,6 +82,47 @@ def test_demo_reward_rises_and_every_process_exits_cleanly(tmp_path, report):
 
 
 @pytest.mark.slow
+def test_the_demo_learns_against_a_vllm_protocol_server(tmp_path, report):
+    """``demo --engine vllm``: the reference server speaks vLLM 0.33's RL routes and Atropos's vLLM
+    ``/generate``, the bridge pushes by ``distributed`` (gloo) through vLLM's weight-transfer sequence,
+    and the environment samples through atroposlib's ``VLLMServer`` (``server_type: vllm``)."""
+    from atropos_megatron.config import load_config
+    from atropos_megatron.demo.run import run_demo
+
+    result = run_demo(tmp_path / "demo", steps=40, progress=False, timeout_s=900, engine="vllm")
+    summary = result.summary
+    report(
+        f"vLLM protocol: reward {summary.first_mean:.3f} -> {summary.last_mean:.3f} ({summary.gain:+.3f}) "
+        f"in {summary.last_step} steps, {result.wall_s:.0f} s"
+    )
+    assert result.engine == "vllm"
+    assert summary.last_step == 40 and result.exits["trainer"].how == "finished"
+    assert summary.gain >= 0.4, f"reward rose only {summary.gain:+.3f}"
+    assert set(result.exits) == {"atropos-api", "inference", "bridge", "trainer", "env"}
+    assert all(e.clean for e in result.exits.values()), result.exits
+    weights = load_config(result.run_dir / "config.yaml").weights
+    assert (weights.inference_engine, weights.transport, weights.pause_mode) == (
+        "vllm",
+        "distributed",
+        "in_place",
+    )
+    logs = result.run_dir / "logs"
+    inference_log = (logs / "inference.log").read_text()
+    assert "reference server in vLLM mode" in inference_log and "weight transfer gloo" in inference_log
+    assert "joined the weight transfer group as rank 1 (gloo)" in inference_log
+    # The first update at INFO, the rest at DEBUG; the bridge reports every push reaching the server.
+    assert inference_log.count("weights updated through vLLM's weight transfer (gloo)") == 1
+    bridge_log = (logs / "bridge.log").read_text()
+    assert "(distributed) to 1 server(s)" in bridge_log and "1/1 server(s) updated" in bridge_log
+    # The log-probs the environment read from /generate reached the trainer: on the first step (the
+    # weights it samples with) they are the trainer's own.
+    first = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rollout/logprob_abs_diff"] < 1e-5, first
+    # The environment got atroposlib's vLLM server type (its config is printed at start-up).
+    assert "server_type='vllm'" in (logs / "env.log").read_text()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
 def test_the_lora_demo_learns_with_the_base_frozen(tmp_path, report, lora_sync):
     """``demo --lora 8``: adapters of rank 8 alone raise the reward, synced merged into the weights or

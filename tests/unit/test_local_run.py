@@ -99,6 +99,78 @@ def test_routed_experts_capture_puts_the_environment_behind_the_proxy_and_asks_t
         assert ("--enable-return-routed-experts" in serve) == capture
 
 
+def test_engine_vllm_sets_what_vllm_takes_and_starts_the_server_and_environment_in_vllm_mode(tmp_path):
+    """``--engine vllm``: the demo's config passes ``WeightsConfig._check_vllm``, the server speaks vLLM's
+    protocol with a gloo weight-transfer engine, the environment uses atroposlib's ``VLLMServer``."""
+    from atropos_megatron.demo.local import (
+        RunError,
+        _build_roles,
+        _resolve_config,
+        engine_description,
+        engine_overrides,
+    )
+
+    assert engine_overrides("sglang") == []
+    with pytest.raises(RunError, match="--engine must be one of sglang, vllm"):
+        engine_overrides("trt")
+    spec = RunSpec(env_script=tmp_path / "env.py", config_path=REPO / "examples/configs/demo_cpu.yaml")
+    urls = {
+        "api": "http://127.0.0.1:1",
+        "inference": "http://127.0.0.1:2",
+        "lora_proxy": "http://127.0.0.1:3",
+    }
+    for engine in ("sglang", "vllm"):
+        cfg = _resolve_config(spec, tmp_path / "run", urls, "127.0.0.1:4", 5, engine_overrides(engine))
+        weights = cfg.weights
+        assert weights.inference_engine == engine and engine_description(cfg).startswith(engine)
+        if engine == "vllm":
+            assert (weights.transport, weights.distributed_backend, weights.pause_mode) == (
+                "distributed", "gloo", "in_place",
+            )  # fmt: skip
+        else:  # the demo config's own
+            assert (weights.transport, weights.pause_mode) == ("grpc", "retract")
+        command = environment_command(spec, cfg, urls, urls["api"], tmp_path / "m", tmp_path / "t")
+        assert command[command.index("--openai.server_type") + 1] == engine
+        assert command[command.index("--openai.base_url") + 1] == "http://127.0.0.1:2/v1"  # no proxy
+        roles = _build_roles(cfg, tmp_path / "c.yaml", tmp_path / "m", tmp_path / "t", urls, 4, None, command)
+        serve = next(role for role in roles if role.name == "inference").command
+        if engine == "vllm":
+            assert serve[serve.index("--protocol") + 1] == "vllm"
+            assert serve[serve.index("--weight-transfer-config") + 1] == '{"backend": "gloo"}'
+        else:
+            assert "--protocol" not in serve and "--weight-transfer-config" not in serve
+    # The user's overrides come after the engine's: a pause mode vLLM has is taken, retract is refused.
+    abort = _resolve_config(
+        spec,
+        tmp_path / "run",
+        urls,
+        "127.0.0.1:4",
+        5,
+        [*engine_overrides("vllm"), "weights.pause_mode=abort"],
+    )
+    assert abort.weights.pause_mode == "abort"
+    with pytest.raises(RunError, match="weights.pause_mode"):
+        _resolve_config(
+            spec,
+            tmp_path / "run",
+            urls,
+            "127.0.0.1:4",
+            5,
+            [*engine_overrides("vllm"), "weights.pause_mode=retract"],
+        )
+
+
+def test_demo_and_run_take_the_engine_option():
+    from atropos_megatron.demo.run import build_parser as demo_parser
+    from atropos_megatron.demo.run_env import build_parser as run_parser
+
+    assert demo_parser().parse_args([]).engine == "sglang"
+    assert demo_parser().parse_args(["--engine", "vllm", "optimizer.lr=1e-3"]).engine == "vllm"
+    assert run_parser().parse_intermixed_args(["env.py", "--engine", "vllm"]).engine == "vllm"
+    with pytest.raises(SystemExit):
+        demo_parser().parse_args(["--engine", "trt"])
+
+
 # ------------------------------------------------------------------------------------------------
 # The environment launcher's fixes, against atroposlib 0.4.0 itself
 # ------------------------------------------------------------------------------------------------
