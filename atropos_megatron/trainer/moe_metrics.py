@@ -26,9 +26,7 @@ import torch.distributed as dist
 
 from atropos_megatron.config import ModelConfig
 from atropos_megatron.weights.export import unwrap_chunk
-from atropos_megatron.weights.megatron_shards import iter_global_params
-
-_ROUTER = ".mlp.router.weight"
+from atropos_megatron.weights.megatron_shards import iter_routers
 
 
 class RouterStats:
@@ -51,17 +49,8 @@ class RouterStats:
         if not counts_tokens:
             return
         for chunk in chunks:
-            routers = {
-                name: param
-                for name, param in iter_global_params(unwrap_chunk(chunk))
-                if name.endswith(_ROUTER)
-            }
-            for module in unwrap_chunk(chunk).modules():
-                weight = getattr(module, "weight", None)
-                for name, param in routers.items():
-                    if weight is param:
-                        layer = int(name.split(".")[2])
-                        self.handles.append(module.register_forward_hook(self._hook(self.rows[layer])))
+            for layer, router in iter_routers(unwrap_chunk(chunk)):
+                self.handles.append(router.register_forward_hook(self._hook(self.rows[layer])))
 
     def _hook(self, row: int):
         def count(module, inputs, outputs) -> None:

@@ -27,9 +27,8 @@ import torch
 import torch.distributed as dist
 
 from atropos_megatron.weights.export import unwrap_chunk
-from atropos_megatron.weights.megatron_shards import iter_global_params
+from atropos_megatron.weights.megatron_shards import iter_routers
 
-_ROUTER = ".mlp.router.weight"
 PADDING = -2
 """``routed_experts`` of a position that holds no token (-1: a token whose routing is unknown)."""
 
@@ -89,18 +88,18 @@ class RoutingReplay:
         self.counts: torch.Tensor | None = None
         for chunk in chunks:
             module = unwrap_chunk(chunk)
-            routers = {id(p): name for name, p in iter_global_params(module) if name.endswith(_ROUTER)}
-            for sub in module.modules():
-                name = routers.get(id(getattr(sub, "weight", None)))
-                if name is not None and hasattr(sub, "router_replay"):
-                    target = RouterTargets(sub, int(name.split(".")[2]), self)
-                    sub.router_replay = target
-                    self.targets.append(target)
+            for layer, router in iter_routers(module):
+                router.router_replay = RouterTargets(router, layer, self)
+                self.targets.append(router.router_replay)
             module.routing_replay = self  # found by step.forward_step
 
     def begin_forward(self, routed: torch.Tensor | None, *, for_backward: bool) -> None:
         """Targets for the micro-batch about to run forward (``routed``: ``[b, s, layers, k]`` or None)."""
         self.in_forward = True
+        if routed is not None and int(routed.max()) >= self.num_experts:
+            raise ValueError(
+                f"routed_experts names expert {int(routed.max())}, but the model has {self.num_experts}"
+            )
         for target in self.targets:
             rows = None if routed is None else self._router_rows(routed[:, :, target.layer])
             target.current = rows
@@ -119,10 +118,6 @@ class RoutingReplay:
 
     def _router_rows(self, per_token: torch.Tensor) -> torch.Tensor:
         """``[b, s, k]`` -> the router's ``[s_local * b, k]``: position-major, this rank's SP slice."""
-        if int(per_token.max()) >= self.num_experts:
-            raise ValueError(
-                f"routed_experts names expert {int(per_token.max())}, but the model has {self.num_experts}"
-            )
         rows = per_token.transpose(0, 1)  # [s, b, k]
         if self.sequence_parallel and self.tp_size > 1:
             rows = rows.chunk(self.tp_size, dim=0)[self.tp_rank]

@@ -79,8 +79,6 @@ def forward_backward(
 
 def _routing_replay(model: torch.nn.Module):
     """The chunk's ``trainer.routing_replay.RoutingReplay``, if one is installed (through DDP wrappers)."""
-    while True:
-        replay = getattr(model, "routing_replay", None)
-        if replay is not None or not isinstance(getattr(model, "module", None), torch.nn.Module):
-            return replay
-        model = model.module
+    from atropos_megatron.weights.export import unwrap_chunk
+
+    return getattr(unwrap_chunk(model), "routing_replay", None)

@@ -23,6 +23,7 @@ import torch
 
 _LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")
+_ROUTER = ".mlp.router.weight"
 _EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT = "output_layer.weight"
 # Transformer Engine's spec names the pre-attention / pre-MLP norms after the next (fused) linear layer.
@@ -59,6 +60,15 @@ def iter_global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.P
                 rest = f"mlp.experts.local_experts.{global_expert}.{rest[expert.end() :]}"
             name = f"decoder.layers.{layer.layer_number - 1}.{rest}"
         yield name, param
+
+
+def iter_routers(chunk: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
+    """``(global layer index, router module)`` of each MoE layer of a model chunk (unwrapped)."""
+    layers = {id(param): name for name, param in iter_global_params(chunk) if name.endswith(_ROUTER)}
+    for module in chunk.modules():
+        name = layers.get(id(getattr(module, "weight", None)))
+        if name is not None:
+            yield int(name.split(".")[2]), module
 
 
 def is_expert_name(name: str) -> bool:
