@@ -8,7 +8,9 @@ Both compute the GRPO loss (PPO clip, k3 KL to a reference, entropy bonus, token
   own), then autograd back through the matmul. ``logits-inplace``: the same with ``inplace=True`` (the
   loss writes the gradient over the logits, as the trainer does).
 - ``fused-linear``: ``kernels.fused_linear_grpo.fused_linear_grpo_loss`` on ``(h, W)``, default chunk
-  (chunk x V ~ T x H); ``fused-linear-c512``: 512-token chunks.
+  (chunk x V ~ T x H); ``fused-linear-c512``: 512-token chunks; ``fused-linear-one-piece``: every token
+  in one chunk whose logits the gradient pass reuses (``single_chunk_bytes``: what ``grpo.fused_linear:
+  auto`` does while the logits fit in 256 MiB; here they are 512 MiB, so the limit is raised).
 
 Each variant runs in its own process. "extra peak" is the process's resident-set high-water mark
 (``VmHWM``, reset to the current RSS by writing 5 to ``/proc/self/clear_refs`` once the inputs exist;
@@ -34,7 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = ("logits", "logits-inplace", "fused-linear", "fused-linear-c512")
+VARIANTS = ("logits", "logits-inplace", "fused-linear", "fused-linear-c512", "fused-linear-one-piece")
 SEQUENCE = 512
 """Tokens per sequence (the batch is T / SEQUENCE sequences, all tokens trained)."""
 
@@ -109,9 +111,11 @@ def measure(variant: str, tokens: int, vocab: int, hidden_size: int, repeats: in
             )
             del logits  # nothing else reads them: autograd alone decides what stays alive
         else:
+            one_piece = tokens * vocab * 4 if variant.endswith("-one-piece") else 0
             loss, metrics = fused_linear_grpo_loss(
-                hidden, weight, **rest, cfg=cfg, ref_logprobs=ref, chunk_tokens=chunk
-            )
+                hidden, weight, **rest, cfg=cfg, ref_logprobs=ref, chunk_tokens=chunk,
+                single_chunk_bytes=one_piece,
+            )  # fmt: skip
         loss.backward()
         return loss, metrics
 
@@ -136,7 +140,9 @@ def measure(variant: str, tokens: int, vocab: int, hidden_size: int, repeats: in
         "returned_grads_bytes": grads_bytes,
         "working_bytes": max(0, peak - baseline - grads_bytes),
         "logits_bytes": tokens * vocab * 4,
-        "chunk_tokens": chunk or default_chunk_tokens(tokens, hidden_size, vocab),
+        "chunk_tokens": tokens
+        if variant.endswith("-one-piece")
+        else chunk or default_chunk_tokens(tokens, hidden_size, vocab),
         "peak_method": "VmHWM after clear_refs" if exact_reset else "ru_maxrss",
         "loss": loss.item(),
     }

@@ -94,6 +94,7 @@ def grpo_loss_fp64(inputs: dict, cfg: GRPOConfig, *, temperature=1.0, vocab_size
         ref_logprobs=inputs["ref_logprobs"].double(),
         inference_logprobs=inputs["inference_logprobs"].double(),
         entropy=entropy,
+        sequence_ids=inputs.get("sequence_ids"),
     )
     loss.backward()
     return loss.detach(), metrics, logits.grad

@@ -38,6 +38,7 @@ def grpo_token_loss(
     ref_logprobs: torch.Tensor | None = None,
     inference_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The aggregated GRPO loss and its metrics.
 
@@ -56,6 +57,10 @@ def grpo_token_loss(
         ref_logprobs: ``[B, T]`` fp32 reference-model log-probs; required when ``cfg.kl_coef > 0``.
         inference_logprobs: ``[B, T]`` fp32 sampling log-probs; required for importance correction.
         entropy: ``[B, T]`` fp32 per-token entropy (with grad); required when ``cfg.entropy_coef > 0``.
+        sequence_ids: ``[B, T]`` int64, which sequence each token belongs to (ids unique in the batch,
+            any negative value for padding), where rows are packed with several sequences; None: each
+            row is one sequence. Only the sequence-level quantities read it (GSPO's ratio, sequence
+            importance weights).
 
     Returns:
         ``(loss, metrics)``: a scalar, and detached fp32 scalars under ``grpo/`` and ``rollout/``.
@@ -63,8 +68,8 @@ def grpo_token_loss(
     mask = loss_mask.bool()
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
     if cfg.policy_loss == "gspo":
-        tokens = mask.sum(-1, keepdim=True).clamp(min=1)
-        sequence_log_ratio = log_ratio.sum(-1, keepdim=True) / tokens
+        tokens = sequence_sum(mask.to(log_ratio.dtype), sequence_ids).clamp(min=1)
+        sequence_log_ratio = sequence_sum(log_ratio, sequence_ids) / tokens
         log_ratio = sequence_log_ratio.detach() + logprobs - logprobs.detach()
         log_ratio = torch.where(mask, log_ratio, torch.zeros_like(log_ratio))
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
@@ -79,7 +84,7 @@ def grpo_token_loss(
     if cfg.importance_correction != "none":
         if inference_logprobs is None:
             raise ValueError("grpo.importance_correction needs inference_logprobs")
-        weight = truncated_importance_weight(old_logprobs, inference_logprobs, mask, cfg)
+        weight = truncated_importance_weight(old_logprobs, inference_logprobs, mask, cfg, sequence_ids)
         surrogate = surrogate * weight
         metrics["grpo/tis_weight_mean"] = _masked_mean(weight.expand_as(mask), mask)
 
@@ -128,12 +133,26 @@ def rollout_mismatch_metrics(
     }
 
 
-def truncated_importance_weight(old_logprobs, inference_logprobs, mask, cfg: GRPOConfig) -> torch.Tensor:
-    """``min(pi_old / pi_rollout, cap)`` per token ``[B, T]`` (or per sequence ``[B, 1]``), no gradient."""
+def truncated_importance_weight(
+    old_logprobs, inference_logprobs, mask, cfg: GRPOConfig, sequence_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``min(pi_old / pi_rollout, cap)`` per token ``[B, T]`` (or per sequence: ``[B, 1]``, or ``[B, T]``
+    with ``sequence_ids``), no gradient."""
     log_weight = torch.where(mask, old_logprobs - inference_logprobs, torch.zeros_like(old_logprobs))
     if cfg.importance_correction == "sequence":
-        log_weight = log_weight.sum(-1, keepdim=True)
+        log_weight = sequence_sum(log_weight, sequence_ids)
     return torch.exp(log_weight.clamp(max=math.log(cfg.importance_cap))).detach()
+
+
+def sequence_sum(values: torch.Tensor, sequence_ids: torch.Tensor | None) -> torch.Tensor:
+    """Each token's sum of ``values`` over its sequence: ``[B, 1]`` per row without ids, else ``[B, T]``
+    by id (padding, id < 0, sums with padding; its values are masked out wherever this is used)."""
+    if sequence_ids is None:
+        return values.sum(-1, keepdim=True)
+    ids = sequence_ids.reshape(-1)
+    ids = torch.where(ids >= 0, ids, ids.max().clamp(min=0) + 1)
+    sums = values.new_zeros(int(ids.max()) + 1).index_add(0, ids, values.reshape(-1))
+    return sums[ids].view_as(values)
 
 
 def _ratio_metrics(ratio, advantages, log_ratio, mask, cfg: GRPOConfig) -> dict[str, torch.Tensor]:

@@ -52,12 +52,14 @@ import torch.distributed as dist
 from atropos_megatron.algo.grpo import grpo_token_loss
 from atropos_megatron.config import GRPOConfig
 from atropos_megatron.kernels.backends import backend_ops, resolve_backend
+from atropos_megatron.kernels.grpo_loss import with_old_logprobs
 from atropos_megatron.kernels.logprobs import VocabShard, fused_token_logprobs
 from atropos_megatron.kernels.token_stats import (
     EMPTY_MAX,
     VocabShardStats,
     finalize,
     inverse_temperature,
+    is_unit_temperature,
     merge_across_shards,
     rows_view,
     valid_columns,
@@ -68,16 +70,22 @@ MAX_CHUNK_TOKENS = 1024
 
 
 AUTO_LOGITS_BYTES = 256 * 2**20
-"""``grpo.fused_linear: auto`` fuses when a micro-batch's fp32 logits would be larger than this."""
+"""``grpo.fused_linear: auto`` computes a micro-batch's trained-token logits in one piece (once) up to
+this size, and in chunks (each twice, memory bounded) beyond it."""
 
 
 def use_fused_linear(mode: str, tokens: int, local_vocab: int) -> bool:
-    """Whether ``grpo.fused_linear`` (``always``, ``never`` or ``auto``) fuses for micro-batches of
-    ``tokens`` tokens over ``local_vocab`` vocabulary rows (``auto``: their fp32 logits exceed
+    """Whether ``grpo.fused_linear`` (``always``, ``never`` or ``auto``) chunks the logits of micro-batches
+    of ``tokens`` tokens over ``local_vocab`` vocabulary rows (``auto``: where their fp32 logits exceed
     :data:`AUTO_LOGITS_BYTES`, where the memory matters more than the recomputed logits' time)."""
     if mode == "auto":
         return tokens * local_vocab * 4 > AUTO_LOGITS_BYTES
     return mode == "always"
+
+
+def single_chunk_bytes(mode: str) -> int:
+    """The fused ops' ``single_chunk_bytes`` for ``grpo.fused_linear`` ``mode`` (``always``: always chunk)."""
+    return AUTO_LOGITS_BYTES if mode == "auto" else 0
 
 
 def default_chunk_tokens(num_tokens: int, hidden: int, local_vocab: int) -> int:
@@ -115,7 +123,7 @@ def fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
     weights: torch.Tensor,
@@ -123,9 +131,11 @@ def fused_linear_grpo_loss(
     cfg: GRPOConfig,
     ref_logprobs: torch.Tensor | None = None,
     inference_logprobs: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
     temperature: float | torch.Tensor | None = None,
     shard: VocabShard | None = None,
     chunk_tokens: int | None = None,
+    single_chunk_bytes: int = 0,
     reduce_grad_input: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``algo.grpo.grpo_token_loss`` of ``logits = hidden @ weight^T``, without ever holding those logits.
@@ -135,11 +145,14 @@ def fused_linear_grpo_loss(
             last hidden states (after the final norm), fp32/bf16/fp16.
         weight: ``[V_local, H]`` this rank's rows of the output layer (or the tied embedding), same dtype.
         labels, old_logprobs, advantages, loss_mask, weights, ref_logprobs, inference_logprobs,
-        temperature: as for :func:`kernels.grpo_loss.fused_grpo_loss` (``[B, T]``).
+        sequence_ids, temperature: as for :func:`kernels.grpo_loss.fused_grpo_loss` (``[B, T]``; ``old_logprobs``
+            None: this pass's own, detached).
         cfg: the objective; ``cfg.kernel`` picks the per-chunk backend.
         shard: this rank's vocabulary shard and TP group (default: the whole vocabulary, no TP); rows of
             ``weight`` at or beyond ``shard.vocab_size`` (padding) are ignored.
         chunk_tokens: tokens per chunk (default :func:`default_chunk_tokens`).
+        single_chunk_bytes: all trained tokens in one chunk when their fp32 logits fit in this many
+            bytes; the gradient pass then reuses those logits instead of recomputing them.
         reduce_grad_input: all-reduce ``d/dhidden`` over ``shard.group`` here (only when the caller does
             not route ``hidden`` through Megatron's ``copy_to_tensor_model_parallel_region``).
 
@@ -159,13 +172,13 @@ def fused_linear_grpo_loss(
     mask = loss_mask.bool()
     spec = dict(
         old_logprobs=old_logprobs, advantages=advantages, loss_mask=mask, weights=weights, cfg=cfg,
-        ref_logprobs=ref_logprobs, inference_logprobs=inference_logprobs,
+        ref_logprobs=ref_logprobs, inference_logprobs=inference_logprobs, sequence_ids=sequence_ids,
     )  # fmt: skip
     temperature = temperature if temperature is not None else cfg.temperature
     run = _Run(
         labels=labels, mask=mask, inv_temperature=inverse_temperature(temperature, labels.shape, hidden.device),
         spec=spec, shard=shard, ops=_chunk_ops(cfg.kernel, hidden.device),
-        chunk_tokens=chunk_tokens, reduce_grad_input=reduce_grad_input,
+        chunk_tokens=chunk_tokens, reduce_grad_input=reduce_grad_input, single_chunk_bytes=single_chunk_bytes,
     )  # fmt: skip
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if not needs_grad:
@@ -189,7 +202,9 @@ def _owned_shard_stats(rows, labels, inv_temperature, *, vocab_start, valid_cols
     out[0] = EMPTY_MAX
     if valid_cols == 0:
         return VocabShardStats(*out)
-    x = x[:, :valid_cols].mul_(inv_temperature[:, None])
+    x = x[:, :valid_cols]
+    if not is_unit_temperature(inv_temperature):
+        x.mul_(inv_temperature[:, None])
     local = labels - vocab_start
     owned = (local >= 0) & (local < valid_cols)
     out[3] = torch.where(owned, x.gather(-1, torch.where(owned, local, 0)[:, None]).squeeze(-1), 0.0)
@@ -203,25 +218,36 @@ def _owned_shard_stats(rows, labels, inv_temperature, *, vocab_start, valid_cols
 
 
 def _owned_write_grad(
-    rows, out, labels, inv_temperature, lse, entropy, grad_logprobs, grad_entropy, *, vocab_start, valid_cols
-):
-    """``torch_ops.write_grad`` in place over logits this op owns (``out is rows``), one ``[c, V]``
+    rows, out, labels, inv_temperature, lse, entropy, grad_logprobs, grad_entropy, *, vocab_start, valid_cols,
+    shifted_by=None,
+):  # fmt: skip
+    """``torch_ops.write_grad`` in place over logits this op owns (``out is rows``), at most one ``[c, V]``
     temporary: ``d/dx_j = g_lp * onehot_j - p_j * (g_lp + g_h * (log p_j + H))``, divided by the
-    temperature."""
+    temperature. ``shifted_by``: the logits are pass 1's, already scaled and shifted by this max."""
     assert out is rows
     block = rows[0]
     x = block.float() if block.dtype != torch.float32 else block
-    inv_t = inv_temperature[:, None]
-    logp = x[:, :valid_cols].mul_(inv_t).sub_(lse[:, None])
-    probs = logp.exp()
-    grad = logp.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logprobs[:, None])
-    grad = grad.mul_(probs).neg_()
+    unit = is_unit_temperature(inv_temperature)
+    logp = x[:, :valid_cols]
+    if shifted_by is None:
+        if not unit:
+            logp.mul_(inv_temperature[:, None])
+        logp.sub_(lse[:, None])
+    else:
+        logp.sub_((lse - shifted_by)[:, None])
+    if grad_entropy is None:
+        grad = logp.exp_().mul_(-grad_logprobs[:, None])
+    else:
+        probs = logp.exp()
+        grad = logp.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logprobs[:, None])
+        grad = grad.mul_(probs).neg_()
     local = labels - vocab_start
     owned = (local >= 0) & (local < valid_cols)
     grad.scatter_add_(
         -1, torch.where(owned, local, 0)[:, None], torch.where(owned, grad_logprobs, 0.0)[:, None]
     )
-    grad.mul_(inv_t)
+    if not unit:
+        grad.mul_(inv_temperature[:, None])
     if x is not block:
         block[:, :valid_cols] = grad
     block[:, valid_cols:] = 0
@@ -230,7 +256,10 @@ def _owned_write_grad(
 class _Run:
     """One evaluation: the passes over the chunks; leaves the spec's metrics in ``self.metrics``."""
 
-    def __init__(self, *, labels, mask, inv_temperature, spec, shard, ops, chunk_tokens, reduce_grad_input):
+    def __init__(
+        self, *, labels, mask, inv_temperature, spec, shard, ops, chunk_tokens, reduce_grad_input,
+        single_chunk_bytes=0,
+    ):  # fmt: skip
         flat_mask = mask.reshape(-1)
         # Only trained tokens are computed (the same rows on every TP rank: the mask is replicated).
         self.rows = flat_mask.nonzero().squeeze(-1)
@@ -238,12 +267,15 @@ class _Run:
         self.inv_t = inv_temperature[self.rows].contiguous()
         self.token_shape, self.spec, self.shard, self.ops = mask.shape, spec, shard, ops
         self.chunk_tokens, self.reduce_grad_input = chunk_tokens, reduce_grad_input
+        self.single_chunk_bytes = single_chunk_bytes
         self.metrics: dict[str, torch.Tensor] = {}
 
     def _chunks(self, hidden, weight):
         """``(span into self.rows, h_c [c, H])``: trained tokens' hidden states, ``chunk`` at a time."""
         count = self.rows.numel()
         chunk = self.chunk_tokens or default_chunk_tokens(count, hidden.shape[1], weight.shape[0])
+        if count * weight.shape[0] * 4 <= self.single_chunk_bytes:
+            chunk = max(count, 1)  # all in one: pass 2 reuses pass 1's logits
         for start in range(0, count, chunk):
             span = slice(start, min(start + chunk, count))
             yield span, hidden.index_select(0, self.rows[span])
@@ -255,42 +287,61 @@ class _Run:
         # Pass 1: per-token statistics of this shard, chunk by chunk.
         stats = torch.zeros(4, count, dtype=torch.float32, device=hidden.device)
         stats[0] = EMPTY_MAX
+        chunks, kept = 0, None
         for span, h_c in self._chunks(hidden, weight):
+            kept = None  # the previous chunk's logits go before the next ones exist
             logits = h_c @ weight.t()
             part = (ops.shard_stats if ops is not None else _owned_shard_stats)(
                 rows_view(logits), self.labels[span], self.inv_t[span], vocab_start=shard.start,
                 valid_cols=valid, with_entropy=True,
             )  # fmt: skip
             stats[:, span] = torch.stack(part)
+            chunks += 1
+            kept = (logits, h_c)
             del logits
+        # One chunk: pass 2 reuses its logits (fp32 ones the torch stats left scaled and shifted by the max).
+        kept = kept if chunks == 1 else None
         token = finalize(merge_across_shards(VocabShardStats(*stats), shard.group), with_entropy=True)
 
         # The spec on [B, T] (untrained positions: finite placeholders, masked out by the spec).
         want_grad = needs[0] or needs[1]
         logprobs = self._scatter(token.logprobs).requires_grad_(want_grad)
         entropy = self._scatter(token.entropy).requires_grad_(want_grad)
+        spec = with_old_logprobs(self.spec, logprobs)
         with torch.enable_grad() if want_grad else torch.no_grad():
-            loss, self.metrics = grpo_token_loss(logprobs, entropy=entropy, **self.spec)
+            loss, self.metrics = grpo_token_loss(logprobs, entropy=entropy, **spec)
         if not want_grad:
             return loss.detach(), None, None
         grads = torch.autograd.grad(loss, [logprobs, entropy], allow_unused=True)
         grad_lp, grad_h = (
-            (g if g is not None else torch.zeros_like(logprobs)).reshape(-1)[self.rows].float().contiguous()
-            for g in grads
+            g.reshape(-1)[self.rows].float().contiguous() if g is not None else None for g in grads
         )
+        if grad_lp is None:
+            grad_lp = torch.zeros_like(token.lse)
 
-        # Pass 2: recompute each chunk's logits, overwrite them with their gradient, then the two GEMMs.
+        # Pass 2: each chunk's logits (recomputed, or kept from pass 1) overwritten with their gradient,
+        # then the two GEMMs.
         grad_hidden = torch.zeros_like(hidden) if needs[0] else None
         grad_weight = None
         if needs[1]:
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for span, h_c in self._chunks(hidden, weight):
-            logits = h_c @ weight.t()
+        chunk_iter = [(slice(0, count), kept[1])] if kept is not None else self._chunks(hidden, weight)
+        for span, h_c in chunk_iter:
+            logits = kept[0] if kept is not None else h_c @ weight.t()
             rows = rows_view(logits)
-            (ops.write_grad if ops is not None else _owned_write_grad)(
+            grad_args = (
                 rows, rows, self.labels[span], self.inv_t[span], token.lse[span], token.entropy[span],
-                grad_lp[span], grad_h[span], vocab_start=shard.start, valid_cols=valid,
+                grad_lp[span], grad_h[span] if grad_h is not None else None,
             )  # fmt: skip
+            if ops is not None:  # Triton reads the logits and leaves them as they were
+                ops.write_grad(*grad_args, vocab_start=shard.start, valid_cols=valid)
+            else:
+                in_place = kept is not None and logits.dtype == torch.float32
+                shifted_by = stats[0, span] if in_place else None
+                _owned_write_grad(
+                    *grad_args, vocab_start=shard.start, valid_cols=valid, shifted_by=shifted_by
+                )
+            kept = None
             if grad_hidden is not None:
                 grad_hidden.index_copy_(0, self.rows[span], logits @ weight)
             if grad_weight is not None:
@@ -322,28 +373,39 @@ def fused_linear_token_logprobs(
     shard: VocabShard | None = None,
     backend: str = "auto",
     chunk_tokens: int | None = None,
+    mask: torch.Tensor | None = None,
+    single_chunk_bytes: int = 0,
 ) -> torch.Tensor:
     """Log-probs of ``labels`` under ``logits = hidden @ weight^T`` (``[B, T]``, fp32), a chunk of tokens
     at a time: the forward-only passes' (old and reference log-probs) counterpart of
     :func:`fused_linear_grpo_loss`, so that no pass of a step materialises ``[T, V/TP]`` logits.
 
     Each chunk's logits go through ``kernels.logprobs.fused_token_logprobs`` (vocab-parallel under
-    ``shard``: ``[chunk]`` statistics cross the TP group, per chunk).
+    ``shard``: ``[chunk]`` statistics cross the TP group, per chunk). ``mask`` (``[B, T]`` bool, the
+    same on every TP rank): only those tokens are computed, the others get 0. ``single_chunk_bytes``:
+    one chunk when all their fp32 logits fit in that many bytes.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     temperatures = torch.as_tensor(temperature, dtype=torch.float32, device=hidden.device)
-    flat_temperature = temperatures.expand(labels.shape).reshape(-1) if temperatures.dim() else temperatures
-    chunk = chunk_tokens or default_chunk_tokens(flat_labels.numel(), hidden.shape[-1], weight.shape[0])
-    out = torch.empty(flat_labels.shape, dtype=torch.float32, device=hidden.device)
-    for start in range(0, flat_labels.numel(), chunk):
-        end = min(start + chunk, flat_labels.numel())
-        logits = flat_hidden[start:end] @ weight.t()
-        chunk_temperature = flat_temperature[start:end] if flat_temperature.dim() else flat_temperature
-        out[start:end], _ = fused_token_logprobs(
-            logits, flat_labels[start:end], temperature=chunk_temperature, shard=shard, backend=backend
+    flat_temperature = temperatures.expand(labels.shape).reshape(-1) if temperatures.dim() else None
+    rows = mask.reshape(-1).nonzero().squeeze(-1) if mask is not None else None
+    count = rows.numel() if rows is not None else flat_labels.numel()
+    chunk = chunk_tokens or default_chunk_tokens(count, hidden.shape[-1], weight.shape[0])
+    if count * weight.shape[0] * 4 <= single_chunk_bytes:
+        chunk = max(count, 1)
+    out = torch.zeros(flat_labels.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, count, chunk):
+        span = rows[start : start + chunk] if rows is not None else slice(start, min(start + chunk, count))
+        logits = flat_hidden[span] @ weight.t()
+        out[span], _ = fused_token_logprobs(
+            logits,
+            flat_labels[span],
+            temperature=flat_temperature[span] if flat_temperature is not None else temperatures,
+            shard=shard,
+            backend=backend,
         )
         del logits
     return out.view(labels.shape)

@@ -51,7 +51,7 @@ class _PrecomputedGrad(torch.autograd.Function):
 def fused_grpo_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
     weights: torch.Tensor,
@@ -59,6 +59,7 @@ def fused_grpo_loss(
     cfg: GRPOConfig,
     ref_logprobs: torch.Tensor | None = None,
     inference_logprobs: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
     temperature: float | torch.Tensor | None = None,
     shard: VocabShard | None = None,
     inplace: bool = False,
@@ -70,7 +71,10 @@ def fused_grpo_loss(
             dtype, contiguous along the vocabulary.
         labels: ``[B, T]`` int64 global token ids (any value where ``loss_mask`` is False).
         old_logprobs, advantages, loss_mask, weights, ref_logprobs, inference_logprobs: ``[B, T]``, as
-            for :func:`algo.grpo.grpo_token_loss` (the last dim is the sequence, for GSPO).
+            for :func:`algo.grpo.grpo_token_loss`; so is ``sequence_ids`` (packed rows: which sequence
+            each token is; None: each row is one sequence).
+            ``old_logprobs`` None: the log-probs this pass computes, detached (on-policy: a batch
+            taken in one update, whose policy has not moved since sampling; the ratio is exactly 1).
         cfg: the objective; ``cfg.kernel`` picks the backend.
         temperature: float or tensor broadcastable to ``[B, T]`` (default ``cfg.temperature``).
         shard: this rank's vocabulary shard and TP group (default: whole vocabulary).
@@ -89,14 +93,15 @@ def fused_grpo_loss(
     mask = loss_mask.bool()
     spec = dict(
         old_logprobs=old_logprobs, advantages=advantages, loss_mask=mask, weights=weights, cfg=cfg,
-        ref_logprobs=ref_logprobs, inference_logprobs=inference_logprobs,
+        ref_logprobs=ref_logprobs, inference_logprobs=inference_logprobs, sequence_ids=sequence_ids,
     )  # fmt: skip
     flat = _Flat(labels, mask, temperature if temperature is not None else cfg.temperature, logits.device)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     grad_out = (rows if inplace else torch.empty_like(rows)) if needs_grad else None
     valid = valid_columns(rows.shape[2], shard.start, shard.vocab_size)
     with torch.no_grad():
-        if backend == "triton" and shard.group is None and cfg.policy_loss == "ppo_clip":
+        one_kernel = shard.group is None and cfg.policy_loss == "ppo_clip" and old_logprobs is not None
+        if backend == "triton" and one_kernel:
             loss, metrics = _one_kernel(rows, grad_out, flat, valid, spec)
         else:
             loss, metrics = _two_pass(backend_ops(backend), rows, grad_out, flat, valid, shard, spec)
@@ -114,7 +119,9 @@ def _one_kernel(rows, grad_out, flat, valid_cols: int, spec: dict):
     if cfg.importance_correction != "none":
         if spec["inference_logprobs"] is None:
             raise ValueError("grpo.importance_correction needs inference_logprobs")
-        tis = truncated_importance_weight(spec["old_logprobs"], spec["inference_logprobs"], mask, cfg)
+        tis = truncated_importance_weight(
+            spec["old_logprobs"], spec["inference_logprobs"], mask, cfg, spec["sequence_ids"]
+        )
     if cfg.kl_coef > 0 and spec["ref_logprobs"] is None:
         raise ValueError("grpo.kl_coef > 0 needs ref_logprobs")
     per_token, logprobs, entropy = triton_ops.fused_grpo_token_loss(
@@ -143,15 +150,21 @@ def _two_pass(ops, rows, grad_out, flat, valid_cols: int, shard: VocabShard, spe
     logprobs = token.logprobs.view(mask.shape).requires_grad_(needs_grad)
     entropy = token.entropy.view(mask.shape).requires_grad_(needs_grad)
     with torch.enable_grad():
-        loss, metrics = grpo_token_loss(logprobs, entropy=entropy, **spec)
+        loss, metrics = grpo_token_loss(logprobs, entropy=entropy, **with_old_logprobs(spec, logprobs))
     if needs_grad:
         grads = torch.autograd.grad(loss, [logprobs, entropy], allow_unused=True)
-        grad_lp, grad_h = (_flat32(g if g is not None else torch.zeros_like(logprobs)) for g in grads)
+        grad_lp = _flat32(grads[0] if grads[0] is not None else torch.zeros_like(logprobs))
+        grad_h = _flat32(grads[1]) if grads[1] is not None else None  # no entropy term: a cheaper pass
         ops.write_grad(
             rows, grad_out, flat.labels, flat.inv_temperature, token.lse, token.entropy, grad_lp, grad_h,
             vocab_start=shard.start, valid_cols=valid_cols,
         )  # fmt: skip
     return loss.detach(), metrics
+
+
+def with_old_logprobs(spec: dict, logprobs: torch.Tensor) -> dict:
+    """``spec`` whose ``old_logprobs``, when None, are ``logprobs`` themselves, detached."""
+    return spec if spec["old_logprobs"] is not None else {**spec, "old_logprobs": logprobs.detach()}
 
 
 class _Flat:

@@ -112,3 +112,8 @@ def inverse_temperature(temperature: float | torch.Tensor, token_shape: torch.Si
     if (temperature <= 0).any():
         raise ValueError("temperature must be > 0")
     return torch.broadcast_to(1.0 / temperature, token_shape).reshape(-1).contiguous()
+
+
+def is_unit_temperature(inv_temperature: torch.Tensor) -> bool:
+    """Every token at temperature 1 (the usual case): the passes skip their scaling steps."""
+    return bool((inv_temperature == 1).all())

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from atropos_megatron.kernels.token_stats import EMPTY_MAX, VocabShardStats
+from atropos_megatron.kernels.token_stats import EMPTY_MAX, VocabShardStats, is_unit_temperature
 
 DEFAULT_CHUNK_TOKENS = 256
 """Tokens per chunk: each fp32 temporary is chunk x V; the gradient pass holds about four."""
@@ -34,18 +34,24 @@ def shard_stats(
     out[0] = EMPTY_MAX
     if valid_cols == 0:
         return VocabShardStats(*out)
+    unit = is_unit_temperature(inv_temperature)
     for span, block in _row_blocks(rows, chunk_tokens):
-        x = block[:, :valid_cols].float() * inv_temperature[span, None]
+        x = block[:, :valid_cols].float()  # a view of fp32 logits
+        if not unit:
+            x = x * inv_temperature[span, None]
         row_max = x.amax(-1).clamp(min=EMPTY_MAX)
+        local, owned = _local_labels(labels[span], vocab_start, valid_cols)
+        out[3, span] = torch.where(owned, x.gather(-1, local[:, None]).squeeze(-1), 0.0)
         shifted = x - row_max[:, None]
         exp = shifted.exp()
         out[0, span] = row_max
         out[1, span] = exp.sum(-1)
         if with_entropy:
-            # exp == 0 where x = -inf: keep 0 * -inf from turning into NaN.
-            out[2, span] = (exp * torch.where(exp > 0, shifted, 0.0)).sum(-1)
-        local, owned = _local_labels(labels[span], vocab_start, valid_cols)
-        out[3, span] = torch.where(owned, x.gather(-1, local[:, None]).squeeze(-1), 0.0)
+            sum_shifted = shifted.mul_(exp).sum(-1)
+            if sum_shifted.isnan().any():  # exp == 0 where x = -inf: that term is 0, not 0 * -inf
+                shifted = x - row_max[:, None]
+                sum_shifted = (exp * torch.where(exp > 0, shifted, 0.0)).sum(-1)
+            out[2, span] = sum_shifted
     return VocabShardStats(*out)
 
 
@@ -65,19 +71,28 @@ def write_grad(
 ) -> None:
     """Write ``d loss / d logits`` of one shard into ``out`` (same shape as ``rows``; may be ``rows``
     itself: each chunk is read before it is overwritten). Padding columns get 0."""
+    unit = is_unit_temperature(inv_temperature)
     for span, block in _row_blocks(rows, chunk_tokens):
         out_block = _same_block(out, rows, block, span)
-        inv_t = inv_temperature[span, None]
-        logp = block[:, :valid_cols].float() * inv_t - lse[span, None]
-        probs = logp.exp()
-        grad = probs * -grad_logprobs[span, None]
+        # Where the output is the fp32 logits' own storage, the whole pass runs in it: no temporaries.
+        in_place = out_block.data_ptr() == block.data_ptr() and block.dtype == torch.float32
+        logp = block[:, :valid_cols] if in_place else block[:, :valid_cols].float().clone()
+        if not unit:
+            logp.mul_(inv_temperature[span, None])
+        logp.sub_(lse[span, None])
         local, owned = _local_labels(labels[span], vocab_start, valid_cols)
-        grad.scatter_add_(-1, local[:, None], torch.where(owned, grad_logprobs[span], 0.0)[:, None])
-        if grad_entropy is not None:
+        label_grad = torch.where(owned, grad_logprobs[span], 0.0)[:, None]
+        if grad_entropy is None:
+            grad = logp.exp_().mul_(-grad_logprobs[span, None])
+        else:
+            probs = logp.exp()
             term = torch.where(probs > 0, probs * (logp + entropy[span, None]), 0.0)
-            grad -= term * grad_entropy[span, None]
-        grad *= inv_t
-        out_block[:, :valid_cols] = grad
+            grad = probs.mul_(-grad_logprobs[span, None]).sub_(term.mul_(grad_entropy[span, None]))
+        grad.scatter_add_(-1, local[:, None], label_grad)
+        if not unit:
+            grad.mul_(inv_temperature[span, None])
+        if grad.data_ptr() != out_block.data_ptr():
+            out_block[:, :valid_cols] = grad
         out_block[:, valid_cols:] = 0
 
 

@@ -251,3 +251,50 @@ def test_missing_inputs_for_enabled_terms_are_errors():
         _loss(lp, lp, lp, GRPOConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="inference_logprobs"):
         _loss(lp, lp, lp, GRPOConfig(importance_correction="token"))
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4), dict(importance_correction="sequence")],
+    ids=["gspo", "tis-sequence"],
+)
+def test_sequence_level_terms_of_packed_rows_are_per_sequence(objective):
+    """Two sequences packed in one row with ``sequence_ids`` (and a padding tail) give the loss, metrics
+    and gradients of the same sequences in rows of their own: the sequence ratio never mixes them."""
+    gen = torch.Generator().manual_seed(4)
+    lengths, width = (5, 3), 10
+    padded_mask = torch.tensor([[True] * 5, [False, True, True, False, False]])  # a prompt token, padding
+    lp = -torch.rand(2, 5, generator=gen) - 0.1
+    old = lp + 0.3 * torch.randn(2, 5, generator=gen)
+    inference = old + 0.2 * torch.randn(2, 5, generator=gen)
+    adv = torch.tensor([[1.0] * 5, [-0.7] * 5])
+    cfg = GRPOConfig(**objective)
+
+    def packed(x, fill=0.0):
+        return torch.cat([x[0, : lengths[0]], x[1, : lengths[1]], torch.full((2,), fill, dtype=x.dtype)])[
+            None
+        ]
+
+    ids = torch.tensor([[0] * 5 + [1] * 3 + [-1] * 2])
+    weights = aggregation_weights(padded_mask, "token-mean")
+    leaf_padded, leaf_packed = lp.clone().requires_grad_(), packed(lp).requires_grad_()
+    expected, expected_metrics = grpo_token_loss(
+        leaf_padded, old, adv, padded_mask, weights, cfg=cfg, inference_logprobs=inference
+    )
+    got, metrics = grpo_token_loss(
+        leaf_packed, packed(old), packed(adv), packed(padded_mask, False), packed(weights), cfg=cfg,
+        inference_logprobs=packed(inference), sequence_ids=ids,
+    )  # fmt: skip
+    expected.backward()
+    got.backward()
+    assert got.shape == () and leaf_packed.shape == (1, width)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(leaf_packed.grad, packed(leaf_padded.grad))
+    for name, value in expected_metrics.items():
+        torch.testing.assert_close(metrics[name], value, msg=name)
+    # Without the ids the row counts as one sequence: a different loss, which is what they prevent.
+    mixed, _ = grpo_token_loss(
+        packed(lp), packed(old), packed(adv), packed(padded_mask, False), packed(weights), cfg=cfg,
+        inference_logprobs=packed(inference),
+    )  # fmt: skip
+    assert abs(mixed.item() - expected.item()) > 1e-4

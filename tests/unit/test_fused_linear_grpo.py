@@ -244,3 +244,55 @@ def test_shape_errors_are_named():
         fused_linear_grpo_loss(hidden, weight[:, :-1], **inputs, cfg=GRPOConfig())
     with pytest.raises(ValueError, match="ref_logprobs"):
         fused_linear_grpo_loss(hidden, weight, **dict(inputs, ref_logprobs=None), cfg=GRPOConfig(kl_coef=0.1))
+
+
+def test_without_old_logprobs_the_pass_own_are_pi_old():
+    """``old_logprobs=None`` (on-policy): pi_old is the policy's own log-probs as a constant."""
+    hidden, weight, inputs = linear_inputs(seed=3)
+    cfg = GRPOConfig(kernel="torch", kl_coef=0.05, importance_correction="token")
+    current, _ = logprobs_fp64(
+        (hidden.double() @ weight.double().T), inputs["labels"], temperature=TEMPERATURE, vocab_size=VOCAB
+    )
+    recomputed = dict(inputs, old_logprobs=torch.where(inputs["loss_mask"], current, 0.0).float())
+    reference = reference_fp64(hidden, weight, recomputed, cfg, temperature=TEMPERATURE)
+
+    result = run_fused(
+        hidden, weight, dict(inputs, old_logprobs=None), cfg, temperature=TEMPERATURE,
+        shard=VocabShard(vocab_size=VOCAB), chunk_tokens=8,
+    )  # fmt: skip
+
+    _check(result, reference, 1e-5)
+    assert result[1]["grpo/ratio_max"].item() == result[1]["grpo/ratio_min"].item() == 1.0
+
+
+@pytest.mark.parametrize("temperature", ["per-sequence", "1"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_kept_chunk_matches_fp64_spec(backend, objective, temperature):
+    """``single_chunk_bytes`` large enough: one chunk, whose pass-1 logits the gradient pass reuses
+    (left scaled and shifted by the torch statistics) instead of recomputing them."""
+    overrides = OBJECTIVES[objective]
+    hidden, weight, inputs = linear_inputs(
+        seed=5, aggregation=overrides.get("loss_aggregation", "token-mean")
+    )
+    cfg = GRPOConfig(kernel=backend, **overrides)
+    temperature = TEMPERATURE if temperature == "per-sequence" else 1.0
+    reference = reference_fp64(hidden, weight, inputs, cfg, temperature=temperature)
+
+    result = run_fused(
+        hidden, weight, inputs, cfg, temperature=temperature, shard=VocabShard(vocab_size=VOCAB),
+        chunk_tokens=4, single_chunk_bytes=1 << 30,
+    )  # fmt: skip
+
+    _check(result, reference, 1e-5)
+
+
+def test_one_kept_chunk_in_bf16_within_the_bf16_bar():
+    hidden, weight, inputs = linear_inputs(seed=4, dtype=torch.bfloat16)
+    cfg = GRPOConfig(kernel="torch", kl_coef=0.05, entropy_coef=0.01)
+    reference = reference_fp64(hidden, weight, inputs, cfg, temperature=TEMPERATURE)
+    result = run_fused(
+        hidden, weight, inputs, cfg, temperature=TEMPERATURE, shard=VocabShard(vocab_size=VOCAB),
+        single_chunk_bytes=1 << 30,
+    )  # fmt: skip
+    _check(result, reference, 1e-2)

@@ -241,3 +241,43 @@ def test_missing_inputs_are_named():
         fused_grpo_loss(
             inputs["logits"][0], **{k: v for k, v in inputs.items() if k != "logits"}, cfg=GRPOConfig()
         )
+
+
+@pytest.mark.parametrize("objective", ["dual-clip+kl-k3", "kl-k2+tis-token", "gspo+tis-sequence"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_old_logprobs_the_pass_own_are_pi_old(backend, objective):
+    """``old_logprobs=None`` (on-policy, ``grpo.old_logprobs: auto``) is the spec with pi_old = the
+    policy's own log-probs as a constant: ratio exactly 1, the gradient of a recomputed pi_old."""
+    inputs = grpo_inputs(seed=9, aggregation=OBJECTIVES[objective].get("loss_aggregation", "token-mean"))
+    cfg = GRPOConfig(kernel=backend, **OBJECTIVES[objective])
+    current, _ = logprobs_fp64(inputs["logits"], inputs["labels"])
+    recomputed = dict(inputs, old_logprobs=torch.where(inputs["loss_mask"], current, 0.0).float())
+    ref_loss, ref_metrics, ref_grad = grpo_loss_fp64(recomputed, cfg)
+
+    loss, metrics, grad, _ = _run(dict(inputs, old_logprobs=None), cfg)
+
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * max(abs(ref_loss.item()), 1e-3)
+    assert relative_error(grad, ref_grad) < 1e-5
+    assert metrics["grpo/ratio_max"].item() == metrics["grpo/ratio_min"].item() == 1.0
+    for name in ("grpo/pg_loss", "rollout/logprob_abs_diff"):
+        assert metrics[name].item() == pytest.approx(ref_metrics[name].item(), rel=1e-5, abs=1e-7), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_rows_sequence_terms_follow_sequence_ids(backend):
+    """GSPO and sequence importance weights over rows holding two sequences each (``sequence_ids``)."""
+    inputs = grpo_inputs(seed=10)
+    batch, seq = inputs["labels"].shape
+    half = torch.arange(seq) >= seq // 2
+    inputs["sequence_ids"] = (2 * torch.arange(batch)[:, None] + half).long()
+    cfg = GRPOConfig(kernel=backend, **OBJECTIVES["gspo+tis-sequence"])
+    ref_loss, ref_metrics, ref_grad = grpo_loss_fp64(inputs, cfg)
+    row_loss, _, _ = grpo_loss_fp64({k: v for k, v in inputs.items() if k != "sequence_ids"}, cfg)
+
+    loss, metrics, grad, _ = _run(inputs, cfg)
+
+    assert abs(row_loss.item() - ref_loss.item()) > 1e-3, "the ids do not change the objective: void test"
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * max(abs(ref_loss.item()), 1e-3)
+    assert relative_error(grad, ref_grad) < 1e-5
+    for name, value in ref_metrics.items():
+        torch.testing.assert_close(metrics[name].double(), value.double(), atol=1e-5, rtol=1e-5, msg=name)

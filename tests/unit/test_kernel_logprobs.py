@@ -160,3 +160,22 @@ def test_auto_backend_is_torch_on_cpu_and_triton_refuses_without_a_driver(monkey
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="grpo.kernel=auto or torch"):
         resolve_backend("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_columns_at_minus_inf_give_the_entropy_of_the_rest(backend):
+    """Logits at -inf (a vocabulary mask) have probability 0: log-probs, entropy and gradients equal
+    those of the remaining columns alone, with no NaN from ``0 * -inf``."""
+    logits, labels = _inputs(torch.float32, vocab=40)
+    labels = labels % 30  # labels among the kept columns
+    masked = logits.clone()
+    masked[:, 30:] = float("-inf")
+    leaf = masked.clone().requires_grad_()
+    lp, h = fused_token_logprobs(leaf.clone(), labels, return_entropy=True, backend=backend)
+    ((lp * _upstream(labels.shape, 1)).sum() + (h * _upstream(labels.shape, 2)).sum()).backward()
+    reference = logits[:, :30].double().requires_grad_()
+    ref_lp, ref_h = logprobs_fp64(reference, labels)
+    ((ref_lp * _upstream(labels.shape, 1)).sum() + (ref_h * _upstream(labels.shape, 2)).sum()).backward()
+    assert relative_error(lp, ref_lp) < 1e-5 and relative_error(h, ref_h) < 1e-5
+    assert relative_error(leaf.grad[:, :30], reference.grad) < 1e-5
+    assert torch.all(leaf.grad[:, 30:] == 0)
