@@ -8,11 +8,12 @@ to the loss of the batch (`algo/reduce.py`).
 
 Two micro-batch shapes:
 
-- packed (default): sequences laid back to back in rows of up to ``max_token_len`` tokens, as many
-  rows per micro-batch as ``micro_batch_tokens`` allows; a block-diagonal causal mask keeps them from
-  seeing each other. Position ids restart per sequence; Megatron's RoPE
-  ignores them and rotates by the row position instead, which changes nothing because attention
-  under RoPE depends only on the distance between two tokens of the same sequence.
+- packed (default, THD): each micro-batch is one row ``[1, s]`` of up to ``micro_batch_tokens``
+  tokens holding sequences back to back; ``cu_seqlens`` (int32, Megatron's ``PackedSeqParams``) marks
+  where each starts, the row's padding tail being one more segment. Attention runs per segment (TE's
+  varlen attention, or ``trainer.attention`` on the local spec), and RoPE restarts at each segment's
+  start, so a packed sequence computes exactly what it would alone. Position ids restart per
+  sequence too.
 - padded: one sequence per row, rows padded to the longest sequence of the rank's share.
 
 All micro-batches of one rank have one shape ``[b, s]``, which pipeline parallelism requires.
@@ -38,9 +39,9 @@ MicroBatch = dict[str, Any]
 ``weights``, ``temperature``; ``inference_logprobs`` and ``env_ref_logprobs`` with bool masks
 ``has_inference_logprobs`` / ``has_env_ref_logprobs`` when any sequence sent them; ``routed_experts``
 int16 ``[b, s, layers, k]``, -1 where unknown and -2 on padding, when any sequence has the engine's routing and
-``grpo.routing_replay`` is on), ``attention_mask``
-(bool ``[b, 1, s, s]``, True = masked; None for plain causal), ``trained_tokens`` (int) and
-``aggregation`` (``algo.reduce.aggregation_key`` of the config the ``weights`` were made for)."""
+``grpo.routing_replay`` is on), packed micro-batches' ``cu_seqlens`` (int32 ``[segments + 1]``, ``b`` = 1),
+``max_seqlen`` (int) and ``sequence_ids`` (int64 ``[b, s]``, the sequence's index in the row, -1 on padding), ``trained_tokens`` (int) and ``aggregation`` (``algo.reduce.aggregation_key``
+of the config the ``weights`` were made for)."""
 
 _OPTIONAL = {"inference_logprobs": "inference_logprobs", "ref_logprobs": "env_ref_logprobs"}
 """Rollout field -> micro-batch key (the environment's reference log-probs are only a candidate)."""
@@ -238,7 +239,7 @@ def plan_micro_batches(
     global_sequences = sum(bool(m.any()) for m in masks)
     share = [rollouts[i] for i in assign_to_ranks([r.length for r in rollouts], dp_size)[dp_rank]]
     if not share:
-        batches = [_empty_micro_batch(data.pad_to_multiple_of)]
+        batches = [_empty_micro_batch(data.pad_to_multiple_of, packed=data.packing)]
     else:
         # The only reader of grpo.loss_aggregation: the weights carry it to the loss.
         weights = [
@@ -262,38 +263,42 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _packed(share: list[Rollout], weights: list[torch.Tensor], data: DataConfig) -> list[MicroBatch]:
-    """First-fit decreasing into rows of at most ``max_token_len`` tokens, as many rows per micro-batch
-    as ``micro_batch_tokens`` allows.
-
-    Rows are capped at the longest sequence allowed, not at the whole budget: without a fused
-    attention kernel the cost of a row grows with its length squared, so one row of 8192 tokens
-    would cost 32x the attention of 32 rows of 256 holding the same tokens.
-    """
-    capacity = min(data.micro_batch_tokens, data.max_token_len)
-    rows: list[list[int]] = []
+    """As few micro-batches of at most ``micro_batch_tokens`` tokens as first-fit decreasing needs, one THD
+    row each, with the sequences then spread evenly over them (longest first, to the lightest one that
+    has room): all rows are padded to the longest (pipeline parallelism needs one shape), so even rows
+    waste almost nothing where first-fit would leave one short row padded to a full one."""
+    order = sorted(range(len(share)), key=lambda i: (-share[i].length, i))
+    capacity = data.micro_batch_tokens
     fill: list[int] = []
-    for i in sorted(range(len(share)), key=lambda i: (-share[i].length, i)):
-        target = next((r for r, used in enumerate(fill) if used + share[i].length <= capacity), None)
+    for i in order:  # first-fit decreasing: how many micro-batches are needed
+        target = next((b for b, used in enumerate(fill) if used + share[i].length <= capacity), None)
         if target is None:
-            rows.append([])
             fill.append(0)
-            target = len(rows) - 1
-        rows[target].append(i)
+            target = len(fill) - 1
+        fill[target] += share[i].length
+    bins: list[list[int]] = [[] for _ in fill]
+    fill = [0] * len(bins)
+    for i in order:
+        room = [b for b in range(len(bins)) if fill[b] + share[i].length <= capacity]
+        if not room:  # the even spread found no room where first-fit did: one more micro-batch
+            bins.append([])
+            fill.append(0)
+            room = [len(bins) - 1]
+        target = min(room, key=lambda b: (fill[b], b))
+        bins[target].append(i)
         fill[target] += share[i].length
     row_len = _round_up(max(fill), data.pad_to_multiple_of)
-    return _micro_batches(rows, share, weights, row_len, data, packed=True)
+    return [_layout([row], share, weights, row_len, packed=True) for row in bins if row]
 
 
 def _padded(share: list[Rollout], weights: list[torch.Tensor], data: DataConfig) -> list[MicroBatch]:
     """One sequence per row, rows as long as the longest sequence of the share."""
     row_len = _round_up(max(r.length for r in share), data.pad_to_multiple_of)
     rows = [[i] for i in sorted(range(len(share)), key=lambda i: (-share[i].length, i))]
-    return _micro_batches(rows, share, weights, row_len, data, packed=False)
+    return _micro_batches(rows, share, weights, row_len, data)
 
 
-def _micro_batches(
-    rows: list[list[int]], share, weights, row_len: int, data: DataConfig, *, packed: bool
-) -> list[MicroBatch]:
+def _micro_batches(rows: list[list[int]], share, weights, row_len: int, data: DataConfig) -> list[MicroBatch]:
     """Rows (sequence indices into ``share``) grouped into micro-batches of ``micro_batch_tokens``;
     the last one is filled with empty rows so that every micro-batch has the same shape."""
     rows_per_batch = max(1, data.micro_batch_tokens // row_len)
@@ -301,7 +306,7 @@ def _micro_batches(
     for start in range(0, len(rows), rows_per_batch):
         chunk = rows[start : start + rows_per_batch]
         chunk += [[] for _ in range(rows_per_batch - len(chunk))]
-        batches.append(_layout(chunk, share, weights, row_len, packed=packed))
+        batches.append(_layout(chunk, share, weights, row_len, packed=False))
     return batches
 
 
@@ -327,10 +332,12 @@ def _layout(
     if routed:
         # -2: no token here (padding); -1: a token whose routing the engine did not report.
         out["routed_experts"] = torch.full((b, row_len, *routed[0].shape[1:]), -2, dtype=torch.int16)
-    segments = torch.full((b, row_len), -1, dtype=torch.int64)
+    edges = [0]
+    if packed:  # several sequences per row: the loss's sequence-level terms need to tell them apart
+        out["sequence_ids"] = torch.full((b, row_len), -1, dtype=torch.int64)
     for r, row in enumerate(rows):
         start = 0
-        for segment, i in enumerate(row):
+        for i in row:
             seq, end = share[i], start + share[i].length
             span = slice(start, end)
             out["tokens"][r, span] = seq.input_ids
@@ -346,28 +353,25 @@ def _layout(
                     out[f"has_{key}"][r, span] = True
             if routed:
                 out["routed_experts"][r, span] = -1 if seq.routed_experts is None else seq.routed_experts
-            segments[r, span] = segment
+            if packed:
+                out["sequence_ids"][r, span] = len(edges) - 1
+            edges.append(end)
             start = end
         out["position_ids"][r, start:] = torch.arange(row_len - start)
-    out["attention_mask"] = block_causal_mask(segments) if packed else None
+    if packed:  # the padding tail is one more segment: it attends to itself only
+        edges += [row_len] if edges[-1] < row_len else []
+        out.update(_thd_fields(edges))
     out["trained_tokens"] = int(out["loss_mask"].sum())
     return out
 
 
-def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
-    """``[b, 1, s, s]`` bool, True = masked: position i sees j <= i of its own segment only.
-
-    Padding (segment -1) forms one more segment, so that no row of the attention is all masked
-    (a softmax over nothing is NaN).
-    """
-    s = segments.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    return ~(same & causal)[:, None]
+def _thd_fields(edges: list[int]) -> MicroBatch:
+    lengths = [stop - start for start, stop in zip(edges[:-1], edges[1:], strict=True)]
+    return {"cu_seqlens": torch.tensor(edges, dtype=torch.int32), "max_seqlen": max(lengths)}
 
 
-def _empty_micro_batch(length: int) -> MicroBatch:
-    return {
+def _empty_micro_batch(length: int, *, packed: bool) -> MicroBatch:
+    empty = {
         "tokens": torch.zeros(1, length, dtype=torch.int64),
         "position_ids": torch.arange(length)[None],
         "labels": torch.zeros(1, length, dtype=torch.int64),
@@ -375,6 +379,6 @@ def _empty_micro_batch(length: int) -> MicroBatch:
         "advantages": torch.zeros(1, length),
         "weights": torch.zeros(1, length),
         "temperature": torch.ones(1, length),
-        "attention_mask": None,
         "trained_tokens": 0,
     }
+    return {**empty, **_thd_fields([0, length])} if packed else empty

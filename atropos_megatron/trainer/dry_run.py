@@ -46,8 +46,8 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
         ) from None
     # The estimate reads hf_path itself; hand it the architecture resolved here instead.
     cfg = replace(cfg, model=replace(model, hf_path=None, dist_checkpoint=None))
-    fused = uses_te_spec(model)  # TE's fused attention, unless LoRA needs the local spec
-    estimate = estimate_memory(cfg, world, fused_attention=fused)
+    # The trainer's attention keeps no scores: TE's fused kernels, or SDPA on the local spec.
+    estimate = estimate_memory(cfg, world, fused_attention=True)
     lines = [note] if note else []
     moe = model.moe.enabled
     dense_mlp = len(model.moe_layers) < model.num_layers
@@ -86,7 +86,7 @@ def dry_run(cfg: TrainConfig, *, world_size: int | None = None) -> str:
         )
     lines.append(
         f"reference model: {reference}; "
-        f"attention: {'fused (Transformer Engine)' if fused else 'local spec (unfused, s^2 scores)'}"
+        f"attention: {'Transformer Engine (fused)' if uses_te_spec(model) else 'PyTorch SDPA (local spec)'}"
     )
     lines.append(spool_estimate(cfg))
     return "\n".join(lines)

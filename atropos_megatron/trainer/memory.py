@@ -525,11 +525,11 @@ def moe_dispatch_bytes(model: ModelConfig, layout: ParallelConfig, *, tokens: in
 def micro_batch_shape(data: DataConfig) -> tuple[int, int]:
     """``(rows, row_len)`` of the largest micro-batch `data/batching.py` can build.
 
-    Packed or padded, a row holds at most ``max_token_len`` tokens (rounded up to
-    ``pad_to_multiple_of``): packing fills rows of that length back to back (a block-diagonal mask
-    still costs the unfused attention a full ``row_len x row_len`` score matrix per head), padding
-    puts one sequence in each. A micro-batch has as many rows as fit in ``micro_batch_tokens`` (at
-    least one).
+    ``rows x row_len`` is the micro-batch's tokens and ``row_len`` the longest span attention covers
+    (what unfused attention's scores would cost): a sequence holds at most ``max_token_len`` tokens
+    (rounded up to ``pad_to_multiple_of``). Packed, the micro-batch is one THD row of up to
+    ``micro_batch_tokens`` in which each sequence attends to itself only; padded, one sequence per row.
+    Either way about ``micro_batch_tokens`` tokens (at least one row).
     """
     row_len = _round_up(min(data.max_token_len, data.micro_batch_tokens), data.pad_to_multiple_of)
     return max(1, data.micro_batch_tokens // row_len), row_len
@@ -600,14 +600,14 @@ def estimate_memory(cfg: TrainConfig, world_size: int, *, fused_attention: bool 
       (``kernels.fused_linear_grpo.default_chunk_tokens``), with the same two buffers per chunk.
     - :data:`CUDA_OVERHEAD_BYTES` per GPU.
 
-    Forward-only passes (old and reference log-probs) keep no activations and need less than this. The
-    packed micro-batch's bool mask (``T*s`` bytes) is ignored: it is ``1/(6*a/tp)`` of the scores.
+    Forward-only passes (old and reference log-probs) keep no activations and need less than this.
 
     Args:
         cfg: the run; ``cfg.model``'s architecture is read from ``hf_path`` when that is set.
         world_size: GPUs in the job.
-        fused_attention: attention runs in Transformer Engine's fused kernels (no ``s^2`` scores);
-            False matches the local spec, the worst case.
+        fused_attention: attention keeps no ``s^2`` scores, as the trainer's does (Transformer
+            Engine's fused kernels, or SDPA on the local spec: ``trainer/attention.py``); False
+            models Megatron's own unfused ``DotProductAttention``, which the trainer no longer builds.
 
     Raises:
         ValueError: ``world_size`` is not divisible by TP x PP x CP or by TP x EP x PP

@@ -207,25 +207,29 @@ def recompute_fields(layout: ParallelConfig) -> dict:
 
 
 def build_layer_spec(model: ModelConfig, config=None, *, vp_stage: int | None = None):
-    """TE layer spec when Transformer Engine imports (and LoRA is off), else Megatron's local spec.
+    """TE layer spec when Transformer Engine imports (and LoRA is off), else Megatron's local spec with
+    SDPA as core attention (``trainer.attention``).
 
     MoE models get a block spec (one layer spec per layer of this stage, dense or MoE as
     ``model.moe.dense_layers`` says), which needs the ``TransformerConfig`` and the chunk's ``vp_stage``.
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from atropos_megatron.trainer.attention import use_sdpa_core_attention
+
+    te = uses_te_spec(model)
     if model.moe.enabled:
-        return gpt_layer_specs.get_gpt_decoder_block_spec(
-            config,
-            use_transformer_engine=uses_te_spec(model),
-            normalization=model.normalization,
-            vp_stage=vp_stage,
+        spec = gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=te, normalization=model.normalization, vp_stage=vp_stage
         )
-    if uses_te_spec(model):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        qk_layernorm=model.qk_layernorm, normalization=model.normalization
-    )
+    elif te:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            qk_layernorm=model.qk_layernorm, normalization=model.normalization
+        )
+    # TE's attention takes packed (THD) micro-batches itself; the local spec's would need a mask.
+    return spec if te else use_sdpa_core_attention(spec)
 
 
 def build_model(

@@ -33,7 +33,8 @@ def forward_backward(
     Args:
         chunks: this rank's model chunks (one per virtual pipeline stage).
         micro_batches: each with ``tokens`` ``[b, s]`` int64, ``position_ids`` ``[b, s]`` and
-            optionally ``attention_mask`` (bool ``[b, 1, s, s]``, True = masked) and ``routed_experts``
+            optionally ``cu_seqlens`` + ``max_seqlen`` (packed: ``b`` = 1, the row's sequences in THD
+            form), ``attention_mask`` (bool ``[b, 1, s, s]``, True = masked) and ``routed_experts``
             (``[b, s, layers, k]``, -1 = unknown: the experts to replay where a ``RoutingReplay`` is
             installed on the chunks); all of one shape.
         loss_fn: see :data:`LossFn`.
@@ -54,7 +55,12 @@ def forward_backward(
         if replay is not None:  # MoE with grpo.routing_replay: the engine's experts for these tokens
             replay.begin_forward(batch.get("routed_experts"), for_backward=not forward_only)
         try:
-            output = model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"))
+            output = model(
+                batch["tokens"],
+                batch["position_ids"],
+                attention_mask=batch.get("attention_mask"),
+                packed_seq_params=packed_seq_params(batch),
+            )
         finally:
             if replay is not None:
                 replay.end_forward()
@@ -74,6 +80,30 @@ def forward_backward(
         seq_length=seq_length,
         micro_batch_size=batch_size,
         forward_only=forward_only,
+    )
+
+
+def on_model_device(batch: dict[str, Any]) -> dict[str, Any]:
+    """The micro-batch's tensors on this rank's GPU (the model's device); unchanged on CPU."""
+    if not torch.cuda.is_available():
+        return batch
+    device = torch.device("cuda", torch.cuda.current_device())
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def packed_seq_params(batch: Batch):
+    """Megatron's ``PackedSeqParams`` (THD) for a packed micro-batch; None for padded rows."""
+    if "cu_seqlens" not in batch:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
     )
 
 

@@ -12,7 +12,6 @@ import torch
 from atropos_megatron.config import DataConfig, GRPOConfig
 from atropos_megatron.data.batching import (
     assign_to_ranks,
-    block_causal_mask,
     build_rollouts,
     plan_micro_batches,
     split_into_updates,
@@ -82,25 +81,26 @@ def test_the_loss_pass_refuses_weights_planned_for_another_aggregation():
         require_planned_for([unplanned], GRPO)
 
 
-def test_packed_sequences_restart_positions_and_cannot_see_each_other():
-    data = DataConfig(max_token_len=64, micro_batch_tokens=64, pad_to_multiple_of=8)
+def test_packed_micro_batches_are_one_thd_row_whose_segments_are_the_sequences():
+    data = DataConfig(max_token_len=32, micro_batch_tokens=64, pad_to_multiple_of=8)
     rollouts, (plan,) = _plans(data, 1)
-    mb = plan[0]
-    row = mb["position_ids"][0]
-    starts = (row == 0).nonzero().flatten().tolist()
-    assert len(starts) > 1, "the test needs a row holding several sequences"
-    second = starts[1]
-    mask = mb["attention_mask"][0, 0]
-    assert mask[second, second - 1], "a sequence sees the one before it"
-    assert not mask[second + 1, second], "a token does not see an earlier token of its own sequence"
-    assert mask[second, second + 1], "a token sees the future"
-
-
-def test_block_causal_mask_never_masks_a_whole_row():
-    segments = torch.tensor([[0, 0, 1, 1, -1, -1]])
-    mask = block_causal_mask(segments)
-    assert mask.shape == (1, 1, 6, 6)
-    assert not mask.all(dim=-1).any()
+    unplaced = [r.input_ids.tolist() for r in rollouts]
+    assert len(plan) > 1, "the test needs more than one micro-batch"
+    for mb in plan:
+        assert mb["tokens"].shape == plan[0]["tokens"].shape and mb["tokens"].shape[0] == 1
+        assert mb["tokens"].shape[1] <= data.micro_batch_tokens
+        edges = mb["cu_seqlens"].tolist()
+        assert mb["cu_seqlens"].dtype == torch.int32 and edges[0] == 0 and edges[-1] == mb["tokens"].shape[1]
+        spans = list(zip(edges[:-1], edges[1:]))
+        assert mb["max_seqlen"] == max(stop - start for start, stop in spans)
+        for k, (start, stop) in enumerate(spans):
+            torch.testing.assert_close(mb["position_ids"][0, start:stop], torch.arange(stop - start))
+            tokens = mb["tokens"][0, start:stop].tolist()
+            if tokens in unplaced:
+                unplaced.remove(tokens)
+            else:  # only the row's padding tail is not a sequence
+                assert k == len(spans) - 1 and not any(tokens) and not mb["loss_mask"][0, start:].any()
+    assert not unplaced, "every sequence is exactly one segment"
 
 
 def test_rank_shares_are_balanced_and_deterministic():

@@ -45,12 +45,12 @@ def test_dry_run_with_lora_reports_adapters_and_needs_a_base(capsys):
 
 
 def test_lora_models_use_the_local_spec_even_where_transformer_engine_is_present(monkeypatch, capsys):
-    """TE fuses the norms into the linears LoRA wraps: a LoRA model is built (and estimated) unfused."""
+    """TE fuses the norms into the linears LoRA wraps: a LoRA model is built on the local spec (SDPA)."""
     from atropos_megatron.trainer import megatron_patches
 
     monkeypatch.setattr(megatron_patches, "te_available", lambda: True)
     config = "examples/configs/llama3.1-70b_4+4nodes.yaml"
     assert main(["train", "--config", config, "--dry-run"]) == 0
-    assert "attention: fused (Transformer Engine)" in capsys.readouterr().out
+    assert "attention: Transformer Engine (fused)" in capsys.readouterr().out
     assert main(["train", "--config", config, "model.lora.rank=64", "--dry-run"]) == 0
-    assert "attention: local spec (unfused" in capsys.readouterr().out
+    assert "attention: PyTorch SDPA (local spec)" in capsys.readouterr().out
