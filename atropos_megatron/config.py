@@ -399,10 +399,14 @@ class GRPOConfig:
     `optimizer.clip_grad` sees, and the step size with SGD)."""
     temperature: float = 1.0
     """Sampling temperature the logits are divided by before log-probs (match the inference side)."""
-    old_logprobs: str = "recompute"
-    """Source of the PPO denominator: `recompute` (trainer forward before the update) or `inference`
-    (no extra forward; `rollout/*` metrics then compare the inference log-probs with the loss pass's
-    own, i.e. the current policy's, instead of with themselves)."""
+    old_logprobs: str = "auto"
+    """Source of the PPO denominator pi_old. `auto`: the loss pass's own log-probs, detached, wherever
+    that is exact: one update per batch (`updates_per_batch: 1`, so the policy has not moved since
+    the batch was sampled), no LoRA dropout, and inference log-probs from every sequence or from none;
+    the ratio is then exactly 1 and one forward pass per step is saved. Otherwise a recompute pass.
+    `recompute`: a trainer forward before the update, always. `inference`: the engine's log-probs (no
+    extra forward; `rollout/*` metrics then compare them with the loss pass's own, i.e. the current
+    policy's, instead of with themselves)."""
     importance_correction: str = "none"
     """Truncated importance sampling against the inference log-probs: `none`, `token` or `sequence`."""
     importance_cap: float = 2.0
@@ -413,13 +417,13 @@ class GRPOConfig:
     kernel: str = "auto"
     """GRPO loss implementation: `triton` (fused), `torch` (chunked reference) or `auto`."""
     fused_linear: str = "auto"
-    """`always`: every pass's log-probs and the loss come from the last hidden states and the output
-    layer's weight, a chunk of tokens at a time (`kernels/fused_linear_grpo.py`), so the `[tokens,
-    vocab/TP]` logits and their gradient never exist; it computes the loss pass's logits twice, which
-    costs time where the output layer is a large share of the model (small models, small
-    vocabularies). `never`: whole logits, as Megatron computes them. `auto`: `always` when a
-    micro-batch's fp32 logits would exceed 256 MiB (e.g. 16k tokens x 152k vocabulary / TP 4: 2.3 GiB),
-    else `never`; the trainer logs which."""
+    """Where log-probs and the loss come from (`kernels/fused_linear_grpo.py`). `auto`: the last hidden
+    states and the output layer's weight, for the trained tokens only (prompts and padding never reach
+    the output layer), in one piece while a micro-batch's fp32 logits fit in 256 MiB, else a chunk of
+    tokens at a time (e.g. 16k tokens x 152k vocabulary / TP 4: 2.3 GiB), so the `[tokens, vocab/TP]`
+    logits and their gradient never exist. `always`: always in chunks, which computes the loss pass's
+    logits twice (time, where the output layer is a large share of the model). `never`: the model's
+    whole logits over every token, as Megatron computes them. The trainer logs which."""
     env_ref_logprobs: bool = False
     """Use the `ref_logprobs` an environment sends instead of the reference model's, for the groups
     that carry them (the others are still computed). Only when the env's reference is the run's."""
@@ -463,7 +467,7 @@ class GRPOConfig:
                 f"must be > 0 (or null for data.max_token_len), got {self.loss_norm_length}",
             )
         _require(self.temperature > 0, "grpo.temperature", "must be > 0")
-        _require_choice(self.old_logprobs, "grpo.old_logprobs", ("recompute", "inference"))
+        _require_choice(self.old_logprobs, "grpo.old_logprobs", ("auto", "recompute", "inference"))
         _require_choice(self.importance_correction, "grpo.importance_correction", IMPORTANCE_CORRECTIONS)
         _require(self.importance_cap >= 1, "grpo.importance_cap", "must be >= 1")
         _require(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
@@ -533,8 +537,9 @@ class DataConfig:
     pad_to_multiple_of: int = 8
     """Sequence-length padding multiple (keeps shapes friendly to kernels and TP/SP splits)."""
     packing: bool = True
-    """Pack several sequences into one row of `micro_batch_tokens` under a block-diagonal causal mask
-    (no padding between them); false pads each sequence to the longest of its micro-batch instead."""
+    """Pack sequences back to back into one row of up to `micro_batch_tokens` per micro-batch, in THD
+    form (`cu_seqlens`: each sequence attends to itself only; no padding between them); false pads each
+    sequence to the longest of its share instead."""
     batch_wait_s: float = 5.0
     """How long one request for a batch waits at the bridge (seconds); the trainer asks again until a
     batch comes, checking for SIGTERM in between."""

@@ -56,20 +56,22 @@ def token_logprobs_pass(
     *,
     vocab_size: int,
     kernel: str,
-    fused_linear: bool = False,
+    fused_linear: str = "never",
 ) -> list[torch.Tensor] | None:
     """Log-probs ``[b, s]`` of every micro-batch's labels under ``chunks`` (last stage; None elsewhere).
 
-    ``fused_linear``: from the hidden states and the output weight a chunk of tokens at a time
-    (``grpo.fused_linear``), so that no ``[tokens, vocab/TP]`` logits exist.
+    ``fused_linear`` (``grpo.fused_linear``): ``never``, from the model's logits; else from the hidden
+    states and the output weight, for the trained tokens only (0 elsewhere), in chunks where
+    ``always`` or where ``auto`` finds the logits large, so that no ``[tokens, vocab/TP]`` logits exist.
     """
-    from atropos_megatron.kernels.fused_linear_grpo import fused_linear_token_logprobs
+    from atropos_megatron.kernels.fused_linear_grpo import fused_linear_token_logprobs, single_chunk_bytes
 
-    hidden_out = output_hidden_states(chunks) if fused_linear else contextlib.nullcontext()
+    from_hidden = fused_linear != "never"
+    hidden_out = output_hidden_states(chunks) if from_hidden else contextlib.nullcontext()
     with eval_mode(chunks), hidden_out as weight:  # eval: no (LoRA) dropout in a policy's log-probs
 
         def loss_fn(batch: MicroBatch, output: torch.Tensor):
-            if fused_linear:
+            if from_hidden:
                 logprobs = fused_linear_token_logprobs(
                     output,
                     weight,
@@ -77,6 +79,8 @@ def token_logprobs_pass(
                     temperature=batch["temperature"],
                     shard=weight_shard(weight, vocab_size),
                     backend=kernel,
+                    mask=batch["loss_mask"],
+                    single_chunk_bytes=single_chunk_bytes(fused_linear),
                 )
             else:
                 logprobs, _ = fused_token_logprobs(
@@ -113,36 +117,39 @@ def grpo_loss_pass(
     *,
     cfg: GRPOConfig,
     vocab_size: int,
-    fused_linear: bool = False,
+    fused_linear: str = "never",
 ) -> list[dict[str, Any]]:
     """Forward and backward of the GRPO loss; gradients accumulate in the DDP buffers.
 
-    ``fused_linear``: from the hidden states and the output weight, a chunk of tokens at a time.
+    ``fused_linear`` (``grpo.fused_linear``): ``never``, from the model's logits; else from the hidden
+    states and the output weight, trained tokens only, in chunks or (``auto``, small enough) in one.
 
-    Each micro-batch must carry ``old_logprobs`` (and ``ref_logprobs`` when ``cfg.kl_coef > 0``) on
-    the last stage. Returns each micro-batch's metrics there (``[]`` elsewhere).
+    Each micro-batch carries ``ref_logprobs`` when ``cfg.kl_coef > 0``, and ``old_logprobs`` unless the
+    pass's own log-probs (detached) are pi_old, on the last stage. Returns each micro-batch's metrics there (``[]`` elsewhere).
     """
-    from atropos_megatron.kernels.fused_linear_grpo import fused_linear_grpo_loss
+    from atropos_megatron.kernels.fused_linear_grpo import fused_linear_grpo_loss, single_chunk_bytes
 
     require_planned_for(micro_batches, cfg)
     scale = len(micro_batches) * parallel.current_layout().dp
-    hidden_out = output_hidden_states(chunks) if fused_linear else contextlib.nullcontext()
+    from_hidden = fused_linear != "never"
+    hidden_out = output_hidden_states(chunks) if from_hidden else contextlib.nullcontext()
     with hidden_out as weight:
 
         def loss_fn(batch: MicroBatch, output: torch.Tensor):
-            inputs = [
-                batch[name] for name in ("labels", "old_logprobs", "advantages", "loss_mask", "weights")
-            ]
+            inputs = [batch["labels"], batch.get("old_logprobs")]  # None: this pass's own (on-policy)
+            inputs += [batch[name] for name in ("advantages", "loss_mask", "weights")]
             options = dict(
                 cfg=cfg,
                 ref_logprobs=batch.get("ref_logprobs"),
                 inference_logprobs=batch.get("inference_logprobs"),
+                sequence_ids=batch.get("sequence_ids"),
                 temperature=batch["temperature"],
             )
-            if fused_linear:
+            if from_hidden:
                 loss, metrics = fused_linear_grpo_loss(
-                    output, weight, *inputs, shard=weight_shard(weight, vocab_size), **options
-                )
+                    output, weight, *inputs, shard=weight_shard(weight, vocab_size),
+                    single_chunk_bytes=single_chunk_bytes(fused_linear), **options,
+                )  # fmt: skip
             else:  # the logits are dead after the loss: their storage takes the gradient (inplace)
                 loss, metrics = fused_grpo_loss(
                     output, *inputs, shard=vocab_shard(output, vocab_size), inplace=True, **options
@@ -188,7 +195,7 @@ def output_hidden_states(chunks: Sequence[torch.nn.Module]) -> Iterator[torch.Te
                 )
             else:
                 hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=_layer.tp_group)
-            return hidden, None
+            return _ContiguousGrad.apply(hidden), None
 
         layer.forward = hidden_out  # an instance attribute: nn.Module calls it instead of the class's
         patched.append(layer)
@@ -197,6 +204,24 @@ def output_hidden_states(chunks: Sequence[torch.nn.Module]) -> Iterator[torch.Te
     finally:
         for layer in patched:
             del layer.forward
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    GPTModel returns ``[s, b, H] -> [b, s, H]`` transposed, so for ``b > 1`` the hidden states' gradient
+    arrives as a non-contiguous view, and Megatron's copy-to-TP region all-reduces ``grad.contiguous()``
+    (a copy) and then returns the unreduced original (megatron-core 0.16.1 ``mappings._reduce``): each
+    TP rank would keep only its vocabulary shard's share of ``d/dhidden``.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def require_planned_for(micro_batches: Sequence[MicroBatch], cfg: GRPOConfig) -> None:

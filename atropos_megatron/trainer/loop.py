@@ -43,6 +43,7 @@ from atropos_megatron.trainer.grpo_step import (
 )
 from atropos_megatron.trainer.model import build_model, check_model_layout, padded_vocab_size
 from atropos_megatron.trainer.optimizer import build_train_state, optimizer_step, zero_grads
+from atropos_megatron.trainer.step import on_model_device
 
 logger = logging.getLogger(__name__)
 
@@ -101,19 +102,13 @@ class Trainer:
     def setup(self) -> None:
         """Join the job, build actor (and reference), load weights or resume (collective)."""
         from atropos_megatron.trainer.megatron_patches import te_available
-        from atropos_megatron.trainer.model import uses_te_spec
 
         cfg = self.cfg
         if cfg.model.lora.enabled and te_available():
             logger.warning(
                 "LoRA: the model is built on Megatron's local layer spec although Transformer Engine is "
-                "present (TE fuses the norms into the linear layers the adapters wrap): unfused attention"
+                "present (TE fuses the norms into the linear layers the adapters wrap): PyTorch SDPA attention"
             )
-        if cfg.data.packing and uses_te_spec(cfg.model):
-            # TE's attention takes packed sequences as THD with cu_seqlens, not as a mask; until that
-            # path exists, a block-diagonal mask could be ignored and sequences would see each other.
-            logger.warning("Transformer Engine is present: data.packing is turned off (padded micro-batches)")
-            self.cfg = cfg = replace(cfg, data=replace(cfg.data, packing=False))
         self.layout = parallel.init_distributed(cfg.parallel, seed=cfg.seed)
         self.model, fixed_vocab = resolve_model(cfg.model)
         check_model_layout(self.model, cfg.parallel)
@@ -136,6 +131,16 @@ class Trainer:
         # optimizer holds only adapters; the reference is the base itself with the adapters off.
         self.lora = self._install_lora(chunks)
         self.fused_linear = self._choose_fused_linear()
+        lora_dropout = cfg.model.lora.enabled and cfg.model.lora.dropout > 0
+        # One update per batch and nothing random in the forward: the loss pass computes pi_old itself.
+        self.on_policy_loss_pass = cfg.grpo.updates_per_batch == 1 and not lora_dropout
+        if cfg.grpo.old_logprobs == "auto":
+            logger.info(
+                "old log-probs: %s (grpo.old_logprobs: auto)",
+                "the loss pass's own, detached (one update per batch: exact; no extra forward)"
+                if self.on_policy_loss_pass
+                else "recomputed before the update (updates_per_batch > 1 or LoRA dropout)",
+            )
         needs_copy = cfg.grpo.kl_coef > 0 and not self.lora
         self.reference = self._build_reference(chunks) if needs_copy else None
         self.state = build_train_state(
@@ -224,20 +229,24 @@ class Trainer:
                 tp_size=self.layout.tp,
             )
 
-    def _choose_fused_linear(self) -> bool:
-        """``grpo.fused_linear`` for this run's micro-batches, said once in the log."""
+    def _choose_fused_linear(self) -> str:
+        """``grpo.fused_linear``, with what it means for this run's micro-batches said once in the log."""
         from atropos_megatron.kernels.fused_linear_grpo import use_fused_linear
 
         mode, tokens = self.cfg.grpo.fused_linear, self.cfg.data.micro_batch_tokens
         local_vocab = self.padded_vocab // self.layout.tp
-        fused = use_fused_linear(mode, tokens, local_vocab)
         logits_mib = tokens * local_vocab * 4 / 2**20
-        how = "from hidden states in token chunks" if fused else "from whole logits"
+        if mode == "never":
+            how = "from the model's logits over every token"
+        elif use_fused_linear(mode, tokens, local_vocab):
+            how = "from hidden states, trained tokens only, in chunks (logits computed twice)"
+        else:
+            how = "from hidden states, trained tokens only, in one piece"
         self._log(
-            f"loss and log-probs {how} (grpo.fused_linear: {mode}; a micro-batch's fp32 logits: "
+            f"loss and log-probs {how} (grpo.fused_linear: {mode}; a full micro-batch's fp32 logits: "
             f"{logits_mib:,.0f} MiB)"
         )
-        return fused
+        return mode
 
     def _install_lora(self, chunks: list[torch.nn.Module]) -> bool:
         """Install ``model.lora``'s adapters and freeze the base; whether LoRA is on."""
@@ -289,16 +298,19 @@ class Trainer:
         rollouts, stats = build_rollouts(batch, cfg.grpo)
         minis = split_into_updates(rollouts, cfg.grpo.updates_per_batch)
         plans = [
-            plan_micro_batches(
-                mini, data=cfg.data, grpo=cfg.grpo, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp
-            )
+            [
+                on_model_device(mb)
+                for mb in plan_micro_batches(
+                    mini, data=cfg.data, grpo=cfg.grpo, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp
+                )
+            ]
             for mini in minis
         ]
-        use_inference = cfg.grpo.old_logprobs == "inference" and all(
-            r.inference_logprobs is not None for r in rollouts
-        )
+        source = self._old_logprobs_source(rollouts)
+        use_inference = source == "inference"
         for plan, mini in zip(plans, minis, strict=True):  # all before the first update
-            self._attach_old_logprobs(plan, recompute=not use_inference)
+            if source != "loss_pass":  # else the loss pass takes its own log-probs as pi_old
+                self._attach_old_logprobs(plan, recompute=source == "recompute")
             if cfg.grpo.kl_coef > 0:
                 self._attach_ref_logprobs(plan, mini)
         per_micro_batch: list[dict[str, Any]] = []
@@ -337,7 +349,20 @@ class Trainer:
         metrics.update(stats.as_metrics())
         metrics["grpo/updates"] = len(plans)
         metrics["grpo/old_logprobs_from_inference"] = float(use_inference)
+        metrics["grpo/old_logprobs_recomputed"] = float(source == "recompute")
         return metrics
+
+    def _old_logprobs_source(self, rollouts) -> str:
+        """Where pi_old comes from this step (``grpo.old_logprobs``): ``inference``, ``recompute`` (a
+        forward before the update) or ``loss_pass`` (its own log-probs, detached: exact on-policy)."""
+        mode = self.cfg.grpo.old_logprobs
+        sent = {r.inference_logprobs is not None for r in rollouts}
+        if mode == "inference" and sent == {True}:
+            return "inference"
+        # Mixed senders would need pi_old in place of the missing inference log-probs before the pass.
+        if mode == "auto" and self.on_policy_loss_pass and len(sent) == 1:
+            return "loss_pass"
+        return "recompute"
 
     def _attach_old_logprobs(self, micro_batches: list[MicroBatch], *, recompute: bool) -> None:
         if recompute:

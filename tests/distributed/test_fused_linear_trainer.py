@@ -5,8 +5,9 @@ several micro-batches) with the loss computed by ``kernels/fused_linear_grpo.py`
 states and the output weight, against the logits path at TP=1 in the same test: at TP=1, TP=2, TP=2
 with sequence parallelism and PP=2 (where the last stage keeps its own copy of the tied embedding),
 losses, KL, entropy and gradient norms agree to fp32 noise and the weights move the same way; the
-old and reference log-probs come from hidden states too (no pass materialises logits), and the first
-step's PPO ratio is exactly 1.
+reference (and, where recomputed, the old) log-probs come from hidden states too (no pass
+materialises logits), and the first step's PPO ratio is exactly 1. ``auto`` (the default) computes
+this model's trained-token logits in one piece, once, and is checked at TP=2 with SP.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ pytestmark = pytest.mark.distributed
 
 FUSED = ["grpo.fused_linear=always"]
 LAYOUTS = {
-    "tp2": ["parallel.tensor_parallel_size=2"],
-    "tp2+sp": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
-    "pp2": ["parallel.pipeline_parallel_size=2"],
-}
+    "tp2": ["parallel.tensor_parallel_size=2", *FUSED],
+    # auto: this tiny model's trained-token logits fit in one piece, computed once and reused.
+    "tp2+sp, auto (one chunk)": [
+        "parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true", "grpo.fused_linear=auto",
+    ],
+    "pp2, old log-probs recomputed": [
+        "parallel.pipeline_parallel_size=2", *FUSED, "grpo.old_logprobs=recompute",
+    ],
+}  # fmt: skip
 
 
 def _reference_body(rank, world_size, hf_dir, tmp):
@@ -47,7 +53,7 @@ def _reference_body(rank, world_size, hf_dir, tmp):
 def _layouts_body(rank, world_size, hf_dir, tmp):
     results = {}
     for name, extra in LAYOUTS.items():
-        trainer, metrics = _train(_config(hf_dir, f"{tmp}/{name}", [*FUSED, *extra]), range(STEPS))
+        trainer, metrics = _train(_config(hf_dir, f"{tmp}/{name}", extra), range(STEPS))
         results[name] = (_losses(metrics), _hf_weights(trainer))
     return results
 
@@ -66,7 +72,7 @@ def test_the_fused_linear_loss_pass_takes_the_logits_paths_steps_at_every_layout
         _reference_body, 1, hf_dir, str(tmp_path), timeout_s=120
     )[0]
     assert expected[-1]["grpo/kl_ref"] > 0.0, "three steps did not move the actor: the test is void"
-    first = fused_tp1[0][0]  # on-policy: the chunked old log-probs are the loss pass's, bit for bit
+    first = fused_tp1[0][0]  # on-policy: pi_old is the loss pass's own
     assert first["grpo/ratio_min"] == first["grpo/ratio_max"] == 1.0 and first["grpo/kl_ref"] == 0.0
     results = {"tp1": fused_tp1, **run_ranks(_layouts_body, 2, hf_dir, str(tmp_path), timeout_s=240)[0]}
     initial = load_file(Path(hf_dir) / "model.safetensors")

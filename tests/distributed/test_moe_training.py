@@ -61,10 +61,17 @@ def _run_layouts(rank, world_size, hf_dir, tmp, layouts):
 
 
 def _aux_loss_body(rank, world_size, hf_dir, tmp):
-    """EP=2, eight steps each without and with a large load-balancing coefficient."""
+    """EP=2, eight steps each without and with a large load-balancing coefficient.
+
+    On padded rows (``data.packing: false``): their padding positions, identical tokens the routers
+    send to the same experts, make the start clearly unbalanced (packed rows start near 1.0, the
+    floor, where eight steps of drift hide the loss's effect)."""
     loads = {}
     for coef in (0.0, 1.0):
-        extra = ["parallel.expert_parallel_size=2", f"grpo.moe_aux_loss_coef={coef}", "optimizer.lr=1e-2"]
+        extra = [
+            "parallel.expert_parallel_size=2", f"grpo.moe_aux_loss_coef={coef}", "optimizer.lr=1e-2",
+            "data.packing=false",
+        ]  # fmt: skip
         _, metrics = _train(_config(hf_dir, f"{tmp}/aux{coef}", extra), range(8))
         loads[coef] = [m["moe/aux_loss"] for m in metrics]
     return loads

@@ -2,10 +2,11 @@
 
 All layouts start from one tiny HF checkpoint (so their initial weights are identical) and train three
 steps on the same synthetic batches with the KL penalty on (so the frozen reference model runs too).
-The reference run is TP=1 on one process; TP=2, PP=2 and DP=2 (distributed optimizer sharded over
-two ranks) run in turn on one pair of processes. Losses and the final weights, gathered to HF
-tensors, must agree to fp32 noise; the first step's PPO ratio must be exactly 1 (old log-probs are
-recomputed with the same weights by the same code).
+The reference run is TP=1 on one process; TP=2 (on padded rows instead of packed THD ones), PP=2 and
+DP=2 (distributed optimizer sharded over two ranks) run in turn on one pair of processes. Losses and
+the final weights, gathered to HF tensors, must agree to fp32 noise; the first step's PPO ratio must
+be exactly 1 (old log-probs are the loss pass's own, or recomputed with the same weights by the same
+code).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ UPDATE_TOLERANCE = 1e-3
 second moments, so fp32 reduction-order noise in a gradient becomes ~1e-5 in a weight after three
 steps, while the updates themselves are ~1e-3 per weight."""
 LAYOUTS = {
-    "tp2": ["parallel.tensor_parallel_size=2"],
-    "pp2": ["parallel.pipeline_parallel_size=2"],
+    # One sequence per padded row instead of THD rows (data.packing: false): the same steps.
+    "tp2, padded rows": ["parallel.tensor_parallel_size=2", "data.packing=false"],
+    # With grpo.old_logprobs: auto (one update per batch) the loss pass is its own pi_old; here a
+    # separate pass recomputes it first, which must take the same steps.
+    "pp2, old log-probs recomputed": ["parallel.pipeline_parallel_size=2", "grpo.old_logprobs=recompute"],
     "dp2": [],
 }
 
