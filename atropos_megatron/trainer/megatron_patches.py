@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import sys
+import types
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
@@ -60,35 +61,80 @@ def _is_cuda_device(device: object) -> bool:
     return isinstance(device, str) and device.startswith("cuda")
 
 
-class CudaToCpuMode(TorchFunctionMode):
-    """Redirect ``device="cuda"`` to the CPU for every torch call made while the mode is active.
+_FACTORIES = frozenset(
+    {"tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
+     "zeros_like", "ones_like", "empty_like", "full_like"}
+)  # fmt: skip
+"""The torch functions through which Megatron creates tensors on ``device="cuda"``."""
 
-    Needed by every pipeline schedule (``schedules.py`` creates ``torch.zeros([], device="cuda")``
-    even for PP=1), the Megatron optimizer (``FP32Optimizer._scale`` and clip-grad buffers on
-    'cuda'), fully-parallel checkpoint loading, and the default causal mask. Without it:
-    ``AssertionError: Torch not compiled with CUDA enabled``.
+_MODULES_CREATING_CUDA_TENSORS = (
+    "megatron.core.pipeline_parallel.schedules",  # every schedule: total_num_tokens, even at PP=1
+    "megatron.core.optimizer.optimizer",  # FP32Optimizer._scale, found_inf
+    "megatron.core.optimizer.clip_grads",  # norm and overflow buffers
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.exchange_utils",  # fully parallel checkpoint loading
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.transformer.moe.moe_utils",  # the router's loss tracker
+    "megatron.core.transformer.utils",  # the default causal mask
+    "megatron.core.rerun_state_machine",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.utils",
+)
+"""Megatron modules (0.16.1) that call a factory with ``device="cuda"`` on paths the trainer takes:
+``grep -rn 'device=.cuda' megatron/core`` lists them (the rest are inference, FSDP and model families
+the trainer does not build). A module missing here fails loudly: ``Torch not compiled with CUDA``."""
 
-    It also answers ``Tensor.type()`` (no arguments) with the CUDA type name: the bf16 optimizer
-    and the distributed optimizer accept only ``torch.cuda.{Float,Half,BFloat16}Tensor`` and raise
-    ``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ...`` otherwise.
+
+class _HostTorch(types.ModuleType):
+    """``torch`` as the modules above see it: factory calls asked for ``device="cuda"`` get the CPU.
+
+    Bound as each module's global ``torch`` at patch time, so only their own calls pass through it;
+    every name is looked up once and then cached as a plain attribute. A process-wide
+    ``TorchFunctionMode`` did this before and cost a Python call on every torch operation of every
+    forward and backward (~11k per GRPO step).
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = _CUDA_TENSOR_TYPES.get(args[0].dtype)
-            if name is not None:
-                return name
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        value = getattr(torch, name)
+        if name in _FACTORIES:
+            value = _on_host(value)
+        setattr(self, name, value)
+        return value
+
+
+def _on_host(factory):
+    @functools.wraps(factory)
+    def create(*args, **kwargs):
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], _CPU, *args[2:])
-        return func(*args, **kwargs)
+            kwargs.pop("pin_memory", None)  # pinning needs CUDA too
+        return factory(*args, **kwargs)
+
+    return create
 
 
-_state = {"cpu": False, "norm": False, "mode": None}
+def _cuda_tensor_type(original):
+    """``Tensor.type()`` with no arguments answers the CUDA type name: the bf16 optimizer and the
+    distributed optimizer accept only ``torch.cuda.{Float,Half,BFloat16}Tensor`` parameters and raise
+    ``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ...`` otherwise."""
+
+    @functools.wraps(original)
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = _CUDA_TENSOR_TYPES.get(self.dtype)
+            if name is not None:
+                return name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    return type_
+
+
+_state = {"cpu": False, "norm": False}
 
 
 def apply_cpu_patches() -> bool:
@@ -116,12 +162,14 @@ def apply_cpu_patches() -> bool:
     #    checkpointing calls it too). Nothing to wait for on CPU: gloo ops are synchronous once waited.
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
 
-    # 4. `device="cuda"` tensors in schedules, optimizer and checkpoint code; see CudaToCpuMode.
-    #    Entered once for the life of the process (torch function modes are per thread; Megatron's
-    #    training path runs on the main thread).
-    mode = CudaToCpuMode()
-    mode.__enter__()
-    _state["mode"] = mode
+    # 4. `device="cuda"` tensors in schedules, optimizer and checkpoint code: those modules' `torch` is
+    #    a _HostTorch. `.cuda()` (tied embeddings, optimizer state, checkpoint exchange) stays on the
+    #    host, and `.type()` answers CUDA names for the optimizers' dtype checks.
+    host_torch = _HostTorch()
+    for name in _MODULES_CREATING_CUDA_TENSORS:
+        importlib.import_module(name).torch = host_torch
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    torch.Tensor.type = _cuda_tensor_type(torch.Tensor.type)  # type: ignore[method-assign]
 
     # 5. The MoE all-to-all token dispatcher copies its split sizes to the host on a side CUDA stream
     #    and waits on an event (`torch.cuda.Stream requires CUDA support` when the layer is built).
