@@ -5,8 +5,12 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 CHAOS_ARGS ?=
+# gpu-check runs on a GPU machine's own python (no venv); its missing wheels, if any, come from .whl/
+GPU_PY ?= python3
+GPU_CHECK_ARGS ?=
+GPU_SITE := $(if $(wildcard .whl/*.whl),/tmp/site:)
 
-.PHONY: help install demo run chaos test test-fast lint format protos clean
+.PHONY: help install demo run chaos test test-fast gpu-check lint format protos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +37,10 @@ test: install  ## run every test that can run on this machine (GPU tests skip wi
 
 test-fast: install  ## unit tests only: no multi-process or slow tests
 	$(PY) -m pytest -m "not distributed and not slow" $(PYTEST_ARGS)
+
+gpu-check:  ## on a CUDA machine, < 8 min: GPU tests + kernel and trainer benchmarks, into benchmarks/RESULTS.md (GPU_CHECK_ARGS="--help")
+	$(if $(GPU_SITE),$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl)
+	PYTHONPATH=$(GPU_SITE)$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: install  ## ruff check + format check
 	$(PY) -m ruff check .
