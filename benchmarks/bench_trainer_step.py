@@ -12,9 +12,14 @@ parallel loss, Megatron DDP + distributed optimizer) on one rank. The first step
         --heads 16 --kv-heads 4 --ffn 5632 --vocab 151936 --sequences 64     # GPU, with MFU
 
 Tokens/s counts every token of the batch (prompt and completion) per wall second of the whole step.
-MFU (GPU only) uses 8 x parameters x tokens FLOPs per step (forward of the old-log-prob pass,
-forward + backward of the loss pass) over ``--peak-tflops`` (H200 dense bf16: 989).
-Writes benchmarks/out/bench_trainer_step.json.
+Achieved GFLOP/s use the step's model FLOPs, ``8 x matmul parameters x tokens`` (forward of the
+old-log-prob pass, forward + backward of the loss pass; attention scores left out), for both sides,
+over the step time; ``fraction_of_matmul_peak`` divides them by this machine's own fp32/bf16 GEMM
+throughput, measured in the same run (the best of a few 2048^3 matmuls): the physical limit here.
+With ``grpo.old_logprobs: auto`` (the default) the trainer skips the old-log-prob forward (one update
+per batch: the loss pass is pi_old), so it executes 6/8 of those FLOPs; ``--old-logprobs recompute``
+makes it run the same passes as the baseline. MFU (GPU only) is the same model FLOPs over
+``--peak-tflops`` (H200 dense bf16: 989). Writes benchmarks/out/bench_trainer_step.json.
 """
 
 from __future__ import annotations
@@ -125,9 +130,32 @@ def trainer_config(args, hf_dir: Path, run_dir: Path):
             f"optimizer.lr={args.lr}", "optimizer.clip_grad=1.0", "grpo.clip_low=0.2", "grpo.clip_high=0.2",
             f"data.max_token_len={args.prompt_len + args.completion_len}",
             f"data.micro_batch_tokens={args.micro_batch_tokens}", f"grpo.kernel={args.kernel}",
-            f"grpo.fused_linear={args.fused_linear}",
+            f"grpo.fused_linear={args.fused_linear}", f"grpo.old_logprobs={args.old_logprobs}",
         ],
     )  # fmt: skip
+
+
+def matmul_parameters(args) -> int:
+    """Weights that multiply every token: attention and MLP projections, and the output layer."""
+    head_dim = args.hidden // args.heads
+    qkv = args.hidden * (args.hidden + 2 * args.kv_heads * head_dim)
+    layer = qkv + args.hidden * args.hidden + 3 * args.hidden * args.ffn  # SwiGLU: gate, up, down
+    return args.layers * layer + args.vocab * args.hidden
+
+
+def matmul_peak_gflops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's GEMM throughput in ``dtype`` (best of ``repeats`` ``size``^3 matmuls)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def _sync(device: str) -> None:
@@ -157,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         help="grpo.fused_linear for the trainer (always: loss and log-probs from hidden states in chunks)",
     )  # fmt: skip
     parser.add_argument("--kernel", default="auto", help="grpo.kernel for the trainer (auto, triton, torch)")
+    parser.add_argument(
+        "--old-logprobs", choices=("auto", "recompute"), default="auto",
+        help="grpo.old_logprobs for the trainer (recompute: an old-log-prob forward, as the baseline runs)",
+    )  # fmt: skip
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (GPU)")
@@ -179,14 +211,22 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    peak = matmul_peak_gflops(args.device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "dtype": args.dtype, "parameters": params, "tokens_per_step": statistics.median(tokens[1:]),
+        "dtype": args.dtype, "parameters": params, "matmul_parameters": matmul_parameters(args),
+        "tokens_per_step": statistics.median(tokens[1:]),
+        "model_gflop_per_step": 8 * matmul_parameters(args) * statistics.median(tokens[1:]) / 1e9,
+        "machine_matmul_gflops": peak, "trainer_old_logprobs": args.old_logprobs,
         "first_step_loss": {"trainer": ours_loss, "baseline": baseline_loss},
     }  # fmt: skip
     for name, times in (("hf_torch_baseline", baseline_times), ("megatron_trainer", ours_times)):
         step_s = statistics.median(times[1:])
-        entry = {"step_s": step_s, "tokens_per_s": result["tokens_per_step"] / step_s}
+        gflops = result["model_gflop_per_step"] / step_s
+        entry = {
+            "step_s": step_s, "tokens_per_s": result["tokens_per_step"] / step_s,
+            "model_gflops": gflops, "fraction_of_matmul_peak": gflops / peak,
+        }  # fmt: skip
         if args.device == "cuda":
             entry["mfu"] = 8 * params * result["tokens_per_step"] / step_s / (args.peak_tflops * 1e12)
         result[name] = entry
