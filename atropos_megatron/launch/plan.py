@@ -485,11 +485,14 @@ def _server_command(
         # Stock `vllm serve` (vLLM 0.33.0: vllm/entrypoints/cli/main.py is the `vllm` script; the flags are
         # in engine/arg_utils.py and entrypoints/common/cli_args.py). VLLM_SERVER_DEV_MODE=1 is in the
         # role's environment. Weights arrive over NCCL through the RL routes (docs/vllm.md §3, §6).
+        # `--generation-config vllm`: sampling fields a request leaves out get vLLM's neutral defaults,
+        # not the model's generation_config.json (its top_k / top_p / repetition_penalty would change
+        # what is sampled from behind the trainer's back: config/model.py, docs/vllm.md §3).
         command = [
             inference.python or python, "-m", "vllm.entrypoints.cli.main", "serve", model_path,
             "--host", host, "--port", str(port), "--served-model-name", model_path,
             "--tensor-parallel-size", str(inference.gpus_per_server),
-            "--weight-transfer-config", json.dumps({"backend": "nccl"}),
+            "--weight-transfer-config", json.dumps({"backend": "nccl"}), "--generation-config", "vllm",
         ]  # fmt: skip
         return (*command, *inference.extra_args)
     else:

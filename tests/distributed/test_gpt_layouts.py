@@ -56,7 +56,9 @@ def _micro_batches(packed: bool):
         edges = [0, LENGTHS[0], sum(LENGTHS), BATCH * SEQ]
         row = {k: torch.cat([padded[k][i, :n] for i, n in enumerate(LENGTHS)] + [padded[k][1, LENGTHS[1]:]])[None]
                for k in ("tokens", "labels", "loss_mask")}  # fmt: skip
-        row["position_ids"] = torch.cat([torch.arange(b - a) for a, b in zip(edges[:-1], edges[1:])])[None]
+        row["position_ids"] = torch.cat(
+            [torch.arange(b - a) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        )[None]
         batches.append({**row, "cu_seqlens": torch.tensor(edges, dtype=torch.int32), "max_seqlen": SEQ})
     return batches
 

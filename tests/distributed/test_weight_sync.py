@@ -181,9 +181,7 @@ def test_trained_weights_reach_a_vllm_server_by_distributed(tmp_path: Path, repo
         version, diff, updated, buckets, served = results[f"distributed {step}"]
         report(f"qwen2 TP=2 vLLM push {step}: {buckets} buckets, max |served - trainer logprob| = {diff:.2e}")
         assert version == str(step) and updated == [True] and buckets > 1
-        assert diff < TOLERANCE, (
-            f"push {step}: the server does not serve the trained weights ({diff:.2e})"
-        )
+        assert diff < TOLERANCE, f"push {step}: the server does not serve the trained weights ({diff:.2e})"
     assert results["distributed 1"][4] != before[1], (
         "the served log-probs did not move: the test proves nothing"
     )

@@ -91,7 +91,7 @@ def test_packed_micro_batches_are_one_thd_row_whose_segments_are_the_sequences()
         assert mb["tokens"].shape[1] <= data.micro_batch_tokens
         edges = mb["cu_seqlens"].tolist()
         assert mb["cu_seqlens"].dtype == torch.int32 and edges[0] == 0 and edges[-1] == mb["tokens"].shape[1]
-        spans = list(zip(edges[:-1], edges[1:]))
+        spans = list(zip(edges[:-1], edges[1:], strict=True))
         assert mb["max_seqlen"] == max(stop - start for start, stop in spans)
         for k, (start, stop) in enumerate(spans):
             torch.testing.assert_close(mb["position_ids"][0, start:stop], torch.arange(stop - start))

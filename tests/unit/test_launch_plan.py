@@ -296,7 +296,7 @@ def test_vllm_backend_starts_vllm_serve_with_its_rl_routes(tmp_path):
         "/venvs/vllm/bin/python", "-m", "vllm.entrypoints.cli.main", "serve", "/models/m",
         "--host", "10.0.0.2", "--port", "30000", "--served-model-name", "/models/m",
         "--tensor-parallel-size", "4", "--weight-transfer-config", '{"backend": "nccl"}',
-        "--gpu-memory-utilization", "0.85",
+        "--generation-config", "vllm", "--gpu-memory-utilization", "0.85",
     )  # fmt: skip
     assert server.env["VLLM_SERVER_DEV_MODE"] == "1"
     assert server.ready.kind == "http" and server.ready.target == "http://10.0.0.2:30000/health"
