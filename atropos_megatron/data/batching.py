@@ -39,9 +39,10 @@ MicroBatch = dict[str, Any]
 ``weights``, ``temperature``; ``inference_logprobs`` and ``env_ref_logprobs`` with bool masks
 ``has_inference_logprobs`` / ``has_env_ref_logprobs`` when any sequence sent them; ``routed_experts``
 int16 ``[b, s, layers, k]``, -1 where unknown and -2 on padding, when any sequence has the engine's routing and
-``grpo.routing_replay`` is on), packed micro-batches' ``cu_seqlens`` (int32 ``[segments + 1]``, ``b`` = 1),
-``max_seqlen`` (int) and ``sequence_ids`` (int64 ``[b, s]``, the sequence's index in the row, -1 on padding), ``trained_tokens`` (int) and ``aggregation`` (``algo.reduce.aggregation_key``
-of the config the ``weights`` were made for)."""
+``grpo.routing_replay`` is on), packed micro-batches' ``cu_seqlens`` (int32 ``[segments + 1]``,
+``b`` = 1), ``max_seqlen`` (int) and ``sequence_ids`` (int64 ``[b, s]``, the sequence's index in the
+row, -1 on padding), ``trained_tokens`` (int) and ``aggregation`` (``algo.reduce.aggregation_key`` of
+the config the ``weights`` were made for)."""
 
 _OPTIONAL = {"inference_logprobs": "inference_logprobs", "ref_logprobs": "env_ref_logprobs"}
 """Rollout field -> micro-batch key (the environment's reference log-probs are only a candidate)."""

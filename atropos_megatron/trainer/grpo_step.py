@@ -124,8 +124,9 @@ def grpo_loss_pass(
     ``fused_linear`` (``grpo.fused_linear``): ``never``, from the model's logits; else from the hidden
     states and the output weight, trained tokens only, in chunks or (``auto``, small enough) in one.
 
-    Each micro-batch carries ``ref_logprobs`` when ``cfg.kl_coef > 0``, and ``old_logprobs`` unless the
-    pass's own log-probs (detached) are pi_old, on the last stage. Returns each micro-batch's metrics there (``[]`` elsewhere).
+    On the last stage each micro-batch carries ``ref_logprobs`` when ``cfg.kl_coef > 0``, and
+    ``old_logprobs`` unless the pass's own log-probs (detached) are pi_old. Returns each micro-batch's
+    metrics there (``[]`` elsewhere).
     """
     from atropos_megatron.kernels.fused_linear_grpo import fused_linear_grpo_loss, single_chunk_bytes
 
