@@ -3,7 +3,7 @@
 The trainer's local-spec attention (``trainer/attention.py``) runs PyTorch SDPA once per sequence of
 ``cu_seqlens``. The alternatives the design weighed, on the same packed row and heads:
 
-- ``sdpa_per_sequence``: what the trainer runs (``SDPAttention._packed``);
+- ``sdpa_per_sequence``: what the trainer runs (``trainer.attention.attend_per_sequence``);
 - ``sdpa_block_mask``: one SDPA call under a ``[s, s]`` block-diagonal causal bool mask (what a packed
   row cost before: every score of the row is computed, and the mask exists);
 - ``flex_attention``: ``torch.nn.attention.flex_attention`` with a block mask from the document ids,
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def packed_lengths(tokens: int, low: int, high: int, seed: int) -> list[int]:
@@ -45,12 +46,13 @@ def packed_lengths(tokens: int, low: int, high: int, seed: int) -> list[int]:
 
 
 def per_sequence(q, k, v, lengths):
-    """``[heads, t, d]`` inputs; one causal SDPA per sequence (the trainer's way)."""
-    outs = [
-        F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, enable_gqa=True)[0]
-        for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)
-    ]
-    return torch.cat(outs, 1)
+    """``[heads, t, d]`` inputs; the trainer's own per-sequence SDPA (``trainer.attention``)."""
+    from atropos_megatron.trainer.attention import attend_per_sequence
+
+    out = attend_per_sequence(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), lengths, scale=None, gqa=True
+    )
+    return out.transpose(0, 1)
 
 
 def block_mask_sdpa(q, k, v, lengths):

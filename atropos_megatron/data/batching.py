@@ -333,7 +333,7 @@ def _layout(
     if routed:
         # -2: no token here (padding); -1: a token whose routing the engine did not report.
         out["routed_experts"] = torch.full((b, row_len, *routed[0].shape[1:]), -2, dtype=torch.int16)
-    edges = [0]
+    edges = [0]  # packed (one row): where each sequence ends
     if packed:  # several sequences per row: the loss's sequence-level terms need to tell them apart
         out["sequence_ids"] = torch.full((b, row_len), -1, dtype=torch.int64)
     for r, row in enumerate(rows):
@@ -356,7 +356,7 @@ def _layout(
                 out["routed_experts"][r, span] = -1 if seq.routed_experts is None else seq.routed_experts
             if packed:
                 out["sequence_ids"][r, span] = len(edges) - 1
-            edges.append(end)
+                edges.append(end)
             start = end
         out["position_ids"][r, start:] = torch.arange(row_len - start)
     if packed:  # the padding tail is one more segment: it attends to itself only

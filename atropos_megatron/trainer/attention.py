@@ -67,39 +67,42 @@ class SDPAttention(DotProductAttention):
             return self._packed(query, key, value, packed_seq_params)
         return self._rows(query, key, value, attention_mask)
 
-    def _attend(self, q, k, v, mask=None) -> torch.Tensor:
-        """SDPA over ``[..., heads, len, d]``: causal, or under ``mask`` (True = may attend)."""
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale, enable_gqa=self.gqa
-        )
-
     def _packed(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
         """``[t, heads, d]`` -> ``[t, heads * d]``, each sequence of ``cu_seqlens`` on its own."""
         bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         kv_bounds = (
             params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
         )
-        if not torch.equal(bounds, kv_bounds):
+        if kv_bounds is not bounds and not torch.equal(bounds, kv_bounds):
             raise ValueError("the SDPA core attention needs the same cu_seqlens for queries and keys")
         edges = bounds.tolist()
         if edges[0] != 0 or edges[-1] != query.shape[0]:
             raise ValueError(f"cu_seqlens {edges} do not cover the {query.shape[0]} packed tokens")
         lengths = [stop - start for start, stop in zip(edges[:-1], edges[1:], strict=True)]
-        outputs = []
-        # split, not slicing: its backward is one concatenation, not a zero-filled [t, ...] per segment
-        for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths), strict=True):
-            if q.shape[0]:  # [len, heads, d] -> [1, heads, len, d] and back
-                q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-                outputs.append(self._attend(q, k, v)[0].transpose(0, 1))
-        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        out = attend_per_sequence(query, key, value, lengths, scale=self.softmax_scale, gqa=self.gqa)
         return out.reshape(query.shape[0], self.hidden_size_per_partition)
 
     def _rows(self, query, key, value, attention_mask) -> torch.Tensor:
         """``[s, b, heads, d]`` -> ``[s, b, heads * d]``, every row causal (or under the mask)."""
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         mask = None if attention_mask is None else ~attention_mask.bool()
-        out = self._attend(q, k, v, mask)  # [b, heads, s, d]
+        out = F.scaled_dot_product_attention(  # [b, heads, s, d]: causal, or under the mask
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale, enable_gqa=self.gqa
+        )
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+
+
+def attend_per_sequence(query, key, value, lengths: list[int], *, scale: float | None, gqa: bool):
+    """Causal SDPA over each sequence of a packed ``[t, heads, d]`` row (``lengths`` sum to ``t``) on
+    its own; ``[t, heads, d]`` out. Inputs are cut by ``split``, not slicing: its backward is one
+    concatenation, not a zero-filled ``[t, ...]`` gradient per sequence."""
+    outputs = []
+    for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths), strict=True):
+        if q.shape[0]:  # [len, heads, d] -> [1, heads, len, d] and back
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 def use_sdpa_core_attention(spec):
