@@ -1,6 +1,6 @@
 """Rollout routing replay, the bridge's part: capture the engine's expert choices, join them to batches.
 
-With ``weights.capture_routed_experts`` the inference proxies (``lora_proxy.py``) ask SGLang for the
+With ``weights.capture_routed_experts`` the inference proxies (``inference_proxy.py``) ask SGLang for the
 experts it routed every token to (``return_routed_experts: true`` on ``/generate``; the server needs
 ``--enable-return-routed-experts``), take ``meta_info["routed_experts"]`` out of the response (the
 environment never reads it, and it is ~2 KB per token for Qwen3-30B-A3B) and keep it here, keyed by

@@ -202,15 +202,41 @@ def serve(cfg: BridgeConfig, weights: WeightsConfig | None = None) -> None:
 
 
 def start_inference_proxies(service: BridgeService) -> list:
-    """One proxy per inference server (``lora_proxy.py``) with ``weights.lora_sync: adapter`` (it names
-    the newest adapter) or ``weights.capture_routed_experts`` (it captures routings for the batches)."""
+    """One proxy per inference server (``inference_proxy.py``) with ``weights.lora_sync: adapter`` (it names
+    the newest adapter), ``weights.capture_routed_experts`` (it captures routings for the batches) or
+    ``weights.inference_engine: vllm`` (it answers atroposlib's ``/generate`` through vLLM's token route)."""
     cfg = service.weights.cfg
     store = service.pipeline.routed_experts if service.pipeline is not None else None
+    vllm = cfg.inference_engine == "vllm"
     if cfg.capture_routed_experts and store is None:
         logger.warning(
             "weights.capture_routed_experts is ignored by a bridge in agent mode: the job's bridge, which "
             "builds the batches, must run the proxies"
         )
+    if cfg.lora_sync != "adapter" and store is None and not vllm:
+        return []
+    if not cfg.lora_proxy_ports:
+        if vllm:
+            logger.info(
+                "no weights.lora_proxy_ports: environments must use server_type openai (text only, no "
+                "token ids or log-probs); server_type vllm needs the bridge's /generate proxies"
+            )
+        else:
+            logger.warning(
+                "weights.lora_sync is adapter but weights.lora_proxy_ports is empty: environments that name "
+                "no adapter in their requests (atroposlib's do not) sample from the frozen base model"
+            )
+        return []
+    from atropos_megatron.bridge.inference_proxy import start_proxies
+
+    return start_proxies(
+        service.weights.servers,
+        cfg.lora_proxy_ports,
+        host=cfg.lora_proxy_host,
+        timeout_s=cfg.request_timeout_s,
+        routed_experts=store,
+        translate_generate=vllm,
+    )
     if cfg.lora_sync != "adapter" and store is None:
         return []
     if not cfg.lora_proxy_ports:
@@ -219,7 +245,7 @@ def start_inference_proxies(service: BridgeService) -> list:
             "adapter in their requests (atroposlib's do not) sample from the frozen base model"
         )
         return []
-    from atropos_megatron.bridge.lora_proxy import start_proxies
+    from atropos_megatron.bridge.inference_proxy import start_proxies
 
     return start_proxies(
         service.weights.servers,

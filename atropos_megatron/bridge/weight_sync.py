@@ -28,7 +28,7 @@ and opens no session (a new adapter changes no weight a running request uses): t
 under a new name per push
 (``/load_lora_adapter_from_tensors`` from the one bucket, or ``/load_lora_adapter`` from the PEFT
 directory on disk), and each server's newest adapter is what the adapter proxies
-(``bridge/lora_proxy.py``) name in requests from then on. Versioned names, not one name updated in
+(``bridge/inference_proxy.py``) name in requests from then on. Versioned names, not one name updated in
 place: every request runs from start to end on one adapter. The adapter before the newest stays
 loaded for one more push (a request the proxy named it in may still be on its way to the server, and
 SGLang fails a request whose adapter is gone); older ones are unloaded in the background (SGLang

@@ -104,7 +104,7 @@ def _wait_until_unloaded(url: str, name: str, deadline_s: float = 30.0) -> bool:
 
 
 def test_adapter_pushes_reach_the_server_and_the_proxy_names_the_newest(base_dir, tmp_path, report):
-    from atropos_megatron.bridge.lora_proxy import start_proxies
+    from atropos_megatron.bridge.inference_proxy import start_proxies
 
     _peft_adapter(base_dir, tmp_path / "adapter-1", seed=1)
     _peft_adapter(base_dir, tmp_path / "adapter-2", seed=2)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from atropos_megatron.bridge import codec
-from atropos_megatron.bridge.lora_proxy import AdapterProxy
+from atropos_megatron.bridge.inference_proxy import InferenceProxy
 from atropos_megatron.bridge.pipeline import BatchPipeline, Limits
 from atropos_megatron.bridge.routed_experts import (
     RoutedExpertsStore,
@@ -158,7 +158,7 @@ def test_the_proxy_captures_through_http_and_names_adapters_as_before():
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     store = RoutedExpertsStore(max_bytes=1 << 20)
     url = f"http://127.0.0.1:{upstream.server_address[1]}"
-    proxy = AdapterProxy(
+    proxy = InferenceProxy(
         url, lambda: "policy-v2", host="127.0.0.1", port=0, timeout_s=10, routed_experts=store
     )
     try:

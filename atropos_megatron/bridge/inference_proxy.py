@@ -1,6 +1,7 @@
-"""HTTP proxies in front of the inference servers, for two jobs: name the newest LoRA adapter in every
-generation request (``weights.lora_sync: adapter``) and capture the experts an MoE model routed each
-token to (``weights.capture_routed_experts``). Either or both; everything else passes unchanged.
+"""HTTP proxies in front of the inference servers, for three jobs: name the newest LoRA adapter in every
+generation request (``weights.lora_sync: adapter``), capture the experts an MoE model routed each
+token to (``weights.capture_routed_experts``), and answer atroposlib's ``/generate`` on stock vLLM
+(``weights.inference_engine: vllm``). Any of them; everything else passes unchanged.
 
 Adapters: SGLang applies a LoRA adapter only to requests that name it (``lora_path`` in ``/generate`` and the
 ``/v1`` routes, or ``model: "<served>:<adapter>"``), and has no default adapter; atroposlib's clients
@@ -14,6 +15,10 @@ Routed experts: a ``/generate`` request with ``input_ids`` gets ``return_routed_
 response is read whole (not streamed), each sample's ``meta_info.routed_experts`` is stored by its
 token ids for the batches (``routed_experts.py``) and removed from what the environment receives.
 
+vLLM: stock ``vllm serve`` has no ``/generate``; a ``POST /generate`` in Atropos's shape is sent to
+vLLM's ``/inference/v1/generate`` and its reply translated back (``vllm_generate.py``, docs/vllm.md §9),
+so environments on ``server_type: vllm`` get token ids and log-probs. ``/health`` and ``/v1`` pass.
+
 Threads, not an event loop: the bridge stays free of web frameworks, and a request's thread mostly
 waits on the server.
 """
@@ -23,11 +28,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
+from atropos_megatron.bridge import vllm_generate
 from atropos_megatron.bridge.routed_experts import (
     CaptureRequest,
     RoutedExpertsStore,
@@ -63,9 +70,10 @@ def name_adapter(path: str, body: bytes, adapter: str | None) -> bytes:
     return json.dumps(request).encode()
 
 
-class AdapterProxy:
-    """One server's proxy: ``http://host:port`` forwards to ``upstream`` naming ``adapter()`` and, with
-    ``routed_experts``, capturing routings into it."""
+class InferenceProxy:
+    """One server's proxy: ``http://host:port`` forwards to ``upstream`` naming ``adapter()``, with
+    ``routed_experts`` capturing routings into it, and with ``translate_generate`` answering Atropos's
+    ``/generate`` through vLLM's token route."""
 
     def __init__(
         self,
@@ -76,10 +84,14 @@ class AdapterProxy:
         port: int,
         timeout_s: float,
         routed_experts: RoutedExpertsStore | None = None,
+        translate_generate: bool = False,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.adapter = adapter
         self.routed_experts = routed_experts
+        self.translate_generate = translate_generate
+        self.counts: Counter[str] = Counter()  # translated /generate requests, by outcome
+        self._counts_lock = threading.Lock()
         self._client = httpx.Client(base_url=self.upstream, timeout=timeout_s)
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
@@ -92,7 +104,7 @@ class AdapterProxy:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> AdapterProxy:
+    def start(self) -> InferenceProxy:
         self._thread.start()
         return self
 
@@ -113,6 +125,55 @@ class AdapterProxy:
         request = self._client.build_request(method, path, headers=headers, content=body)
         return self._client.send(request, stream=True), capture
 
+    def translates(self, method: str, path: str) -> bool:
+        """Whether this request is Atropos's ``/generate``, to be answered through vLLM's token route."""
+        return (
+            self.translate_generate
+            and method == "POST"
+            and path.split("?", 1)[0] == vllm_generate.ATROPOS_ROUTE
+        )
+
+    def generate_via_vllm(self, headers: dict[str, str], body: bytes) -> tuple[int, dict]:
+        """Atropos's ``/generate`` answered through vLLM's ``/inference/v1/generate``: (status, JSON).
+
+        vLLM's own errors pass through with their status; a refused translation is 400, an aborted
+        sample 503 (atroposlib retries it), a reply of another shape 502, an unreachable server 502.
+        """
+        try:
+            request = vllm_generate.to_scale_out(json.loads(body or b"null"))
+        except ValueError as exc:  # TranslationError, or the body is not JSON
+            return self._refuse(400, "refused", f"Atropos /generate request: {exc}")
+        headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "accept-encoding")}
+        upstream = self._client.post(vllm_generate.SCALE_OUT_ROUTE, json=request.body, headers=headers)
+        if upstream.status_code != 200:
+            self._count(f"vllm_{upstream.status_code}")
+            reply = _json_or_text(upstream)
+            if upstream.status_code == 403 and "--enable-scale-out" in json.dumps(reply):
+                logger.warning(
+                    "%s refuses %s: start vllm serve with --enable-scale-out (the launcher does) so "
+                    "environments on server_type vllm get token ids and log-probs",
+                    self.upstream, vllm_generate.SCALE_OUT_ROUTE,
+                )  # fmt: skip
+            return upstream.status_code, reply
+        try:
+            translated = vllm_generate.to_atropos(upstream.json(), request)
+        except vllm_generate.GenerationAborted as exc:
+            return self._refuse(503, "aborted", str(exc))
+        except (vllm_generate.UnexpectedReply, ValueError) as exc:
+            logger.warning("%s%s answered a reply the translator refuses: %s", self.upstream,
+                           vllm_generate.SCALE_OUT_ROUTE, exc)  # fmt: skip
+            return self._refuse(502, "unexpected_reply", f"{self.upstream}: {exc}")
+        self._count("translated")
+        return 200, translated
+
+    def _refuse(self, status: int, outcome: str, message: str) -> tuple[int, dict]:
+        self._count(outcome)
+        return status, {"error": {"message": message, "code": status}}
+
+    def _count(self, outcome: str) -> None:
+        with self._counts_lock:
+            self.counts[outcome] += 1
+
     def captured_body(self, capture: CaptureRequest, upstream: httpx.Response) -> bytes:
         """The whole (decoded) response body with the routings taken out and stored."""
         content = upstream.read()
@@ -121,7 +182,7 @@ class AdapterProxy:
         return capture_response(capture, content, self.routed_experts)
 
 
-def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
+def _handler_for(proxy: InferenceProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -138,14 +199,12 @@ def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
             body = self._read_body()
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             try:
+                if proxy.translates(self.command, self.path):
+                    self._send_json(*proxy.generate_via_vllm(headers, body))
+                    return
                 upstream, capture = proxy.forward(self.command, self.path, headers, body)
             except httpx.HTTPError as exc:
-                message = json.dumps({"error": {"message": f"{proxy.upstream} unreachable: {exc}"}}).encode()
-                self.send_response(502)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(message)))
-                self.end_headers()
-                self.wfile.write(message)
+                self._send_json(502, {"error": {"message": f"{proxy.upstream} unreachable: {exc}"}})
                 return
             try:
                 if capture is not None:
@@ -166,6 +225,14 @@ def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True  # the client or the server went away mid-response
             finally:
                 upstream.close()
+
+        def _send_json(self, status: int, reply: dict | str) -> None:
+            content = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
 
         def _send_whole(self, upstream: httpx.Response, content: bytes) -> None:
             """A rewritten body: decoded (no Content-Encoding) with its own length."""
@@ -194,6 +261,13 @@ def _handler_for(proxy: AdapterProxy) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _json_or_text(response: httpx.Response) -> dict | str:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
 def start_proxies(
     servers,
     ports: list[int],
@@ -201,20 +275,29 @@ def start_proxies(
     host: str,
     timeout_s: float,
     routed_experts: RoutedExpertsStore | None = None,
-) -> list[AdapterProxy]:
+    translate_generate: bool = False,
+) -> list[InferenceProxy]:
     """One started proxy per server (``ServerState``s, same order as ``ports``), naming its adapter (if
-    any) and capturing routings into ``routed_experts`` (if given)."""
+    any), capturing routings into ``routed_experts`` (if given) and translating Atropos's ``/generate``
+    for vLLM (``translate_generate``)."""
     proxies = []
     for server, port in zip(servers, ports, strict=True):
-        proxy = AdapterProxy(
+        proxy = InferenceProxy(
             server.url,
             lambda server=server: server.adapter,
             host=host,
             port=port,
             timeout_s=timeout_s,
             routed_experts=routed_experts,
+            translate_generate=translate_generate,
         )
         proxies.append(proxy.start())
-        jobs = "routed-experts capture" if routed_experts is not None else "LoRA adapter"
+        jobs = (
+            "vLLM /generate"
+            if translate_generate
+            else "routed-experts capture"
+            if routed_experts is not None
+            else "LoRA adapter"
+        )
         logger.info("%s proxy %s -> %s (environments' base_url)", jobs, proxy.url, server.url)
     return proxies

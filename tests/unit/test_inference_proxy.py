@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from atropos_megatron.bridge.lora_proxy import AdapterProxy, name_adapter
+from atropos_megatron.bridge.inference_proxy import InferenceProxy, name_adapter
 
 
 @pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions", "/generate?x=1"])
@@ -68,7 +68,7 @@ def test_the_proxy_forwards_status_headers_and_streams_and_names_the_current_ada
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     current = {"name": "policy-v1"}
-    proxy = AdapterProxy(
+    proxy = InferenceProxy(
         f"http://127.0.0.1:{upstream.server_address[1]}",
         lambda: current["name"],
         host="127.0.0.1",
@@ -95,7 +95,7 @@ def test_the_proxy_forwards_status_headers_and_streams_and_names_the_current_ada
 
 
 def test_an_unreachable_server_is_a_502_naming_it():
-    proxy = AdapterProxy("http://127.0.0.1:9", lambda: None, host="127.0.0.1", port=0, timeout_s=5).start()
+    proxy = InferenceProxy("http://127.0.0.1:9", lambda: None, host="127.0.0.1", port=0, timeout_s=5).start()
     try:
         response = httpx.post(proxy.url + "/generate", json={"text": "hi"}, timeout=10)
         assert (
