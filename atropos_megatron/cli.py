@@ -213,7 +213,25 @@ def _add_serve_parser(commands) -> None:
         "--protocol",
         choices=("sglang", "vllm"),
         default="sglang",
-        help="HTTP protocol: SGLang's (default) or vLLM 0.33's RL routes + Atropos's /generate (docs/vllm.md)",
+        help="HTTP protocol: SGLang's (default) or vLLM 0.33's (its RL routes and, with --enable-scale-out, "
+        "its token route /inference/v1/generate; no /generate; docs/vllm.md)",
+    )
+    serve.add_argument(
+        "--enable-scale-out",
+        action="store_true",
+        help="--protocol vllm: mount POST /inference/v1/generate, vLLM's token-in, token-out route "
+        "({token_ids, sampling_params} -> choices[i].token_ids and log-probs), as `vllm serve "
+        "--enable-scale-out` does; without it the route answers 403, as stock vLLM's does. Needed by the "
+        "bridge's translation of atroposlib's /generate",
+    )
+    serve.add_argument(
+        "--logprobs-mode",
+        choices=("raw_logprobs", "processed_logprobs"),
+        default=None,
+        help="--protocol vllm: which log-probs the token route reports, as vllm serve's flag: raw_logprobs "
+        "(vLLM's default: log_softmax of the unscaled logits) or processed_logprobs (after temperature, "
+        "as the trainer's; the launcher and demo use it). Prompt log-probs are raw in both. Not mirrored: "
+        "vLLM's renormalisation over top-k/top-p/min-p, refused by name when log-probs are asked for",
     )
     serve.add_argument(
         "--weight-transfer-config",

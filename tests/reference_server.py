@@ -62,13 +62,14 @@ def served_logprobs(url: str, tokens: Sequence[int], lora_path: str | None = Non
 def served_vllm_logprobs(
     url: str, prompt: Sequence[int], max_tokens: int = 6
 ) -> tuple[list[int], list[float], str]:
-    """A ``serve --protocol vllm`` server's greedy completion of ``prompt`` through the ``/generate``
-    atroposlib's ``VLLMServer`` posts: its token ids, their (raw) log-probs, and the server's
+    """A ``serve --protocol vllm --enable-scale-out`` server's greedy completion of ``prompt`` through
+    vLLM's token route ``/inference/v1/generate``: its token ids, their (raw) log-probs, and the server's
     ``weight_version`` (``/weight_info``)."""
-    body = {"prompt": {"prompt_token_ids": list(prompt)}, "logprobs": 0, "n": 1, "max_tokens": max_tokens,
-            "temperature": 0.0, "ignore_eos": True}  # fmt: skip
-    reply = httpx.post(url + "/generate", json=body, timeout=60).json()
-    positions = reply["logprobs"][0]
-    tokens = [int(next(iter(item[0]))) for item in positions]
-    logprobs = [float(next(iter(item[0].values()))) for item in positions]
+    body = {"token_ids": list(prompt), "sampling_params": {"n": 1, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "logprobs": 0}}  # fmt: skip
+    response = httpx.post(url + "/inference/v1/generate", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    tokens = list(choice["token_ids"])
+    logprobs = [float(entry["logprob"]) for entry in choice["logprobs"]["content"]]
     return tokens, logprobs, httpx.get(url + "/weight_info", timeout=60).json()["weight_version"]

@@ -68,6 +68,7 @@ class EngineOptions:
     max_batch: int = 16  # rows (samples) per batch; one request is never split
     seed: int = 0
     return_original_logprob: bool = False  # SGLANG_RETURN_ORIGINAL_LOGPROB=1: unscaled logprobs
+    vllm_logprobs_mode: str = "raw_logprobs"  # --protocol vllm: vLLM's --logprobs-mode (raw or processed)
     lora: LoraOptions | None = None  # --enable-lora and its limits; None: LoRA off
     enable_return_routed_experts: bool = False  # requests may ask for their routing (MoE models only)
 

@@ -43,6 +43,9 @@ class GenerateRequest:
     logprob_start_len: int = -1  # -1: output logprobs only; k >= 0: input logprobs from position k
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    logprob_ranks: bool = False  # also each reported token's vocabulary rank (vLLM's: entries with lp >= its)
+    unmasked_logprobs: bool = False  # output logprobs before the min_new_tokens mask (vLLM's raw_logprobs)
+    raw_input_logprobs: bool = False  # prompt logprobs of the unscaled logits whatever the engine reports
     adapter: LoraAdapter | None = None  # the LoRA adapter its rows run (held until it finishes); None: base
     return_routed_experts: bool = False  # record each fed token's experts (needs the engine's routing)
     routed_experts_start_len: int = 0  # the routing returned covers positions [start, len - 1)
@@ -59,6 +62,8 @@ class SampleOutput:
     output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     input_logprobs: list[float | None] = field(default_factory=list)  # from logprob_start_len on
     input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    output_ranks: list[int] = field(default_factory=list)  # with ``logprob_ranks``: per output token
+    input_ranks: list[int | None] = field(default_factory=list)  # with ``logprob_ranks``: per input logprob
     weight_version: str = "default"
     routed_experts: torch.Tensor | None = None
     """int32 ``[prompt + output - 1, num_layers, top_k]``: every fed token's experts (when asked and
@@ -80,9 +85,12 @@ class _Row:
     generator: torch.Generator | None
     max_new_tokens: int
     top_k: int = 0  # top logprobs to report per output token
+    ranks_wanted: bool = False
+    unmasked: bool = False  # its logprobs are taken before the min_new_tokens mask
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[float, int]]] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     routing: list[torch.Tensor] = field(default_factory=list)  # [positions, L, k] per pass that fed it
 
@@ -114,6 +122,8 @@ def generate_batch(
             ctx.make_generator(req, sample),
             _max_new_tokens(req, ctx.context_length),
             top_k=req.top_logprobs_num if req.return_logprob else 0,
+            ranks_wanted=req.return_logprob and req.logprob_ranks,
+            unmasked=req.unmasked_logprobs,
         )
         for index, req in enumerate(requests)
         for sample in range(req.params.n)
@@ -135,7 +145,7 @@ def generate_batch(
     step_ids, step_positions = ids, positions
     for row in rows:  # max_new_tokens=0: finished before any forward pass
         row.finish = check_stop(row.params, [], (), max_new_tokens=row.max_new_tokens, decode=lambda _: "")
-    input_lp: dict[int, tuple[list, list]] = {}
+    input_lp: dict[int, tuple[list, list, list]] = {}
     capture = ctx.routing is not None and any(r.return_routed_experts for r in requests)
     recorder = RoutingRecorder(ctx.routing) if capture else None
     while True:
@@ -199,11 +209,21 @@ def _max_new_tokens(req: GenerateRequest, context_length: int) -> int:
 def _sample_step(
     rows: list[_Row], last: torch.Tensor, temperatures: torch.Tensor, ctx: DecodeContext
 ) -> torch.Tensor:
-    """Sample one token for every row, record it for unfinished rows, and apply the stop rules."""
-    for i, row in enumerate(rows):
-        if row.finish is None and len(row.output_ids) < row.params.min_new_tokens:
-            mask_stop_tokens(last, i, [*ctx.eos_ids, *row.params.stop_token_ids])
+    """Sample one token for every row, record it for unfinished rows, and apply the stop rules.
+
+    Rows below ``min_new_tokens`` cannot stop: their EOS and stop ids are masked before sampling, and
+    before their logprobs too unless the request asks for ``unmasked_logprobs``.
+    """
+    masked = [
+        i for i, r in enumerate(rows) if r.finish is None and len(r.output_ids) < r.params.min_new_tokens
+    ]
+    unmasked = [i for i in masked if rows[i].unmasked]
+    before = last[unmasked].clone() if unmasked else None
+    for i in masked:
+        mask_stop_tokens(last, i, [*ctx.eos_ids, *rows[i].params.stop_token_ids])
     logprobs = compute_logprobs(last, temperatures, original=ctx.original_logprob)
+    if before is not None:
+        logprobs[unmasked] = compute_logprobs(before, temperatures[unmasked], original=ctx.original_logprob)
     tokens = sample_tokens(last, [row.params for row in rows], [row.generator for row in rows])
     top_k = max((row.top_k for row in rows), default=0)
     top = logprobs.topk(top_k, dim=-1) if top_k else None
@@ -213,6 +233,8 @@ def _sample_step(
         token = int(tokens[i])
         row.output_ids.append(token)
         row.logprobs.append(float(logprobs[i, token]))
+        if row.ranks_wanted:
+            row.ranks.append(int((logprobs[i] >= logprobs[i, token]).sum()))
         if top is not None and row.top_k:
             k = row.top_k
             row.top.append(list(zip(top.values[i, :k].tolist(), top.indices[i, :k].tolist(), strict=True)))
@@ -226,12 +248,13 @@ def _sample_step(
     return tokens
 
 
-def _input_logprobs(requests, rows, logits, temperatures, width, ctx) -> dict[int, tuple[list, list]]:
+def _input_logprobs(requests, rows, logits, temperatures, width, ctx) -> dict[int, tuple[list, list, list]]:
     """Prompt logprobs per request from the prefill logits, from ``logprob_start_len`` on.
 
-    Position ``j``'s logprob is ``log p(prompt[j] | prompt[:j])``; position 0 has none (null).
+    Position ``j``'s logprob is ``log p(prompt[j] | prompt[:j])``; position 0 has none (null). With
+    ``logprob_ranks``, also ``prompt[j]``'s rank there: how many vocabulary entries have a log-prob >= its.
     """
-    result: dict[int, tuple[list, list]] = {}
+    result: dict[int, tuple[list, list, list]] = {}
     first_row = {}
     for i, row in enumerate(rows):
         first_row.setdefault(row.request, i)
@@ -241,22 +264,25 @@ def _input_logprobs(requests, rows, logits, temperatures, width, ctx) -> dict[in
         i = first_row[index]
         prompt = req.input_ids
         pad = width - len(prompt)
-        lp = compute_logprobs(
-            logits[i, pad:], temperatures[i].expand(len(prompt)), original=ctx.original_logprob
-        )
+        original = ctx.original_logprob or req.raw_input_logprobs
+        lp = compute_logprobs(logits[i, pad:], temperatures[i].expand(len(prompt)), original=original)
         start = min(req.logprob_start_len, len(prompt) - 1)
         values: list[float | None] = []
         tops: list = []
+        ranks: list[int | None] = []
         for j in range(start, len(prompt)):
             if j == 0:
                 values.append(None)
                 tops.append(None)
+                ranks.append(None)
                 continue
             values.append(float(lp[j - 1, prompt[j]]))
             if req.top_logprobs_num:
                 top = lp[j - 1].topk(req.top_logprobs_num)
                 tops.append(list(zip(top.values.tolist(), top.indices.tolist(), strict=True)))
-        result[index] = (values, tops)
+            if req.logprob_ranks:
+                ranks.append(int((lp[j - 1] >= lp[j - 1, prompt[j]]).sum()))
+        result[index] = (values, tops, ranks if req.logprob_ranks else [])
     return result
 
 
@@ -264,7 +290,7 @@ def _outputs(requests, rows, input_lp, ctx) -> list[list[SampleOutput]]:
     outputs: list[list[SampleOutput]] = [[] for _ in requests]
     for row in rows:
         assert row.finish is not None
-        values, tops = input_lp.get(row.request, ([], []))
+        values, tops, ranks = input_lp.get(row.request, ([], [], []))
         decode = lambda ids, p=row.params: ctx.decode(ids, p.skip_special_tokens)  # noqa: E731
         routed = None
         if requests[row.request].return_routed_experts and row.routing and row.finish.type != "abort":
@@ -282,6 +308,8 @@ def _outputs(requests, rows, input_lp, ctx) -> list[list[SampleOutput]]:
                 output_top_logprobs=row.top,
                 input_logprobs=values,
                 input_top_logprobs=tops,
+                output_ranks=row.ranks,
+                input_ranks=ranks,
                 routed_experts=routed,
             )
         )

@@ -7,6 +7,9 @@ threads, never on the event loop.
 Auth follows SGLang: ``--api-key`` guards generation and /v1 (not /health*); ``--admin-api-key``
 guards the weight, pause, flush and version routes, and then only that key is accepted there (without
 it, those routes fall back to the api key). Streaming is not implemented (``stream: true`` -> 400).
+``protocol="vllm"`` serves vLLM 0.33's routes instead (``vllm_http``; docs/vllm.md §3, §9): its RL routes
+and, with ``enable_scale_out``, the token route ``/inference/v1/generate`` (``--api-key`` guards it as
+it guards ``/v1``: vLLM guards the ``/inference`` prefix too); no ``/generate``.
 """
 
 from __future__ import annotations
@@ -86,12 +89,17 @@ def create_app(
     sglang_version: str = "0.5.23",
     protocol: str = "sglang",
     weight_transfer_backend: str | None = None,
+    enable_scale_out: bool = False,
 ) -> FastAPI:
     """The app for ``engine``; ``sglang_version`` picks the protocol generation (sessions from 0.5.21).
 
-    ``protocol="vllm"``: /generate, pause and weight routes are vLLM's instead (``vllm_http``)."""
+    ``protocol="vllm"``: vLLM 0.33's routes instead of SGLang's generation, pause and weight routes
+    (``vllm_http``): no ``/generate``; ``enable_scale_out`` (``vllm serve --enable-scale-out``) mounts
+    its token route ``/inference/v1/generate``, which answers 403 without it."""
     version = parse_version(sglang_version)
     vllm = protocol == "vllm"
+    if enable_scale_out and not vllm:
+        raise ValueError("--enable-scale-out is a vLLM flag: it needs --protocol vllm")
     updater = WeightUpdater(engine, sessions_required=version >= SESSION_VERSION)
     lora = LoraService(engine)
     from atropos_megatron.inference.vllm_weights import VllmWeightTransfer
@@ -206,7 +214,9 @@ def create_app(
     if vllm:
         from atropos_megatron.inference import vllm_http
 
-        vllm_http.register(app, engine, route, json_response, run_samples, transfer)
+        vllm_http.register(
+            app, engine, route, json_response, run_samples, transfer, lora=lora, scale_out=enable_scale_out
+        )
 
     # ----- generation
     @route("/generate") if not vllm else (lambda handler: handler)
@@ -385,6 +395,16 @@ def serve(args: Any) -> int:
     from atropos_megatron.inference.lora_options import LoraOptionsError, lora_options_from_args
     from atropos_megatron.inference.routed_experts import RoutedExpertsError
 
+    protocol = getattr(args, "protocol", "sglang")
+    scale_out = getattr(args, "enable_scale_out", False)
+    if scale_out and protocol != "vllm":
+        logger.error("serve: --enable-scale-out is a vLLM flag (vllm serve's): it needs --protocol vllm")
+        return 2
+    logprobs_mode = getattr(args, "logprobs_mode", None)
+    if logprobs_mode is not None and protocol != "vllm":
+        logger.error("serve: --logprobs-mode is a vLLM flag (vllm serve's): it needs --protocol vllm")
+        return 2
+    logprobs_mode = logprobs_mode or "raw_logprobs"
     try:
         lora = lora_options_from_args(args)
     except LoraOptionsError as exc:
@@ -398,9 +418,11 @@ def serve(args: Any) -> int:
         max_batch=args.max_batch,
         seed=args.seed,
         # Read once here, at the entry point, as SGLang reads it at start-up.
-        # vLLM's default logprobs_mode is raw_logprobs (unscaled): the same switch.
-        return_original_logprob=getattr(args, "protocol", "sglang") == "vllm"
+        # vLLM's default logprobs_mode, raw_logprobs, is unscaled: the same switch; processed_logprobs
+        # are after temperature, as SGLang's default.
+        return_original_logprob=(protocol == "vllm" and logprobs_mode == "raw_logprobs")
         or os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "0").lower() in ("1", "true"),
+        vllm_logprobs_mode=logprobs_mode,
         lora=lora,
         enable_return_routed_experts=getattr(args, "enable_return_routed_experts", False),
     )
@@ -409,7 +431,6 @@ def serve(args: Any) -> int:
     except (LoraOptionsError, RoutedExpertsError) as exc:  # bad --lora-target-modules; a dense model
         logger.error("serve: %s", exc)
         return 2
-    protocol = getattr(args, "protocol", "sglang")
     try:
         from atropos_megatron.inference.vllm_weights import parse_weight_transfer_config
 
@@ -419,14 +440,15 @@ def serve(args: Any) -> int:
         return 2
     app = create_app(
         engine, api_key=args.api_key, admin_api_key=args.admin_api_key, sglang_version=args.sglang_version,
-        protocol=protocol, weight_transfer_backend=backend,
+        protocol=protocol, weight_transfer_backend=backend, enable_scale_out=scale_out,
     )  # fmt: skip
     if protocol == "vllm":
         from atropos_megatron.inference.vllm_http import VLLM_VERSION
 
         logger.info(
-            "reference server in vLLM mode (vLLM %s RL routes + Atropos's /generate, weight transfer %s, "
-            "not for production) on http://%s:%d", VLLM_VERSION, backend or "off", args.host, args.port,
+            "reference server in vLLM mode (vLLM %s RL routes, /inference/v1/generate %s, %s, weight "
+            "transfer %s, not for production) on http://%s:%d", VLLM_VERSION, "on" if scale_out else "off (403)",
+            logprobs_mode, backend or "off", args.host, args.port,
         )  # fmt: skip
     else:
         logger.info(

@@ -1,10 +1,22 @@
-"""The vLLM-protocol routes of ``serve --protocol vllm``: Atropos's ``/generate`` and vLLM 0.33's RL
-routes (``entrypoints/rl/online/api_router.py``); registered by ``http_server.create_app``."""
+"""The vLLM-protocol routes of ``serve --protocol vllm``; registered by ``http_server.create_app``.
+
+- vLLM 0.33.0's token-in, token-out route ``POST /inference/v1/generate`` (its "scale-out" route,
+  ``entrypoints/scale_out/token_in_token_out/api_router.py``; shapes in ``vllm_api``), mounted only
+  with ``--enable-scale-out`` as stock ``vllm serve`` mounts it (``entrypoints/scale_out/factories.py``):
+  without the flag every scale-out path answers 403 ``PermissionDeniedError``. ``--api-key`` guards
+  it like ``/v1`` (vLLM's ``GUARDED_PREFIX`` has ``/inference``). Stock ``vllm serve`` has no
+  ``/generate``, and neither has this mode (404): Atropos's ``/generate`` shape is the bridge's
+  translation (``bridge/vllm_generate.py``), not the server's.
+- vLLM 0.33's RL routes (``entrypoints/rl/online/api_router.py``): pause/resume, weight version, the
+  weight-transfer sequence (docs/vllm.md §3).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +25,7 @@ from fastapi.responses import Response
 
 from atropos_megatron.inference import vllm_api
 from atropos_megatron.inference.engine import Engine
+from atropos_megatron.inference.lora_api import LoraService
 from atropos_megatron.inference.native_api import RequestError
 from atropos_megatron.inference.vllm_weights import VllmWeightTransfer
 
@@ -21,7 +34,7 @@ VLLM_VERSION = "0.33.0"  # the vLLM release whose routes this server mirrors (GE
 
 
 def register(app: FastAPI, engine: Engine, route: Callable, json_response: Callable, run_samples: Callable,
-             transfer: VllmWeightTransfer) -> None:  # fmt: skip
+             transfer: VllmWeightTransfer, *, lora: LoraService, scale_out: bool = False) -> None:  # fmt: skip
     def bad_request(message: str) -> Response:  # FastAPI validation errors, as vLLM's handler shapes them
         return json_response(vllm_api.error_json(message, 400, "Bad Request"), 400)
 
@@ -38,15 +51,16 @@ def register(app: FastAPI, engine: Engine, route: Callable, json_response: Calla
             raise RequestError(f"1 validation error:\n  {{'type': 'missing', 'loc': ('body', '{name}')}}")
         return body.get(name)
 
-    @route("/generate")
-    async def generate(request: Request) -> Response:
-        try:
-            raw = await request.body()
-            parsed, logprobs = vllm_api.parse_generate(json.loads(raw) if raw else None, engine)
-        except (RequestError, json.JSONDecodeError) as exc:
-            return json_response(vllm_api.error_json(str(exc)), 400)
-        (samples,) = await run_samples([parsed])
-        return json_response(vllm_api.generate_json(parsed, samples, logprobs, engine))
+    if scale_out:
+        register_generate(engine, route, json_response, run_samples, lora)
+    else:  # vLLM registers a stand-in on each scale-out path: 403, after the api-key check
+        for number, path in enumerate(vllm_api.SCALE_OUT_PATHS):
+
+            async def disabled(request: Request) -> Response:
+                return json_response(vllm_api.disabled_json(), 403)
+
+            disabled.__name__ = f"scale_out_disabled_{number}"
+            route(path)(disabled)
 
     @route("/version", methods=("GET",), public=True)
     async def version(request: Request) -> Response:  # vLLM's instrumentator/basic.py
@@ -131,3 +145,50 @@ def register(app: FastAPI, engine: Engine, route: Callable, json_response: Calla
     )
     transfer_route("/shutdown_weight_transfer_engine", None, lambda _: transfer.shutdown(),
                    "Weight transfer shut down")  # fmt: skip
+
+
+def register_generate(engine: Engine, route: Callable, json_response: Callable, run_samples: Callable,
+                      lora: LoraService) -> None:  # fmt: skip
+    """``POST /inference/v1/generate``: a ``model`` that names a loaded LoRA adapter runs it."""
+
+    def known_model(name: str) -> bool:
+        return lora.enabled and lora.registry.is_loaded(name)
+
+    @route(vllm_api.ROUTE)
+    async def inference_generate(request: Request) -> Response:
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        try:
+            if media != "application/json":
+                raise vllm_api.content_type_error()
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise vllm_api.json_error(exc) from None
+            parsed = vllm_api.parse_generate(body, engine, known_model)
+            adapter_name = (
+                parsed.model if parsed.model and parsed.model != engine.options.served_model_name else None
+            )
+            generate = parsed.request
+            if adapter_name is not None:
+                (adapter,) = await lora.resolve(adapter_name, 1)
+                generate = dataclasses.replace(generate, adapter=adapter)
+        except vllm_api.ScaleOutError as exc:
+            return json_response(exc.body, exc.status)
+        except RequestError as exc:  # the adapter could not be loaded again
+            return json_response(vllm_api.error_json(str(exc)), 400)
+        created = int(time.time())
+        (samples,) = await run_samples([generate])
+        header = request.headers.get("x-request-id")  # vLLM's _base_request_id: the header wins
+        request_id = header if header is not None else parsed.request_id
+        model = adapter_name or engine.options.served_model_name
+        reply = await asyncio.to_thread(  # prompt log-probs decode each candidate token: not on the loop
+            vllm_api.generate_json,
+            parsed,
+            samples,
+            engine,
+            request_id=request_id,
+            model=model,
+            created=created,
+        )
+        return json_response(reply)

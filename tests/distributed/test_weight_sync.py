@@ -9,8 +9,8 @@ computed from the TP-sharded logits, in fp32 to 1e-5, under the pushed ``weight_
 
 The same with the server in vLLM mode (``serve --protocol vllm``, vLLM 0.33's RL routes, the gloo
 stand-in for its NCCL transfer engine) and ``weights.inference_engine: vllm``: two ``distributed``
-pushes (the group made, then reused), each checked through the ``/generate`` atroposlib's
-``VLLMServer`` reads: the raw log-probs of its greedy completion must be the trainer's, to 1e-6.
+pushes (the group made, then reused), each checked through vLLM's token route ``/inference/v1/generate``
+(``--enable-scale-out``): the raw log-probs of its greedy completion must be the trainer's, to 1e-6.
 """
 
 from __future__ import annotations
@@ -170,7 +170,11 @@ def test_trained_weights_reach_a_vllm_server_by_distributed(tmp_path: Path, repo
     hf_dir = tmp_path / "hf"
     save_tiny_checkpoint("qwen2", hf_dir)
     with ReferenceServer(
-        hf_dir, protocol="vllm", weight_transfer_config='{"backend": "gloo"}', weight_version="0"
+        hf_dir,
+        protocol="vllm",
+        weight_transfer_config='{"backend": "gloo"}',
+        weight_version="0",
+        enable_scale_out=True,
     ) as server:
         before = served_vllm_logprobs(server.url, PROBE)
         (results, _) = run_ranks(

@@ -37,7 +37,11 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(dirs):
     with ReferenceServer(
-        dirs.a, protocol="vllm", weight_transfer_config='{"backend": "gloo"}', weight_version="A"
+        dirs.a,
+        protocol="vllm",
+        weight_transfer_config='{"backend": "gloo"}',
+        weight_version="A",
+        enable_scale_out=True,
     ) as srv:
         yield srv
 
@@ -96,7 +100,7 @@ def test_calls_out_of_order_fail_with_vllms_messages(client):
 
 
 def test_an_unconfigured_transfer_engine_is_named(dirs):
-    with ReferenceServer(dirs.a, protocol="vllm") as bare:  # no --weight-transfer-config
+    with ReferenceServer(dirs.a, protocol="vllm", enable_scale_out=True) as bare:  # no weight-transfer config
         client = VLLMClient(bare.url, timeout_s=60)
         try:
             with pytest.raises(VLLMError) as error:

@@ -3,8 +3,9 @@
 The peers are the reference server speaking vLLM 0.33's RL routes (``--weight-transfer-config
 '{"backend": "gloo"}'``: vLLM's rendezvous with a gloo group instead of NCCL) and the bridge's real
 gRPC server with ``weights.inference_engine: vllm``. The trainer side is the real ``WeightPusher``
-fed with buckets of another model's weights; a push is proven by the completions atroposlib's
-``VLLMServer`` reads from ``/generate``, whose (raw) log-probs must become the pushed model's.
+fed with buckets of another model's weights; a push is proven by greedy completions from vLLM's token
+route ``/inference/v1/generate`` (``--enable-scale-out``), whose (raw) log-probs must become the pushed
+model's.
 Transports vLLM cannot take are refused by name, by the config and by the bridge.
 """
 
@@ -40,7 +41,11 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models):
     with ReferenceServer(
-        models["dir"], protocol="vllm", weight_transfer_config='{"backend": "gloo"}', weight_version="base"
+        models["dir"],
+        protocol="vllm",
+        weight_transfer_config='{"backend": "gloo"}',
+        weight_version="base",
+        enable_scale_out=True,
     ) as srv:
         yield srv
 
