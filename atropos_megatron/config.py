@@ -662,8 +662,9 @@ class WeightsConfig:
     (safetensors in `disk_dir`, loaded with /update_weights_from_disk)."""
     inference_engine: str = "sglang"
     """What every server in `inference_servers` runs: `sglang` (SGLang, or `atropos-megatron serve`) or
-    `vllm` (vLLM >= 0.33 with `VLLM_SERVER_DEV_MODE=1` and `--weight-transfer-config`, or `serve
-    --protocol vllm`; docs/vllm.md). It picks the routes the bridge calls and, for `distributed`, how
+    `vllm` (vLLM 0.33 with `VLLM_SERVER_DEV_MODE=1`, `--weight-transfer-config` and `--enable-scale-out`,
+    or `serve --protocol vllm`; docs/vllm.md). Environments on `server_type: vllm` go through the
+    bridge's proxies (`lora_proxy_ports`), which give them token ids and log-probs. It picks the routes the bridge calls and, for `distributed`, how
     the trainer joins the group and broadcasts (vLLM: one broadcast per tensor; its `nccl` backend needs
     the `vllm` package on the trainer's sending rank). A server that answers as the other engine is
     reported unhealthy with that reason. vLLM takes `transport: distributed` only, `lora_sync: merged`,
@@ -714,11 +715,13 @@ class WeightsConfig:
     adapter proxies (`lora_proxy_ports`), which name the newest adapter in every generation request:
     SGLang applies an adapter only to requests that name it, and atroposlib names none."""
     lora_proxy_ports: list[int] = field(default_factory=list)
-    """With `lora_sync: adapter`: one port per inference server (same order) on which the bridge
-    forwards HTTP to that server, adding `lora_path` = its newest adapter to `/generate` and `/v1`
-    generation requests that name none. Point the environments' `base_url` at these."""
+    """The bridge's inference proxies: one port per inference server (same order) on which the bridge
+    forwards HTTP to that server. Point the environments' `base_url` at these. Needed by `lora_sync:
+    adapter` (they add `lora_path` = the server's newest adapter to generation requests that name none),
+    `capture_routed_experts`, and `inference_engine: vllm` for environments on `server_type: vllm` (they
+    answer atroposlib's `/generate` through vLLM's `/inference/v1/generate`, docs/vllm.md §9)."""
     lora_proxy_host: str = "127.0.0.1"
-    """Address the adapter proxies listen on (0.0.0.0 to serve environments on other hosts)."""
+    """Address the inference proxies listen on (0.0.0.0 to serve environments on other hosts)."""
     capture_routed_experts: bool = False
     """Rollout routing replay for MoE models: the bridge's proxies (`lora_proxy_ports`, required; they
     also name adapters with `lora_sync: adapter`) add `return_routed_experts: true` to every `/generate`
@@ -950,6 +953,11 @@ class LaunchConfig:
     """Port of the Atropos API started on the head node."""
     bridge_port: int = 50051
     """Port of the bridge on the head node (and of the per-node bridge agents)."""
+    proxy_port: int = 8100
+    """First port of the bridge's inference proxies on the head node, one per server (`proxy_port + k`),
+    started where environments need them: vLLM servers (`backend: vllm`, or `reference` in vLLM mode),
+    whose `/generate` for atroposlib's `server_type: vllm` the proxies provide. Environments then get
+    the proxies' URLs (`{inference_urls}`)."""
     master_port: int = 0
     """Rendezvous port of the trainer's first node (0: 20000 + Slurm job id % 10000)."""
     startup_timeout_s: float = 1800.0
@@ -972,7 +980,7 @@ class LaunchConfig:
             "launch.trainer_procs_per_node",
             "must be >= 1 (or null)",
         )
-        for name in ("api_port", "bridge_port"):
+        for name in ("api_port", "bridge_port", "proxy_port"):
             _require(0 < getattr(self, name) < 65536, f"launch.{name}", "must be a TCP port")
         _require(0 <= self.master_port < 65536, "launch.master_port", "must be a TCP port or 0")
         _require(self.startup_timeout_s > 0, "launch.startup_timeout_s", "must be > 0")

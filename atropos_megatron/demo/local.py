@@ -70,7 +70,7 @@ def engine_overrides(engine: str) -> list[str]:
 
 _ENGINE_SUMMARY = {
     "sglang": "sglang (reference server in SGLang's protocol, environment on server_type sglang)",
-    "vllm": "vllm (reference server with --protocol vllm, environment on server_type vllm)",
+    "vllm": "vllm (reference server with --protocol vllm, environment on server_type vllm via the bridge's proxy)",
 }
 
 
@@ -262,9 +262,13 @@ def run_local(
 
 def uses_proxy(cfg) -> bool:
     """Environments generate through the bridge's proxy: it names the newest adapter in each request
-    (``weights.lora_sync: adapter``) or captures the experts each token was routed to
-    (``weights.capture_routed_experts``)."""
-    return cfg.weights.lora_sync == "adapter" or cfg.weights.capture_routed_experts
+    (``weights.lora_sync: adapter``), captures the experts each token was routed to
+    (``weights.capture_routed_experts``), or answers atroposlib's ``/generate`` through vLLM's token
+    route (``weights.inference_engine: vllm``)."""
+    weights = cfg.weights
+    return (
+        weights.lora_sync == "adapter" or weights.capture_routed_experts or weights.inference_engine == "vllm"
+    )
 
 
 def generation_url(cfg, urls: dict[str, str]) -> str:
@@ -275,7 +279,7 @@ def generation_url(cfg, urls: dict[str, str]) -> str:
 def server_type(cfg) -> str:
     """atroposlib's ``server_type`` for the run's engine: ``sglang`` (SGLang's ``/generate``) or ``vllm``
     (``VLLMServer``: ``{base_url minus /v1}/generate`` with ``prompt_token_ids``, Atropos's vLLM server
-    shape, which ``serve --protocol vllm`` speaks)."""
+    shape, which the bridge's proxy answers through vLLM's ``/inference/v1/generate``)."""
     return "vllm" if cfg.weights.inference_engine == "vllm" else "sglang"
 
 
@@ -417,9 +421,10 @@ def _build_roles(
         serve += ["--enable-lora", "--max-lora-rank", str(lora.rank), "--lora-target-modules", *lora.target_modules]
     if cfg.weights.capture_routed_experts:  # the bridge's proxy asks every /generate for its routing
         serve += ["--enable-return-routed-experts"]
-    if cfg.weights.inference_engine == "vllm":  # vLLM 0.33's RL routes and Atropos's /generate
+    if cfg.weights.inference_engine == "vllm":  # vLLM 0.33's RL routes and token route, as the launcher's
         backend = cfg.weights.distributed_backend or "gloo"  # the trainer's side of the same group
-        serve += ["--protocol", "vllm", "--weight-transfer-config", json.dumps({"backend": backend})]
+        serve += ["--protocol", "vllm", "--weight-transfer-config", json.dumps({"backend": backend}),
+                  "--enable-scale-out", "--logprobs-mode", "processed_logprobs"]
     # fmt: on
     # One thread per process: five processes share the cores. Measured on 2 cores (40 demo steps):
     # 39 s with one thread each, 48-64 s with torch's default two (generation starves: the trainer
@@ -523,9 +528,9 @@ def add_run_options(parser, *, timeout_min: float, example: str) -> None:
         choices=ENGINES,
         default="sglang",
         help="inference protocol: sglang (default; the reference server speaks SGLang's protocol, the "
-        "environment uses server_type sglang) or vllm (the server speaks vLLM 0.33's RL routes and "
-        "Atropos's vLLM /generate, the environment uses server_type vllm; sets weights.inference_engine="
-        "vllm, transport=distributed over gloo, pause_mode=in_place)",
+        "environment uses server_type sglang) or vllm (the server speaks stock vllm serve 0.33's RL and "
+        "token routes, the environment uses server_type vllm through the bridge's /generate proxy; sets "
+        "weights.inference_engine=vllm, transport=distributed over gloo, pause_mode=in_place)",
     )
     parser.add_argument(
         "--timeout-min",

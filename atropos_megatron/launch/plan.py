@@ -191,6 +191,11 @@ def build_plan(
 
     servers = _place_servers(launch, train_nodes[0], inference_nodes)
     urls = tuple(f"http://{nodes[index].address}:{port}" for index, port, _ in servers)
+    # vLLM servers: environments generate through the bridge's proxies, which give atroposlib's
+    # server_type vllm the /generate stock vllm serve lacks (bridge/inference_proxy.py, docs/vllm.md §9).
+    proxy_ports = [launch.proxy_port + k for k in range(len(servers))] if _needs_proxies(cfg) else []
+    proxy_urls = tuple(f"http://{head.address}:{port}" for port in proxy_ports)
+    environment_urls = proxy_urls or urls
 
     api_url = launch.api_url or f"http://{head.address}:{launch.api_port}"
     bridge_address = f"{head.address}:{launch.bridge_port}"
@@ -208,6 +213,7 @@ def build_plan(
         ],
         agents=agents,
         secure=not all(node.address in LOOPBACK for node in nodes),
+        proxies=(head.address, proxy_ports),
     )
 
     cli = (python, "-m", "atropos_megatron.cli")
@@ -255,7 +261,8 @@ def build_plan(
             command=(*cli, "bridge", *config_arg),
             kind="service",
             summary=f"bridge {bridge_address} -> {len(resolved.weights.inference_servers)} local server(s)"
-            + (f", {len(agents)} agent(s)" if agents else ""),
+            + (f", {len(agents)} agent(s)" if agents else "")
+            + (f", proxies on ports {proxy_ports[0]}-{proxy_ports[-1]}" if proxy_ports else ""),
             env=base_env,
             ready=bridge_probe,
         )
@@ -275,13 +282,13 @@ def build_plan(
         )
     environment_env = base_env | {
         "ATROPOS_API_URL": api_url,
-        "INFERENCE_URLS": ",".join(urls),
+        "INFERENCE_URLS": ",".join(environment_urls),
         "MODEL_PATH": model_path or "",
     }
     values = {
         "api_url": api_url,
-        "inference_url": urls[0],
-        "inference_urls": ",".join(urls),
+        "inference_url": environment_urls[0],
+        "inference_urls": ",".join(environment_urls),
         "model_path": model_path or "",
         "run_dir": str(run_dir),
         "seed": str(cfg.seed),
@@ -299,7 +306,7 @@ def build_plan(
                 kind="environment",
                 summary=f"environment: {environment.command[:70]}",
                 env=environment_env | own_env,
-                needs=(api_probe, *server_probes),
+                needs=(api_probe, *server_probes, *((bridge_probe,) if proxy_urls else ())),
                 cwd=_fill(environment.cwd, values, f"{where}.cwd") if environment.cwd else None,
             )
         )
@@ -331,8 +338,8 @@ def build_plan(
 SERVER_TYPES = {
     ("sglang", "sglang"): "sglang",
     ("reference", "sglang"): "sglang",
-    ("reference", "vllm"): "vllm",  # the reference server's vLLM mode has Atropos's /generate
-    ("vllm", "vllm"): "openai",  # stock `vllm serve` has no /generate: no token ids or log-probs
+    ("reference", "vllm"): "vllm",  # through the bridge's proxies: Atropos's /generate on vLLM's token route
+    ("vllm", "vllm"): "vllm",
 }
 """atroposlib ``server_type`` that works with the servers started, by (backend, inference_engine)."""
 
@@ -340,6 +347,11 @@ SERVER_TYPES = {
 def environment_server_type(cfg: TrainConfig) -> str:
     """The ``{server_type}`` placeholder: what an environment's atroposlib server entries should say."""
     return SERVER_TYPES[(cfg.launch.inference.backend, cfg.weights.inference_engine)]
+
+
+def _needs_proxies(cfg: TrainConfig) -> bool:
+    """Whether environments generate through the bridge's proxies (``launch.proxy_port``)."""
+    return cfg.weights.inference_engine == "vllm"
 
 
 def _engine_for_backend(cfg: TrainConfig) -> TrainConfig:
@@ -442,8 +454,10 @@ def _resolve_config(
     head_servers: list[str],
     agents: list[str],
     secure: bool,
+    proxies: tuple[str, list[int]],
 ) -> TrainConfig:
-    """What the allocation decides, written over the user's config (like the demo does)."""
+    """What the allocation decides, written over the user's config (like the demo does); ``proxies``:
+    the host and ports of the bridge's inference proxies (no ports: none)."""
     bridge = replace(cfg.bridge, address=bridge_address, atropos_url=api_url)
     if bridge.spool_dir == BridgeConfig().spool_dir:
         bridge = replace(bridge, spool_dir=str(run_dir / "spool"))  # the run's own, kept over requeues
@@ -454,6 +468,8 @@ def _resolve_config(
         # batches or push weights. The token lives in the resolved config (written mode 0600).
         bridge = replace(bridge, auth_token=secrets.token_urlsafe(32))
     weights = replace(cfg.weights, inference_servers=list(head_servers), bridge_agents=list(agents))
+    if proxies[1]:
+        weights = replace(weights, lora_proxy_host=proxies[0], lora_proxy_ports=list(proxies[1]))
     # A launched run always resumes from its own latest checkpoint (none yet: it starts fresh), so a
     # requeued job continues where it stopped.
     checkpoint = cfg.checkpoint if cfg.checkpoint.load else replace(cfg.checkpoint, load="latest")
@@ -477,10 +493,11 @@ def _server_command(
             "--dtype", cfg.model.dtype, "--max-batch", str(cfg.data.batch_size), "--seed", str(cfg.seed),
         ]  # fmt: skip
         if cfg.weights.inference_engine == "vllm":
-            # vLLM 0.33's RL routes + Atropos's /generate; the group backend the trainer will use
-            # (WeightTransfer: distributed_backend, else nccl with CUDA, gloo without).
+            # vLLM 0.33's RL routes and token route, as stock vllm serve below; the group backend the
+            # trainer will use (WeightTransfer: distributed_backend, else nccl with CUDA, gloo without).
             backend = cfg.weights.distributed_backend or ("nccl" if cfg.launch.gpus_per_node else "gloo")
-            command += ["--protocol", "vllm", "--weight-transfer-config", json.dumps({"backend": backend})]
+            command += ["--protocol", "vllm", "--weight-transfer-config", json.dumps({"backend": backend}),
+                        "--enable-scale-out", "--logprobs-mode", "processed_logprobs"]  # fmt: skip
     elif inference.backend == "vllm":
         # Stock `vllm serve` (vLLM 0.33.0: vllm/entrypoints/cli/main.py is the `vllm` script; the flags are
         # in engine/arg_utils.py and entrypoints/common/cli_args.py). VLLM_SERVER_DEV_MODE=1 is in the
@@ -488,11 +505,15 @@ def _server_command(
         # `--generation-config vllm`: sampling fields a request leaves out get vLLM's neutral defaults,
         # not the model's generation_config.json (its top_k / top_p / repetition_penalty would change
         # what is sampled from behind the trainer's back: config/model.py, docs/vllm.md §3).
+        # `--enable-scale-out` mounts /inference/v1/generate, the token route the bridge's proxies
+        # answer atroposlib's /generate with; `--logprobs-mode processed_logprobs` reports log-probs
+        # after temperature, as SGLang's are and the trainer's are (the default, raw, ignores it).
         command = [
             inference.python or python, "-m", "vllm.entrypoints.cli.main", "serve", model_path,
             "--host", host, "--port", str(port), "--served-model-name", model_path,
             "--tensor-parallel-size", str(inference.gpus_per_server),
             "--weight-transfer-config", json.dumps({"backend": "nccl"}), "--generation-config", "vllm",
+            "--enable-scale-out", "--logprobs-mode", "processed_logprobs",
         ]  # fmt: skip
         return (*command, *inference.extra_args)
     else:

@@ -296,7 +296,8 @@ def test_vllm_backend_starts_vllm_serve_with_its_rl_routes(tmp_path):
         "/venvs/vllm/bin/python", "-m", "vllm.entrypoints.cli.main", "serve", "/models/m",
         "--host", "10.0.0.2", "--port", "30000", "--served-model-name", "/models/m",
         "--tensor-parallel-size", "4", "--weight-transfer-config", '{"backend": "nccl"}',
-        "--generation-config", "vllm", "--gpu-memory-utilization", "0.85",
+        "--generation-config", "vllm", "--enable-scale-out", "--logprobs-mode", "processed_logprobs",
+        "--gpu-memory-utilization", "0.85",
     )  # fmt: skip
     assert server.env["VLLM_SERVER_DEV_MODE"] == "1"
     assert server.ready.kind == "http" and server.ready.target == "http://10.0.0.2:30000/health"
@@ -308,7 +309,14 @@ def test_vllm_backend_starts_vllm_serve_with_its_rl_routes(tmp_path):
     assert _roles(plan)[1] == ["inference-0", "inference-1"]  # no bridge agent
     # our own roles do not get vLLM's dev mode; environments learn the server_type that works
     assert "VLLM_SERVER_DEV_MODE" not in _role(plan, 0, "bridge").env
-    assert _role(plan, 0, "env-e").command[-1] == "openai"
+    environment = _role(plan, 0, "env-e")
+    assert environment.command[-1] == "vllm"
+    # ... and generate through the bridge's proxies on the head node, one per server, once they are up
+    proxies = ["http://10.0.0.1:8100", "http://10.0.0.1:8101"]
+    assert (resolved.weights.lora_proxy_host, resolved.weights.lora_proxy_ports) == ("10.0.0.1", [8100, 8101])
+    assert environment.env["INFERENCE_URLS"] == ",".join(proxies)
+    assert ("tcp", resolved.bridge.address) in {(probe.kind, probe.target) for probe in environment.needs}
+    assert "proxies on ports 8100-8101" in plan.format()
     assert {probe.target for probe in _role(plan, 0, "trainer-0").needs} >= {
         f"{url}/health" for url in plan.inference_urls
     }
@@ -355,14 +363,16 @@ def test_reference_server_speaks_vllm_when_the_engine_is_vllm(tmp_path, gpus, gr
     server = _role(plan, 0, "inference-0")
     assert server.command[:4] == ("py", "-m", "atropos_megatron.cli", "serve")
     tail = server.command[server.command.index("--protocol") :]
-    assert tail == ("--protocol", "vllm", "--weight-transfer-config", f'{{"backend": "{group}"}}')
+    assert tail == ("--protocol", "vllm", "--weight-transfer-config", f'{{"backend": "{group}"}}',
+                    "--enable-scale-out", "--logprobs-mode", "processed_logprobs")  # fmt: skip
     assert "VLLM_SERVER_DEV_MODE" not in server.env
     assert "reference (vLLM protocol) server" in plan.format()
-    assert _role(plan, 0, "env-e").command[-1] == "vllm"  # its /generate serves atroposlib's VLLMServer
-    assert resolved.weights.inference_engine == "vllm"
-    # SGLang protocol by default
-    plan, _ = _plan(["launch.inference.backend=reference"], 1, tmp_path)
+    assert _role(plan, 0, "env-e").command[-1] == "vllm"  # through the bridge's proxy, as with vllm serve
+    assert resolved.weights.inference_engine == "vllm" and len(resolved.weights.lora_proxy_ports) == 1
+    # SGLang protocol by default, and no proxies: environments generate at the servers
+    plan, resolved = _plan(["launch.inference.backend=reference"], 1, tmp_path)
     assert "--protocol" not in _role(plan, 0, "inference-0").command
+    assert resolved.weights.lora_proxy_ports == []
 
 
 def test_vllm_recipe_plans_four_colocated_vllm_servers(tmp_path, monkeypatch):

@@ -131,12 +131,17 @@ def test_engine_vllm_sets_what_vllm_takes_and_starts_the_server_and_environment_
             assert (weights.transport, weights.pause_mode) == ("grpc", "retract")
         command = environment_command(spec, cfg, urls, urls["api"], tmp_path / "m", tmp_path / "t")
         assert command[command.index("--openai.server_type") + 1] == engine
-        assert command[command.index("--openai.base_url") + 1] == "http://127.0.0.1:2/v1"  # no proxy
+        # vLLM: through the bridge's proxy, which answers atroposlib's /generate on vLLM's token route
+        generates_at = urls["lora_proxy"] if engine == "vllm" else urls["inference"]
+        assert command[command.index("--openai.base_url") + 1] == f"{generates_at}/v1"
+        assert weights.lora_proxy_ports == ([3] if engine == "vllm" else [])
         roles = _build_roles(cfg, tmp_path / "c.yaml", tmp_path / "m", tmp_path / "t", urls, 4, None, command)
         serve = next(role for role in roles if role.name == "inference").command
         if engine == "vllm":
             assert serve[serve.index("--protocol") + 1] == "vllm"
             assert serve[serve.index("--weight-transfer-config") + 1] == '{"backend": "gloo"}'
+            assert "--enable-scale-out" in serve
+            assert serve[serve.index("--logprobs-mode") + 1] == "processed_logprobs"
         else:
             assert "--protocol" not in serve and "--weight-transfer-config" not in serve
     # The user's overrides come after the engine's: a pause mode vLLM has is taken, retract is refused.

@@ -45,7 +45,7 @@ class Recipe:
     backend: str = "sglang"
     """launch.inference.backend."""
     server_type: str = "sglang"
-    """atroposlib server_type the environment's server list names (stock vLLM: openai)."""
+    """atroposlib server_type the environment's server list names (vLLM: vllm, at the bridge's proxies)."""
 
 
 RECIPES = {
@@ -133,7 +133,7 @@ RECIPES = {
     ),
 }
 RECIPES["qwen2.5-7b_1node_vllm.yaml"] = replace(
-    RECIPES["qwen2.5-7b_1node.yaml"], backend="vllm", server_type="openai"
+    RECIPES["qwen2.5-7b_1node.yaml"], backend="vllm", server_type="vllm"
 )
 # Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B config.json (model cards: 30.5B total / 3.3B activated,
 # 235B / 22B); the 235B's differs in width, depth, heads and expert width only.
