@@ -83,9 +83,10 @@ def test_demo_reward_rises_and_every_process_exits_cleanly(tmp_path, report):
 
 @pytest.mark.slow
 def test_the_demo_learns_against_a_vllm_protocol_server(tmp_path, report):
-    """``demo --engine vllm``: the reference server speaks vLLM 0.33's RL routes and Atropos's vLLM
-    ``/generate``, the bridge pushes by ``distributed`` (gloo) through vLLM's weight-transfer sequence,
-    and the environment samples through atroposlib's ``VLLMServer`` (``server_type: vllm``)."""
+    """``demo --engine vllm``: the reference server speaks stock vLLM 0.33's RL and token routes, the
+    bridge pushes by ``distributed`` (gloo) through vLLM's weight-transfer sequence, and the environment
+    samples through atroposlib's ``VLLMServer`` (``server_type: vllm``) at the bridge's proxy, which
+    answers its ``/generate`` through vLLM's ``/inference/v1/generate``."""
     from atropos_megatron.config import load_config
     from atropos_megatron.demo.run import run_demo
 
@@ -114,8 +115,9 @@ def test_the_demo_learns_against_a_vllm_protocol_server(tmp_path, report):
     assert inference_log.count("weights updated through vLLM's weight transfer (gloo)") == 1
     bridge_log = (logs / "bridge.log").read_text()
     assert "(distributed) to 1 server(s)" in bridge_log and "1/1 server(s) updated" in bridge_log
-    # The log-probs the environment read from /generate reached the trainer: on the first step (the
-    # weights it samples with) they are the trainer's own.
+    assert "vLLM /generate proxy" in bridge_log
+    # The log-probs the environment read through the proxy reached the trainer: on the first step
+    # (the weights it samples with) they are the trainer's own.
     first = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first["rollout/logprob_abs_diff"] < 1e-5, first
     # The environment got atroposlib's vLLM server type (its config is printed at start-up).

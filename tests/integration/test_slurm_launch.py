@@ -44,10 +44,12 @@ def assets(tmp_path_factory):
     return build_assets(tmp_path_factory.mktemp("tiny"), seed=1234)
 
 
-def _sbatch(cluster, assets, run_dir: Path, *, steps: int, script: Path = MULTI_NODE) -> int:
+def _sbatch(
+    cluster, assets, run_dir: Path, *, steps: int, script: Path = MULTI_NODE, overrides: tuple[str, ...] = ()
+) -> int:
     from atropos_megatron.launch.supervisor import free_ports
 
-    api, bridge, server = free_ports(3)
+    api, bridge, server, proxy = free_ports(4)
     env = {
         "CONFIG": str(CONFIG),
         "MODEL_PATH": str(assets.model_dir),
@@ -62,9 +64,10 @@ def _sbatch(cluster, assets, run_dir: Path, *, steps: int, script: Path = MULTI_
         "--gpus-per-node=1",  # the scripts ask for 8; the fake nodes have 4 (the run uses none)
         f"--output={run_dir}.out",
     ]
-    overrides = [f"launch.api_port={api}", f"launch.bridge_port={bridge}", f"launch.inference.port={server}"]
+    ports = [f"launch.api_port={api}", f"launch.bridge_port={bridge}", f"launch.inference.port={server}",
+             f"launch.proxy_port={proxy}"]  # fmt: skip
     # sbatch [options] script [script arguments]: the overrides reach `launch plan` through "$@".
-    return cluster.sbatch(script, *options, env=env, cwd=REPO, script_args=overrides)
+    return cluster.sbatch(script, *options, env=env, cwd=REPO, script_args=[*ports, *overrides])
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -106,6 +109,32 @@ def test_multi_node_job_trains_checkpoints_and_exits_cleanly(cluster, assets, tm
     assert (run_dir / "launch" / session / "status/finished").exists()
     assert "failed" not in " ".join(p.name for p in (run_dir / "launch" / session / "status").iterdir())
     assert "killed" not in output  # every role stopped within its grace period
+    _assert_no_job_processes(cluster)
+
+
+def test_multi_node_job_in_vllm_mode_samples_through_the_bridges_proxy(cluster, assets, tmp_path, report):
+    """The same job with the reference server as stock ``vllm serve`` (``weights.inference_engine: vllm``):
+    the launcher starts it with vLLM's RL and token routes, the bridge pushes over vLLM's weight-transfer
+    sequence (gloo), and the environment, on ``server_type: vllm``, generates through the bridge's proxy,
+    so the inference log-probs it reads reach the trainer."""
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    vllm = ("weights.inference_engine=vllm", "weights.transport=distributed", "weights.pause_mode=in_place")
+    job = _sbatch(cluster, assets, run_dir, steps=4, overrides=vllm)
+    info = cluster.wait_for(job, {"COMPLETED"}, JOB_TIMEOUT_S)
+    report(f"2-node job, vLLM mode: {time.monotonic() - started:.0f} s from sbatch to COMPLETED")
+    output = _job_output(run_dir)
+    assert info["ExitCode"] == "0:0", output
+    assert _steps(run_dir) == [1, 2, 3, 4]
+    logs = run_dir / "logs" / f"job{job}-0" / "node1"
+    server_log = (logs / "inference-0.log").read_text()
+    assert "reference server in vLLM mode" in server_log and "/inference/v1/generate on" in server_log
+    bridge_log = (logs / "bridge.log").read_text()
+    assert "vLLM /generate proxy" in bridge_log and "(distributed) to 1 server(s)" in bridge_log
+    assert "server_type='vllm'" in (logs / "env-alphabet.log").read_text()
+    # Step 1 samples with the weights the trainer starts from: the log-probs are the trainer's own.
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rollout/logprob_abs_diff"] < 1e-5, first
     _assert_no_job_processes(cluster)
 
 
