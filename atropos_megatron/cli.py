@@ -214,7 +214,8 @@ def _add_serve_parser(commands) -> None:
         choices=("sglang", "vllm"),
         default="sglang",
         help="HTTP protocol: SGLang's (default) or vLLM 0.33's (its RL routes and, with --enable-scale-out, "
-        "its token route /inference/v1/generate; no /generate; docs/vllm.md)",
+        "its token route /inference/v1/generate; with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in the "
+        "environment, /v1/load_lora_adapter and /v1/unload_lora_adapter; no /generate; docs/vllm.md)",
     )
     serve.add_argument(
         "--enable-scale-out",

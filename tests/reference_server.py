@@ -19,12 +19,15 @@ from tests.subprocess_server import SubprocessServer
 
 class ReferenceServer(SubprocessServer):
     """One ``serve`` process on ``127.0.0.1:port``; keyword options become ``--flag value`` arguments
-    (``True``: a bare ``--flag``; a list: ``--flag v1 v2``)."""
+    (``True``: a bare ``--flag``; a list: ``--flag v1 v2``); ``env``: variables set for the process."""
 
     name = "reference-server"
 
-    def __init__(self, model_dir, *, startup_timeout_s: float = 60.0, **cli_options: object) -> None:
-        super().__init__(startup_timeout_s=startup_timeout_s)
+    def __init__(
+        self, model_dir, *, startup_timeout_s: float = 60.0, env: dict[str, str] | None = None,
+        **cli_options: object,
+    ) -> None:  # fmt: skip
+        super().__init__(startup_timeout_s=startup_timeout_s, env=env)
         self._args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in cli_options.items():
             flag = f"--{key.replace('_', '-')}"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -29,10 +30,13 @@ class SubprocessServer:
 
     name = "server"  # in error messages
 
-    def __init__(self, port: int | None = None, *, startup_timeout_s: float) -> None:
+    def __init__(
+        self, port: int | None = None, *, startup_timeout_s: float, env: Mapping[str, str] | None = None
+    ) -> None:
         self.port = port if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout_s = startup_timeout_s
+        self.env = dict(env) if env else None  # set on top of this process's environment
         self._proc: subprocess.Popen[bytes] | None = None
         # The server's stdout+stderr, shown if it dies; removed by close().
         fd, log_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
@@ -55,7 +59,8 @@ class SubprocessServer:
         if self.running:
             raise RuntimeError(f"{self.name} already running at {self.url}")
         with self._log_path.open("wb") as log:  # the child keeps its own descriptor
-            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+            env = {**os.environ, **self.env} if self.env else None  # None: inherit it unchanged
+            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()
         return self
 

@@ -9,7 +9,10 @@ guards the weight, pause, flush and version routes, and then only that key is ac
 it, those routes fall back to the api key). Streaming is not implemented (``stream: true`` -> 400).
 ``protocol="vllm"`` serves vLLM 0.33's routes instead (``vllm_http``; docs/vllm.md §3, §9): its RL routes
 and, with ``enable_scale_out``, the token route ``/inference/v1/generate`` (``--api-key`` guards it as
-it guards ``/v1``: vLLM guards the ``/inference`` prefix too); no ``/generate``.
+it guards ``/v1``: vLLM guards the ``/inference`` prefix too); no ``/generate``. With
+``runtime_lora_updating`` (``serve`` reads ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` once, at start-up, as
+vLLM does) it mounts vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``; requests select
+a loaded adapter by ``model: "<lora_name>"`` (SGLang mode: ``"<served>:<name>"`` or ``lora_path``).
 """
 
 from __future__ import annotations
@@ -90,16 +93,21 @@ def create_app(
     protocol: str = "sglang",
     weight_transfer_backend: str | None = None,
     enable_scale_out: bool = False,
+    runtime_lora_updating: bool = False,
 ) -> FastAPI:
     """The app for ``engine``; ``sglang_version`` picks the protocol generation (sessions from 0.5.21).
 
     ``protocol="vllm"``: vLLM 0.33's routes instead of SGLang's generation, pause and weight routes
     (``vllm_http``): no ``/generate``; ``enable_scale_out`` (``vllm serve --enable-scale-out``) mounts
-    its token route ``/inference/v1/generate``, which answers 403 without it."""
+    its token route ``/inference/v1/generate``, which answers 403 without it; ``runtime_lora_updating``
+    (vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) mounts ``/v1/load_lora_adapter`` and
+    ``/v1/unload_lora_adapter``, which do not exist (404) without it."""
     version = parse_version(sglang_version)
     vllm = protocol == "vllm"
     if enable_scale_out and not vllm:
         raise ValueError("--enable-scale-out is a vLLM flag: it needs --protocol vllm")
+    if runtime_lora_updating and not vllm:
+        raise ValueError("VLLM_ALLOW_RUNTIME_LORA_UPDATING is vLLM's: it needs --protocol vllm")
     updater = WeightUpdater(engine, sessions_required=version >= SESSION_VERSION)
     lora = LoraService(engine)
     from atropos_megatron.inference.vllm_weights import VllmWeightTransfer
@@ -154,6 +162,15 @@ def create_app(
     async def with_adapters(requests: list[GenerateRequest], lora_path: Any) -> list[GenerateRequest]:
         """Each prompt's adapter (SGLang's lora_path rules), held from here until its samples exist."""
         adapters = await lora.resolve(lora_path, len(requests))
+        return [dataclasses.replace(r, adapter=a) for r, a in zip(requests, adapters, strict=True)]
+
+    async def with_v1_adapters(requests: list[GenerateRequest], body: Any) -> list[GenerateRequest]:
+        """The adapter a /v1 body names: vLLM mode, ``model`` equal to a loaded adapter's name (else the
+        base model); SGLang mode, ``"<served>:<name>"`` or ``lora_path``."""
+        if not vllm:
+            return await with_adapters(requests, openai_lora_path(body, engine.options.served_model_name))
+        model = body.get("model") if isinstance(body, dict) else None
+        adapters = lora.hold(model, len(requests)) or [None] * len(requests)
         return [dataclasses.replace(r, adapter=a) for r, a in zip(requests, adapters, strict=True)]
 
     # ----- health and info
@@ -215,8 +232,9 @@ def create_app(
         from atropos_megatron.inference import vllm_http
 
         vllm_http.register(
-            app, engine, route, json_response, run_samples, transfer, lora=lora, scale_out=enable_scale_out
-        )
+            app, engine, route, json_response, run_samples, transfer, lora=lora, scale_out=enable_scale_out,
+            runtime_lora=runtime_lora_updating,
+        )  # fmt: skip
 
     # ----- generation
     @route("/generate") if not vllm else (lambda handler: handler)
@@ -246,8 +264,7 @@ def create_app(
     async def completions(request: Request) -> Response:
         try:
             body = await body_of(request)
-            requests = openai_api.parse_completion(body, engine)
-            requests = await with_adapters(requests, openai_lora_path(body, engine.options.served_model_name))
+            requests = await with_v1_adapters(openai_api.parse_completion(body, engine), body)
         except RequestError as exc:
             return _openai_error(str(exc))
         results = await run_samples(requests)
@@ -258,10 +275,7 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         try:
             body = await body_of(request)
-            (chat,) = await with_adapters(
-                [openai_api.parse_chat(body, engine)],
-                openai_lora_path(body, engine.options.served_model_name),
-            )
+            (chat,) = await with_v1_adapters([openai_api.parse_chat(body, engine)], body)
         except RequestError as exc:
             return _openai_error(str(exc))
         (samples,) = await run_samples([chat])
@@ -394,9 +408,12 @@ def serve(args: Any) -> int:
     from atropos_megatron.inference.engine import EngineOptions, load_engine
     from atropos_megatron.inference.lora_options import LoraOptionsError, lora_options_from_args
     from atropos_megatron.inference.routed_experts import RoutedExpertsError
+    from atropos_megatron.inference.vllm_http import runtime_lora_updating
 
     protocol = getattr(args, "protocol", "sglang")
     scale_out = getattr(args, "enable_scale_out", False)
+    # Read once here, at start-up, as vLLM reads it (envs.py); SGLang mode has no such switch.
+    runtime_lora = protocol == "vllm" and runtime_lora_updating(os.environ)
     if scale_out and protocol != "vllm":
         logger.error("serve: --enable-scale-out is a vLLM flag (vllm serve's): it needs --protocol vllm")
         return 2
@@ -441,14 +458,16 @@ def serve(args: Any) -> int:
     app = create_app(
         engine, api_key=args.api_key, admin_api_key=args.admin_api_key, sglang_version=args.sglang_version,
         protocol=protocol, weight_transfer_backend=backend, enable_scale_out=scale_out,
+        runtime_lora_updating=runtime_lora,
     )  # fmt: skip
     if protocol == "vllm":
         from atropos_megatron.inference.vllm_http import VLLM_VERSION
 
         logger.info(
             "reference server in vLLM mode (vLLM %s RL routes, /inference/v1/generate %s, %s, weight "
-            "transfer %s, not for production) on http://%s:%d", VLLM_VERSION, "on" if scale_out else "off (403)",
-            logprobs_mode, backend or "off", args.host, args.port,
+            "transfer %s, runtime LoRA updating %s, not for production) on http://%s:%d", VLLM_VERSION,
+            "on" if scale_out else "off (403)", logprobs_mode, backend or "off",
+            "on" if runtime_lora else "off", args.host, args.port,
         )  # fmt: skip
     else:
         logger.info(

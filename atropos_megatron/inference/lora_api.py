@@ -8,6 +8,11 @@ taking priority over ``lora_path``); :meth:`LoraService.resolve` turns names int
 way SGLang's tokenizer manager does, including its implicit reload of an unloaded name from its
 stored path. Where SGLang answers 422 (a missing field) this answers 400 with the same reply shape,
 and unknown fields are refused (as the weight routes do), so a typo cannot pass silently.
+
+vLLM mode's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (``vllm_http``, vLLM's replies)
+use the same service: :meth:`LoraService.add_from_path` (with vLLM's in-place replacement),
+:meth:`LoraService.forget` (no wait for the requests holding it) and :meth:`LoraService.hold` (vLLM's
+selection: ``model`` names a loaded adapter; no implicit reload).
 """
 
 from __future__ import annotations
@@ -144,6 +149,11 @@ class LoraService:
     def enabled(self) -> bool:
         return self.engine.lora is not None
 
+    @property
+    def update_lock(self) -> asyncio.Lock:
+        """Held by every load and unload, so a check and the change it guards are one step."""
+        return self._update_lock
+
     # ----- routes: each returns (reply, HTTP status)
     async def load_from_path(self, body: Any) -> tuple[dict[str, Any], int]:
         values, refused = self._admit(body, LOAD_FIELDS)
@@ -174,6 +184,32 @@ class LoraService:
             level, note = _first_time(self._unload_log)
             logger.log(level, "LoRA adapter %s unloaded%s", adapter.name, note)
             return _reply(True, "", self.registry.loaded_adapters())
+
+    # ----- vLLM mode (vllm_http): the caller holds update_lock and words the replies
+    async def add_from_path(self, name: str, path: str, *, replace: bool = False) -> LoraAdapter:
+        """Load the PEFT directory ``path`` as ``name``; ``replace``: a loaded adapter of that name gives
+        way once the new one is built (vLLM's ``load_inplace``). Raises on failure, every adapter kept."""
+        adapter = await asyncio.to_thread(self._from_path, name, path, False, replacing=replace)
+        self.registry.add(adapter, replace=replace)
+        level, note = _first_time(self._load_log)
+        logger.log(level, "LoRA adapter %s loaded from %s%s", name, path, note)
+        return adapter
+
+    def forget(self, name: str) -> None:
+        """Unload ``name`` at once (vLLM's unload: requests holding it finish on it, unwaited)."""
+        adapter = self.registry.remove(name)
+        level, note = _first_time(self._unload_log)
+        logger.log(level, "LoRA adapter %s unloaded%s", adapter.name, note)
+
+    def hold(self, name: Any, prompts: int) -> list[LoraAdapter | None] | None:
+        """vLLM's selection: the loaded adapter called ``name`` once per prompt, held until
+        :meth:`release`; None when ``name`` is no loaded adapter's (the base model's, unknown, unloaded)."""
+        if not (self.enabled and isinstance(name, str) and self.registry.is_loaded(name)):
+            return None
+        try:
+            return self.registry.acquire([name] * prompts)
+        except AdapterError:  # unloaded since the check
+            return None
 
     def model_cards(self, created: int) -> list[dict[str, Any]]:
         """``/v1/models`` cards of the loaded adapters (SGLang: ``root`` is the path, no max length)."""
@@ -255,9 +291,9 @@ class LoraService:
         if not reply["success"] and "already loaded" not in message:
             raise RequestError(f"Failed to implicitly load LoRA adapter {name}: {message}")
 
-    def _from_path(self, name: str, path: str, pinned: bool) -> LoraAdapter:
+    def _from_path(self, name: str, path: str, pinned: bool, *, replacing: bool = False) -> LoraAdapter:
         raw, added = read_config(path)
-        config = self._checked_config(name, raw, added, pinned)
+        config = self._checked_config(name, raw, added, pinned, replacing=replacing)
         return self._adapter(name, path, pinned, config, read_tensors(path))
 
     def _from_tensors(self, values: dict[str, Any]) -> LoraAdapter:
@@ -271,15 +307,18 @@ class LoraService:
         config = self._checked_config(name, values["config_dict"], values["added_tokens_config"], pinned)
         return self._adapter(name, TENSOR_PATH, pinned, config, tensors)
 
-    def _checked_config(self, name: str, raw: Any, added: Any, pinned: bool) -> AdapterConfig:
+    def _checked_config(
+        self, name: str, raw: Any, added: Any, pinned: bool, *, replacing: bool = False
+    ) -> AdapterConfig:
         assert self.engine.lora is not None and self.engine.options.lora is not None
         config = parse_config(raw, added if isinstance(added, dict) else None, self.engine.vocab_size)
+        loaded = set(self.registry.loaded_adapters()) - ({name} if replacing else set())
         check_config(
             config,
             name=name,
             options=self.engine.options.lora,
             targets=self.engine.lora.sites.targets,
-            loaded_names=set(self.registry.loaded_adapters()),
+            loaded_names=loaded,
             pinned=pinned,
             pinned_count=self.registry.pinned_count(),
         )

@@ -103,6 +103,9 @@ POST /load_lora_adapter {lora_name, lora_path: a PEFT directory on this machine}
 name: /generate {"lora_path": NAME or one per prompt}, /v1/* {"model": "SERVED:NAME"} or
 {"lora_path": NAME}; no name means the base model. Like SGLang, the scale is lora_alpha / r
 (use_rslora and rank/alpha patterns are not read: fold them into lora_B before loading).
+With --protocol vllm, adapters come as with vllm serve: start the server with
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, then POST /v1/load_lora_adapter {lora_name, lora_path}
+and /v1/unload_lora_adapter {lora_name}; a request picks one by {"model": NAME}.
 Example: --enable-lora --max-lora-rank 64 --lora-target-modules all"""
 
 
@@ -113,7 +116,9 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
         "--enable-lora",
         action="store_true",
         help="serve LoRA adapters on top of the base model (off: the LoRA routes and any lora_path "
-        "in a request answer 400, as SGLang does); needs --max-lora-rank and --lora-target-modules",
+        "in a request answer 400, as SGLang does); needs --max-lora-rank and --lora-target-modules. "
+        "--protocol vllm: adapters come through /v1/load_lora_adapter, mounted with "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True as with vllm serve (off: a load answers vLLM's 500)",
     )
     group.add_argument(
         "--max-lora-rank",

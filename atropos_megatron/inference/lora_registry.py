@@ -58,15 +58,18 @@ class LoraRegistry:
         with self._cond:
             return list(self._cache_names)
 
-    def add(self, adapter: LoraAdapter) -> None:
+    def add(self, adapter: LoraAdapter, *, replace: bool = False) -> None:
+        """Register ``adapter`` under its name; ``replace``: a loaded adapter of that name gives way
+        (vLLM's ``load_inplace``), and the requests holding it keep it until they finish."""
         with self._cond:
-            if adapter.name in self._by_name:
+            if adapter.name in self._by_name and not replace:
                 raise AdapterError(
                     f"LoRA with name {adapter.name} already exists. Loaded LoRAs: {_odict_keys(self._by_name)}"
                 )
             self._ever.pop(adapter.name, None)  # re-inserted last: load order
             self._ever[adapter.name] = adapter
             self._cache_names.setdefault(adapter.name, None)
+            self._by_name.pop(adapter.name, None)
             self._by_name[adapter.name] = adapter
 
     def remove(self, name: str) -> LoraAdapter:

@@ -445,6 +445,14 @@ def _schema_error(errors: list[dict[str, Any]]) -> ScaleOutError:
     return ScaleOutError(message.rstrip(), err_type="Bad Request", param=param)
 
 
+def validated(model: type[BaseModel], body: Any) -> Any:
+    """``body`` as ``model``; a body that fails its schema raises vLLM's 400 (as :func:`parse_generate`)."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _schema_error(exc.errors(include_url=False)) from None
+
+
 def content_type_error() -> ScaleOutError:
     """vLLM's ``validate_json_request``: a body that is not ``application/json`` is a 400."""
     return ScaleOutError("1 validation error:\n  the request body must be sent as Content-Type: application/json",
