@@ -667,8 +667,9 @@ class WeightsConfig:
     bridge's proxies (`lora_proxy_ports`), which give them token ids and log-probs. It picks the routes the bridge calls and, for `distributed`, how
     the trainer joins the group and broadcasts (vLLM: one broadcast per tensor; its `nccl` backend needs
     the `vllm` package on the trainer's sending rank). A server that answers as the other engine is
-    reported unhealthy with that reason. vLLM takes `transport: distributed` only, `lora_sync: merged`,
-    `pause_mode` `abort` or `in_place` (vLLM's `keep`)."""
+    reported unhealthy with that reason. vLLM takes `transport: distributed` (or `disk` with `lora_sync:
+    adapter`: adapters load through `/v1/load_lora_adapter`), `pause_mode` `abort` or `in_place` (vLLM's
+    `keep`)."""
     inference_servers: list[str] = field(default_factory=list)
     """Base URLs of the SGLang (or reference) servers the bridge keeps in sync. With `grpc` they must
     share the bridge's host (tensors travel through shared memory): run one bridge per node
@@ -711,9 +712,11 @@ class WeightsConfig:
     """With LoRA (`model.lora.rank > 0`): `merged` sends `W + scale*B*A` as full weights (any transport;
     the servers run a plain model), `adapter` sends only the adapters, loaded as a new SGLang LoRA
     adapter per push (`/load_lora_adapter` for `disk`, `/load_lora_adapter_from_tensors` for `grpc`;
-    servers need `--enable-lora`). Environments must then reach the servers through the bridge's
-    adapter proxies (`lora_proxy_ports`), which name the newest adapter in every generation request:
-    SGLang applies an adapter only to requests that name it, and atroposlib names none."""
+    servers need `--enable-lora`; vLLM: `disk` only, `/v1/load_lora_adapter`, servers need `--enable-lora`
+    and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`). Environments must then reach the servers through the
+    bridge's proxies (`lora_proxy_ports`), which name the newest adapter in every generation request
+    (SGLang's `lora_path`, vLLM's `model`): servers apply an adapter only to requests that name it, and
+    atroposlib names none."""
     lora_proxy_ports: list[int] = field(default_factory=list)
     """The bridge's inference proxies: one port per inference server (same order) on which the bridge
     forwards HTTP to that server. Point the environments' `base_url` at these. Needed by `lora_sync:
@@ -792,18 +795,21 @@ class WeightsConfig:
 
     def _check_vllm(self) -> None:
         """What vLLM 0.33's RL routes cannot do, refused by name (docs/vllm.md §4)."""
-        _require(
-            self.transport == "distributed",
-            "weights.transport",
-            f"{self.transport} is not supported with inference_engine=vllm: vLLM has no route that loads "
-            "serialized tensors (grpc) and 0.33 has no disk weight-transfer engine (disk); use distributed",
-        )
-        _require(
-            self.lora_sync == "merged",
-            "weights.lora_sync",
-            "adapter is not supported with inference_engine=vllm (the adapter proxy names adapters in "
-            "SGLang's lora_path field); use merged",
-        )
+        if self.lora_sync == "adapter":
+            _require(
+                self.transport == "disk",
+                "weights.transport",
+                f"{self.transport} is not supported for LoRA adapters with inference_engine=vllm: vLLM loads "
+                "adapters from a path only (/v1/load_lora_adapter); use disk",
+            )
+        else:
+            _require(
+                self.transport == "distributed",
+                "weights.transport",
+                f"{self.transport} is not supported with inference_engine=vllm: vLLM has no route that loads "
+                "serialized tensors (grpc) and 0.33 has no disk weight-transfer engine (disk); use distributed "
+                "(or lora_sync=adapter, whose adapters go by disk)",
+            )
         _require(
             self.pause_mode != "retract",
             "weights.pause_mode",

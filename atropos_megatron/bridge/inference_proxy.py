@@ -17,7 +17,8 @@ token ids for the batches (``routed_experts.py``) and removed from what the envi
 
 vLLM: stock ``vllm serve`` has no ``/generate``; a ``POST /generate`` in Atropos's shape is sent to
 vLLM's ``/inference/v1/generate`` and its reply translated back (``vllm_generate.py``, docs/vllm.md §9),
-so environments on ``server_type: vllm`` get token ids and log-probs. ``/health`` and ``/v1`` pass.
+so environments on ``server_type: vllm`` get token ids and log-probs. ``/health`` and ``/v1`` pass; an
+adapter is named by vLLM's ``model`` instead of SGLang's ``lora_path``.
 
 Threads, not an event loop: the bridge stays free of web frameworks, and a request's thread mostly
 waits on the server.
@@ -51,12 +52,14 @@ _HOP_BY_HOP = {
 }  # fmt: skip
 
 
-def name_adapter(path: str, body: bytes, adapter: str | None) -> bytes:
-    """``body`` with ``lora_path`` set to ``adapter`` when ``path`` generates and the body names none.
+def name_adapter(path: str, body: bytes, adapter: str | None, *, engine: str = "sglang") -> bytes:
+    """``body`` naming ``adapter`` when ``path`` generates and the body names no adapter of its own.
 
-    Anything else (another route, no adapter yet, a body that is not a JSON object, an explicit
-    ``lora_path``) passes unchanged; an explicit ``model: "<served>:<adapter>"`` takes priority in
-    SGLang anyway.
+    SGLang: ``lora_path`` is set unless the body has one (an explicit ``model: "<served>:<adapter>"``
+    takes priority in SGLang anyway). vLLM: ``model`` is set unless it already names one of the
+    bridge's adapters (same stem as ``adapter``, e.g. ``policy-v``): vLLM selects an adapter by its name
+    as the model, and environments send the served model's name there. Anything else (another route,
+    no adapter yet, a body that is not a JSON object) passes unchanged.
     """
     if adapter is None or path.split("?", 1)[0] not in GENERATION_ROUTES:
         return body
@@ -64,15 +67,23 @@ def name_adapter(path: str, body: bytes, adapter: str | None) -> bytes:
         request = json.loads(body)
     except ValueError:
         return body
-    if not isinstance(request, dict) or request.get("lora_path") is not None:
+    if not isinstance(request, dict):
         return body
-    request["lora_path"] = adapter
+    if engine == "vllm":
+        model = request.get("model")
+        if isinstance(model, str) and model.startswith(adapter.rstrip("0123456789")):
+            return body
+        request["model"] = adapter
+    elif request.get("lora_path") is not None:
+        return body
+    else:
+        request["lora_path"] = adapter
     return json.dumps(request).encode()
 
 
 class InferenceProxy:
     """One server's proxy: ``http://host:port`` forwards to ``upstream`` naming ``adapter()``, with
-    ``routed_experts`` capturing routings into it, and with ``translate_generate`` answering Atropos's
+    ``routed_experts`` capturing routings into it, and for ``engine="vllm"`` answering Atropos's
     ``/generate`` through vLLM's token route."""
 
     def __init__(
@@ -84,12 +95,14 @@ class InferenceProxy:
         port: int,
         timeout_s: float,
         routed_experts: RoutedExpertsStore | None = None,
-        translate_generate: bool = False,
+        engine: str = "sglang",
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.adapter = adapter
         self.routed_experts = routed_experts
-        self.translate_generate = translate_generate
+        self.engine = (
+            engine  # weights.inference_engine: how adapters are named, whether /generate is translated
+        )
         self.counts: Counter[str] = Counter()  # translated /generate requests, by outcome
         self._counts_lock = threading.Lock()
         self._client = httpx.Client(base_url=self.upstream, timeout=timeout_s)
@@ -119,7 +132,7 @@ class InferenceProxy:
         """The upstream response (streamed: close it), and what to capture from it (None: nothing)."""
         capture = None
         if method == "POST":
-            body = name_adapter(path, body, self.adapter())
+            body = name_adapter(path, body, self.adapter(), engine=self.engine)
             if self.routed_experts is not None:
                 body, capture = ask_routed_experts(path, body)
         request = self._client.build_request(method, path, headers=headers, content=body)
@@ -128,7 +141,7 @@ class InferenceProxy:
     def translates(self, method: str, path: str) -> bool:
         """Whether this request is Atropos's ``/generate``, to be answered through vLLM's token route."""
         return (
-            self.translate_generate
+            self.engine == "vllm"
             and method == "POST"
             and path.split("?", 1)[0] == vllm_generate.ATROPOS_ROUTE
         )
@@ -140,7 +153,7 @@ class InferenceProxy:
         sample 503 (atroposlib retries it), a reply of another shape 502, an unreachable server 502.
         """
         try:
-            request = vllm_generate.to_scale_out(json.loads(body or b"null"))
+            request = vllm_generate.to_scale_out(json.loads(body or b"null"), adapter=self.adapter())
         except ValueError as exc:  # TranslationError, or the body is not JSON
             return self._refuse(400, "refused", f"Atropos /generate request: {exc}")
         headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "accept-encoding")}
@@ -275,11 +288,11 @@ def start_proxies(
     host: str,
     timeout_s: float,
     routed_experts: RoutedExpertsStore | None = None,
-    translate_generate: bool = False,
+    engine: str = "sglang",
 ) -> list[InferenceProxy]:
     """One started proxy per server (``ServerState``s, same order as ``ports``), naming its adapter (if
     any), capturing routings into ``routed_experts`` (if given) and translating Atropos's ``/generate``
-    for vLLM (``translate_generate``)."""
+    for vLLM (``engine="vllm"``)."""
     proxies = []
     for server, port in zip(servers, ports, strict=True):
         proxy = InferenceProxy(
@@ -289,12 +302,12 @@ def start_proxies(
             port=port,
             timeout_s=timeout_s,
             routed_experts=routed_experts,
-            translate_generate=translate_generate,
+            engine=engine,
         )
         proxies.append(proxy.start())
         jobs = (
             "vLLM /generate"
-            if translate_generate
+            if engine == "vllm"
             else "routed-experts capture"
             if routed_experts is not None
             else "LoRA adapter"

@@ -235,7 +235,7 @@ def start_inference_proxies(service: BridgeService) -> list:
         host=cfg.lora_proxy_host,
         timeout_s=cfg.request_timeout_s,
         routed_experts=store,
-        translate_generate=vllm,
+        engine=cfg.inference_engine,
     )
     if cfg.lora_sync != "adapter" and store is None:
         return []

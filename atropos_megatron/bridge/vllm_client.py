@@ -18,11 +18,17 @@ Routes and bodies are vLLM 0.33.0's ``vllm/entrypoints/rl/online/api_router.py``
 order; ``weights/sync_group.py`` is the trainer's end). vLLM picks the group's backend at start-up
 (``--weight-transfer-config``), never per request, so the header's backend is not sent.
 
-Not supported, refused by name before a push starts (:meth:`VLLMClient.refusal`): the ``grpc``
-transport (vLLM has no route that takes serialized tensors; its ``ipc`` backend takes CUDA IPC handles,
-same GPU node only), ``disk`` (0.33 registers no disk weight-transfer engine; a checkpoint is loaded
-only at start-up) and LoRA adapter pushes (``/v1/load_lora_adapter`` exists, but the adapter proxy
-names adapters in SGLang's ``lora_path`` field, which vLLM's ``/generate`` does not take).
+LoRA adapter pushes (``weights.lora_sync: adapter``) go by ``disk``: the trainer writes a PEFT directory
+and ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` loads it as a new adapter
+(``entrypoints/serve/lora/api_router.py``; the server needs ``--enable-lora`` and
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); requests select it by ``model: "<lora_name>"``, which the
+bridge's proxies set; retired ones leave by ``POST /v1/unload_lora_adapter {"lora_name"}``. Both reply
+200 with a text body.
+
+Not supported, refused by name before a push starts (:meth:`VLLMClient.refusal`): full weights by
+``grpc`` (vLLM has no route that takes serialized tensors; its ``ipc`` backend takes CUDA IPC handles,
+same GPU node only) or ``disk`` (0.33 registers no disk weight-transfer engine; a checkpoint is loaded
+only at start-up), and adapters by anything but ``disk`` (vLLM loads adapters from a path only).
 
 Errors: a validation error is HTTP 400 ``{"error": {"message", ...}}``; a worker-side one (an update
 outside ``start``/``finish``, a bad ``init_info``, no ``--weight-transfer-config``) HTTP 500 in the same
@@ -56,8 +62,7 @@ REFUSED = {
     "disk": "vLLM 0.33 has no disk weight-transfer engine (a checkpoint loads only at start-up)",
 }
 ADAPTERS_REFUSED = (
-    "LoRA adapter pushes (weights.lora_sync=adapter) are not supported with vLLM: the adapter proxy "
-    "names adapters in SGLang's lora_path field; use lora_sync=merged"
+    "vLLM loads LoRA adapters from a path only (/v1/load_lora_adapter): push them with transport=disk"
 )
 
 
@@ -119,7 +124,7 @@ class VLLMClient(JsonHttp):
 
     def refusal(self, transport: str, *, adapter: bool) -> str | None:
         if adapter:
-            return ADAPTERS_REFUSED
+            return None if transport == "disk" else f"LoRA adapters by {transport}: {ADAPTERS_REFUSED}"
         if transport in REFUSED:
             return f"the {transport} transport is not supported with vLLM: {REFUSED[transport]}"
         return None
@@ -181,6 +186,15 @@ class VLLMClient(JsonHttp):
         update_info = {"names": names, "dtype_names": dtypes, "shapes": shapes}
         self._request("POST", "/update_weights", json={"update_info": update_info})
 
+    # -- LoRA adapters --------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """``/v1/load_lora_adapter``: ``path`` is a PEFT directory the server can read."""
+        self._request("POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+
+    def unload_adapter(self, name: str) -> None:
+        self._request("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
+
     # -- refused (``refusal`` stops such a push before it starts) -------------------------------
 
     def update_from_tensor(self, payloads: list[str]) -> None:
@@ -189,19 +203,15 @@ class VLLMClient(JsonHttp):
     def update_from_disk(self, path: str) -> None:
         raise VLLMError(self.url, "(disk transport)", REFUSED["disk"])
 
-    def load_adapter(self, name: str, path: str) -> None:
-        raise VLLMError(self.url, "(LoRA adapter)", ADAPTERS_REFUSED)
-
     def load_adapter_from_tensors(self, name: str, config: dict[str, Any], payloads: list[str]) -> None:
-        raise VLLMError(self.url, "(LoRA adapter)", ADAPTERS_REFUSED)
-
-    def unload_adapter(self, name: str) -> None:
         raise VLLMError(self.url, "(LoRA adapter)", ADAPTERS_REFUSED)
 
     # -- plumbing -------------------------------------------------------------------------------
 
     def _error_text(self, response: httpx.Response) -> str:
         text = super()._error_text(response)
+        if response.status_code == 404 and "lora_adapter" in str(response.request.url):
+            return f"{text} (no such route: start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora)"
         if response.status_code == 404:
             return f"{text} (no such route: VLLM_SERVER_DEV_MODE=1 unset, or not a vLLM server?)"
         return text

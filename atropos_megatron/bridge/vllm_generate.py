@@ -74,8 +74,9 @@ class ScaleOutRequest:
     prompt_logprobs: int | None
 
 
-def to_scale_out(request: Any) -> ScaleOutRequest:
-    """Atropos's ``/generate`` body -> ``/inference/v1/generate``'s, raising :class:`TranslationError`."""
+def to_scale_out(request: Any, *, adapter: str | None = None) -> ScaleOutRequest:
+    """Atropos's ``/generate`` body -> ``/inference/v1/generate``'s, raising :class:`TranslationError`;
+    ``adapter``: the LoRA adapter to run it with (vLLM's ``model``), None for the base model."""
     if not isinstance(request, dict):
         raise TranslationError("the request body must be a JSON object")
     prompt = request.get("prompt")
@@ -103,6 +104,8 @@ def to_scale_out(request: Any) -> ScaleOutRequest:
         if value is not None and (not _is_int(value) or value < -1):
             raise TranslationError(f"{key} must be an integer >= -1 or null, got {value!r}")
     body = {"token_ids": list(ids), "sampling_params": sampling, "return_token_ids": True}
+    if adapter is not None:
+        body["model"] = adapter
     return ScaleOutRequest(body, list(ids), sampling.get("logprobs"), sampling.get("prompt_logprobs"))
 
 

@@ -260,6 +260,13 @@ def run_local(
 # ------------------------------------------------------------------------------------------------
 
 
+def _server_env(cfg) -> dict[str, str]:
+    """vLLM mounts its runtime LoRA routes only with VLLM_ALLOW_RUNTIME_LORA_UPDATING (as the launcher sets)."""
+    if cfg.weights.inference_engine == "vllm" and cfg.weights.lora_sync == "adapter":
+        return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    return {}
+
+
 def uses_proxy(cfg) -> bool:
     """Environments generate through the bridge's proxy: it names the newest adapter in each request
     (``weights.lora_sync: adapter``), captures the experts each token was routed to
@@ -416,7 +423,7 @@ def _build_roles(
         "--max-batch", str(cfg.data.batch_size),  # one step's completions decode together
         "--seed", str(cfg.seed),
     ]
-    if cfg.weights.lora_sync == "adapter":  # each push arrives as a new SGLang LoRA adapter
+    if cfg.weights.lora_sync == "adapter":  # each push arrives as a new LoRA adapter
         lora = cfg.model.lora
         serve += ["--enable-lora", "--max-lora-rank", str(lora.rank), "--lora-target-modules", *lora.target_modules]
     if cfg.weights.capture_routed_experts:  # the bridge's proxy asks every /generate for its routing
@@ -434,7 +441,7 @@ def _build_roles(
     api_command = [*api, "--host", HOST, "--port", urls["api"].rsplit(":", 1)[1]]
     return [
         Role("atropos-api", api_command, ready=http_probe(urls["api"] + "/"), env=env),
-        Role("inference", serve, ready=http_probe(urls["inference"] + "/health"), env=env),
+        Role("inference", serve, ready=http_probe(urls["inference"] + "/health"), env=env | _server_env(cfg)),
         Role(
             "bridge",
             [*cli, "bridge", "--config", str(config_file)],

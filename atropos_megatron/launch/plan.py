@@ -168,12 +168,6 @@ def build_plan(
         check_topology(launch)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
-    if cfg.weights.lora_sync == "adapter":
-        # Environments would sample from the frozen base: nothing here starts the adapter proxies.
-        raise PlanError(
-            "weights.lora_sync=adapter is not supported by the launcher yet (it does not start the bridge's "
-            "adapter proxies nor point the environments at them); use weights.lora_sync=merged"
-        )
     if len(allocation.nodes) < launch.num_nodes:
         raise PlanError(
             f"the launch section needs {launch.num_nodes} nodes ({launch.train_nodes} training + "
@@ -191,8 +185,9 @@ def build_plan(
 
     servers = _place_servers(launch, train_nodes[0], inference_nodes)
     urls = tuple(f"http://{nodes[index].address}:{port}" for index, port, _ in servers)
-    # vLLM servers: environments generate through the bridge's proxies, which give atroposlib's
-    # server_type vllm the /generate stock vllm serve lacks (bridge/inference_proxy.py, docs/vllm.md §9).
+    # Environments generate through the bridge's proxies where they must (bridge/inference_proxy.py):
+    # vLLM servers (the /generate atroposlib's server_type vllm needs, docs/vllm.md §9) and LoRA
+    # adapter sync (the newest adapter named in every request).
     proxy_ports = [launch.proxy_port + k for k in range(len(servers))] if _needs_proxies(cfg) else []
     proxy_urls = tuple(f"http://{head.address}:{port}" for port in proxy_ports)
     environment_urls = proxy_urls or urls
@@ -202,6 +197,13 @@ def build_plan(
     grpc = cfg.weights.transport == "grpc"
     agent_nodes = sorted({index for index, _, _ in servers if index != 0}) if grpc else []
     agents = [f"{nodes[index].address}:{launch.bridge_port}" for index in agent_nodes]
+    if agents and proxy_ports and cfg.weights.lora_sync == "adapter":
+        # The proxies run in the job's bridge, which drives only the servers on its own node.
+        raise PlanError(
+            "weights.lora_sync=adapter with weights.transport=grpc and inference servers on other nodes: "
+            "their bridge agents run no adapter proxies, so environments there would sample from the "
+            "base model; use weights.transport=disk (a shared disk_dir)"
+        )
     run_dir = Path(cfg.logging.run_dir).resolve()
     resolved = _resolve_config(
         cfg,
@@ -220,8 +222,11 @@ def build_plan(
     config_arg = ("--config", str(config_file))
     base_env = {"OMP_NUM_THREADS": "1"} if launch.gpus_per_node == 0 else {}
     base_env |= {"ATROPOS_MEGATRON_SESSION": allocation.session, "TOKENIZERS_PARALLELISM": "false"}
-    # vLLM mounts its RL routes (pause, resume, weight transfer) only in dev mode (docs/vllm.md §3).
+    # vLLM mounts its RL routes (pause, resume, weight transfer) only in dev mode (docs/vllm.md §3),
+    # and its runtime LoRA routes only with VLLM_ALLOW_RUNTIME_LORA_UPDATING (envs.py).
     server_env = base_env | ({"VLLM_SERVER_DEV_MODE": "1"} if launch.inference.backend == "vllm" else {})
+    if cfg.weights.inference_engine == "vllm" and cfg.weights.lora_sync == "adapter":
+        server_env |= {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     model_path = launch.inference.model_path or cfg.model.hf_path
     bridge_probe = ProbeSpec("tcp", bridge_address)
     server_probes = tuple(ProbeSpec("http", f"{url}/health") for url in urls)
@@ -351,7 +356,28 @@ def environment_server_type(cfg: TrainConfig) -> str:
 
 def _needs_proxies(cfg: TrainConfig) -> bool:
     """Whether environments generate through the bridge's proxies (``launch.proxy_port``)."""
-    return cfg.weights.inference_engine == "vllm"
+    return cfg.weights.inference_engine == "vllm" or cfg.weights.lora_sync == "adapter"
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``--max-lora-rank`` values vLLM 0.33 accepts (``config/lora.py: MaxLoRARanks``)."""
+KEPT_ADAPTERS = 2
+"""Adapters a server holds at once under adapter sync (``bridge/weight_sync.KEPT_ADAPTERS``: the newest
+and the one before, for requests in transit)."""
+
+
+def _adapter_flags(cfg: TrainConfig) -> list[str]:
+    """Server flags for ``weights.lora_sync: adapter``: each push arrives as a new LoRA adapter."""
+    if cfg.weights.lora_sync != "adapter":
+        return []
+    lora = cfg.model.lora
+    if cfg.launch.inference.backend == "vllm":
+        rank = next((r for r in VLLM_LORA_RANKS if r >= lora.rank), None)
+        if rank is None:
+            raise PlanError(f"model.lora.rank={lora.rank} is above vLLM's largest --max-lora-rank (512)")
+        return ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(KEPT_ADAPTERS)]
+    # SGLang's flags, which the reference server shares
+    return ["--enable-lora", "--max-lora-rank", str(lora.rank), "--lora-target-modules", *lora.target_modules]
 
 
 def _engine_for_backend(cfg: TrainConfig) -> TrainConfig:
@@ -498,6 +524,7 @@ def _server_command(
             backend = cfg.weights.distributed_backend or ("nccl" if cfg.launch.gpus_per_node else "gloo")
             command += ["--protocol", "vllm", "--weight-transfer-config", json.dumps({"backend": backend}),
                         "--enable-scale-out", "--logprobs-mode", "processed_logprobs"]  # fmt: skip
+        command += _adapter_flags(cfg)
     elif inference.backend == "vllm":
         # Stock `vllm serve` (vLLM 0.33.0: vllm/entrypoints/cli/main.py is the `vllm` script; the flags are
         # in engine/arg_utils.py and entrypoints/common/cli_args.py). VLLM_SERVER_DEV_MODE=1 is in the
@@ -513,13 +540,14 @@ def _server_command(
             "--host", host, "--port", str(port), "--served-model-name", model_path,
             "--tensor-parallel-size", str(inference.gpus_per_server),
             "--weight-transfer-config", json.dumps({"backend": "nccl"}), "--generation-config", "vllm",
-            "--enable-scale-out", "--logprobs-mode", "processed_logprobs",
+            "--enable-scale-out", "--logprobs-mode", "processed_logprobs", *_adapter_flags(cfg),
         ]  # fmt: skip
         return (*command, *inference.extra_args)
     else:
         command = [
             inference.python or python, "-m", "sglang.launch_server", "--model-path", model_path,
             "--host", host, "--port", str(port), "--tp-size", str(inference.gpus_per_server),
+            *_adapter_flags(cfg),
         ]  # fmt: skip
     if cfg.weights.admin_api_key:
         command += ["--admin-api-key", cfg.weights.admin_api_key]

@@ -61,7 +61,8 @@ def test_server_info_and_refusals(client):
     assert client.refusal("distributed", adapter=False) is None
     assert "grpc transport is not supported with vLLM" in client.refusal("grpc", adapter=False)
     assert "disk transport is not supported with vLLM" in client.refusal("disk", adapter=False)
-    assert "lora_sync=merged" in client.refusal("grpc", adapter=True)
+    assert "from a path only" in client.refusal("grpc", adapter=True)  # adapters: disk only
+    assert client.refusal("disk", adapter=True) is None
     with pytest.raises(VLLMError, match="no route that loads serialized tensors"):
         client.update_from_tensor(["payload"])
 

@@ -40,7 +40,7 @@ def proxy(dirs):
     with ReferenceServer(dirs.model, tokenizer_path=dirs.tok, served_model_name="tiny", protocol="vllm",
                          enable_scale_out=True, logprobs_mode="processed_logprobs") as server:  # fmt: skip
         proxy = InferenceProxy(
-            server.url, lambda: None, host="127.0.0.1", port=0, timeout_s=60, translate_generate=True
+            server.url, lambda: None, host="127.0.0.1", port=0, timeout_s=60, engine="vllm"
         ).start()
         try:
             yield types.SimpleNamespace(url=proxy.url, server=server, proxy=proxy)

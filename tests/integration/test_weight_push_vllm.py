@@ -137,7 +137,7 @@ def test_transports_vllm_cannot_take_are_refused_by_name(server):
     for overrides, field, words in (
         (dict(transport="grpc"), "weights.transport", "grpc is not supported"),
         (dict(transport="disk", disk_dir="/tmp"), "weights.transport", "disk is not supported"),
-        (dict(lora_sync="adapter"), "weights.lora_sync", "adapter is not supported"),
+        (dict(lora_sync="adapter"), "weights.transport", "not supported for LoRA adapters"),  # disk only
         (dict(pause_mode="retract"), "weights.pause_mode", "vLLM has no retract"),
     ):
         with pytest.raises(ConfigError) as error:

@@ -21,6 +21,17 @@ def test_generation_requests_that_name_no_adapter_get_the_newest(path):
     assert json.loads(name_adapter(path, with_null, "policy-v7"))["lora_path"] == "policy-v7"
 
 
+def test_vllm_names_the_adapter_as_the_model_unless_one_of_the_bridges_is_named():
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        body = json.dumps({"model": "/models/qwen", "prompt": "hi"}).encode()
+        assert json.loads(name_adapter(path, body, "policy-v7", engine="vllm"))["model"] == "policy-v7"
+        nameless = json.dumps({"prompt": "hi"}).encode()
+        assert json.loads(name_adapter(path, nameless, "policy-v7", engine="vllm"))["model"] == "policy-v7"
+        pinned = json.dumps({"model": "policy-v6", "prompt": "hi"}).encode()  # in transit: keeps its own
+        assert name_adapter(path, pinned, "policy-v7", engine="vllm") is pinned
+    assert "lora_path" not in json.loads(name_adapter("/v1/completions", body, "policy-v7", engine="vllm"))
+
+
 @pytest.mark.parametrize(
     ("path", "body", "adapter"),
     [

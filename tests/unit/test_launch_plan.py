@@ -132,11 +132,41 @@ def test_dedicated_head_gets_a_node_of_its_own(tmp_path):
     assert plan.trainer_rank0_node == 1
 
 
-def test_lora_adapter_sync_is_refused_until_the_launcher_starts_its_proxies(tmp_path):
-    with pytest.raises(PlanError, match="lora_sync=adapter is not supported by the launcher"):
+@pytest.mark.parametrize(
+    ("backend", "flags"),
+    [
+        ("sglang", ("--enable-lora", "--max-lora-rank", "12", "--lora-target-modules")),
+        ("vllm", ("--enable-lora", "--max-lora-rank", "16", "--max-loras", "2")),  # vLLM's ranks: 16 >= 12
+    ],
+)
+def test_lora_adapter_sync_starts_lora_servers_and_the_bridges_proxies(tmp_path, backend, flags):
+    """Each push is a new adapter the servers apply only to requests that name it: environments go
+    through the bridge's proxies, which name the newest."""
+    engine = ["weights.transport=disk", "weights.disk_dir=/shared/adapters"]
+    if backend == "vllm":
+        engine.append("weights.pause_mode=in_place")
+    plan, resolved = _plan(
+        ["model.lora.rank=12", "weights.lora_sync=adapter", f"launch.inference.backend={backend}", *engine,
+         "launch.inference_nodes=1", "launch.environments=[{name: e, command: 'python env.py'}]"],
+        2,
+        tmp_path,
+    )  # fmt: skip
+    server = _role(plan, 1, "inference-0")
+    start = server.command.index("--enable-lora")
+    assert server.command[start : start + len(flags)] == flags
+    runtime_lora = server.env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+    assert runtime_lora == ("True" if backend == "vllm" else None)
+    ports = resolved.weights.lora_proxy_ports
+    assert len(ports) == len(plan.inference_urls) and resolved.weights.lora_proxy_host == "10.0.0.1"
+    assert _role(plan, 0, "env-e").env["INFERENCE_URLS"] == ",".join(f"http://10.0.0.1:{p}" for p in ports)
+    # merged LoRA needs no proxies: the servers run plain weights
+    _, merged = _plan(["model.lora.rank=8", "launch.inference_nodes=1"], 2, tmp_path)
+    assert merged.weights.lora_proxy_ports == []
+
+
+def test_lora_adapter_sync_over_grpc_agents_is_refused(tmp_path):
+    with pytest.raises(PlanError, match="bridge agents run no adapter proxies"):
         _plan(["model.lora.rank=8", "weights.lora_sync=adapter", "launch.inference_nodes=1"], 2, tmp_path)
-    plan, resolved = _plan(["model.lora.rank=8", "launch.inference_nodes=1"], 2, tmp_path)  # merged: fine
-    assert resolved.model.lora.rank == 8
 
 
 def test_external_atropos_api_is_not_started(tmp_path):

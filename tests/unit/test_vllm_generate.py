@@ -51,6 +51,8 @@ def test_the_request_becomes_token_ids_and_sampling_params():
     }
     assert request.logprobs == 0 and request.prompt_logprobs is None
     assert "model" not in to_scale_out(atropos_body(model="served")).body["sampling_params"]
+    # the bridge's newest LoRA adapter runs it: vLLM selects adapters by model name
+    assert to_scale_out(atropos_body(), adapter="policy-v3").body["model"] == "policy-v3"
 
 
 @pytest.mark.parametrize(
