@@ -135,6 +135,9 @@ RECIPES = {
 RECIPES["qwen2.5-7b_1node_vllm.yaml"] = replace(
     RECIPES["qwen2.5-7b_1node.yaml"], backend="vllm", server_type="vllm"
 )
+RECIPES["qwen3-32b_2+2nodes_vllm.yaml"] = replace(
+    RECIPES["qwen3-32b_2+2nodes.yaml"], backend="vllm", server_type="vllm"
+)
 # Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B config.json (model cards: 30.5B total / 3.3B activated,
 # 235B / 22B); the 235B's differs in width, depth, heads and expert width only.
 QWEN3_30B_A3B = {
