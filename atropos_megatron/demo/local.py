@@ -48,21 +48,24 @@ ENGINES = ("sglang", "vllm")
 the environment's atroposlib ``server_type`` (see :func:`engine_overrides`)."""
 
 
-def engine_overrides(engine: str) -> list[str]:
+def engine_overrides(engine: str, user_overrides: Sequence[str] = ()) -> list[str]:
     """The config overrides of ``--engine`` (they come before the user's, who may change them).
 
     ``sglang``: none (the configs' own). ``vllm``: ``weights.inference_engine=vllm`` and what vLLM's
     RL routes take (``WeightsConfig._check_vllm``): ``transport=distributed`` over ``gloo`` (the
     reference server's CPU stand-in for vLLM's NCCL engine; also with CUDA, as the server runs on CPU)
     and ``pause_mode=in_place`` (vLLM's ``keep``: requests wait for the update instead of failing).
+    With ``weights.lora_sync=adapter`` among ``user_overrides``, ``transport=disk`` instead: vLLM loads
+    adapters from a path (the run directory's ``pushed/``, see :func:`_resolve_config`).
     """
     if engine not in ENGINES:
         raise RunError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "sglang":
         return []
+    adapters = "weights.lora_sync=adapter" in user_overrides
     return [
         "weights.inference_engine=vllm",
-        "weights.transport=distributed",
+        f"weights.transport={'disk' if adapters else 'distributed'}",
         "weights.distributed_backend=gloo",
         "weights.pause_mode=in_place",
     ]
@@ -368,6 +371,10 @@ def _resolve_config(
     ]
     if steps is not None:
         owned.append(f"steps={steps}")
+    if not any(
+        o.startswith("weights.disk_dir=") for o in overrides
+    ):  # transport=disk: pushes stay in the run
+        owned.append(f"weights.disk_dir={run_dir / 'pushed'}")
     # The proxy's port first (weights.capture_routed_experts requires one), kept only where it is used.
     proxy = f"weights.lora_proxy_ports=[{urls['lora_proxy'].rsplit(':', 1)[1]}]"
     try:

@@ -82,7 +82,7 @@ def prepare_demo(
         demo_spec(config_path),
         run_dir,
         steps=steps,
-        overrides=[*engine_overrides(engine), *overrides],
+        overrides=[*engine_overrides(engine, overrides), *overrides],
         trainer_command=trainer_command,
         env_api_url=env_api_url,
     )
@@ -112,7 +112,7 @@ def run_demo(
         demo_spec(config_path, lora_rank=lora_rank, moe_experts=moe_experts),
         run_dir,
         steps=steps,
-        overrides=[*engine_overrides(engine), *lora_overrides(lora_rank), *overrides],
+        overrides=[*engine_overrides(engine, overrides), *lora_overrides(lora_rank), *overrides],
         trainer_command=trainer_command,
         timeout_s=timeout_s,
         progress=progress,

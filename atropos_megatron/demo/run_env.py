@@ -104,7 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(own)
     script = Path(args.env_script).resolve()
     # the user's come later and win
-    overrides = [*engine_overrides(args.engine), f"data.max_token_len={args.context}", *args.overrides]
+    overrides = [
+        *engine_overrides(args.engine, args.overrides),
+        f"data.max_token_len={args.context}",
+        *args.overrides,
+    ]
     if args.model:
         overrides.append(f"model.hf_path={Path(args.model).resolve()}")
     spec = RunSpec(
