@@ -216,15 +216,15 @@ def start_inference_proxies(service: BridgeService) -> list:
     if cfg.lora_sync != "adapter" and store is None and not vllm:
         return []
     if not cfg.lora_proxy_ports:
-        if vllm:
-            logger.info(
-                "no weights.lora_proxy_ports: environments must use server_type openai (text only, no "
-                "token ids or log-probs); server_type vllm needs the bridge's /generate proxies"
-            )
-        else:
+        if cfg.lora_sync == "adapter":
             logger.warning(
                 "weights.lora_sync is adapter but weights.lora_proxy_ports is empty: environments that name "
                 "no adapter in their requests (atroposlib's do not) sample from the frozen base model"
+            )
+        elif vllm:
+            logger.info(
+                "no weights.lora_proxy_ports: environments must use server_type openai (text only, no "
+                "token ids or log-probs); server_type vllm needs the bridge's /generate proxies"
             )
         return []
     from atropos_megatron.bridge.inference_proxy import start_proxies
@@ -236,21 +236,4 @@ def start_inference_proxies(service: BridgeService) -> list:
         timeout_s=cfg.request_timeout_s,
         routed_experts=store,
         engine=cfg.inference_engine,
-    )
-    if cfg.lora_sync != "adapter" and store is None:
-        return []
-    if not cfg.lora_proxy_ports:
-        logger.warning(
-            "weights.lora_sync is adapter but weights.lora_proxy_ports is empty: environments that name no "
-            "adapter in their requests (atroposlib's do not) sample from the frozen base model"
-        )
-        return []
-    from atropos_megatron.bridge.inference_proxy import start_proxies
-
-    return start_proxies(
-        service.weights.servers,
-        cfg.lora_proxy_ports,
-        host=cfg.lora_proxy_host,
-        timeout_s=cfg.request_timeout_s,
-        routed_experts=store,
     )
