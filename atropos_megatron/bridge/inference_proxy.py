@@ -100,16 +100,15 @@ class InferenceProxy:
         self.upstream = upstream.rstrip("/")
         self.adapter = adapter
         self.routed_experts = routed_experts
-        self.engine = (
-            engine  # weights.inference_engine: how adapters are named, whether /generate is translated
-        )
+        # weights.inference_engine: how adapters are named, and whether /generate is translated
+        self.engine = engine
         self.counts: Counter[str] = Counter()  # translated /generate requests, by outcome
         self._counts_lock = threading.Lock()
         self._client = httpx.Client(base_url=self.upstream, timeout=timeout_s)
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"lora-proxy-{port}", daemon=True
+            target=self._server.serve_forever, name=f"inference-proxy-{port}", daemon=True
         )
 
     @property
@@ -159,10 +158,10 @@ class InferenceProxy:
         headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "accept-encoding")}
         upstream = self._client.post(vllm_generate.SCALE_OUT_ROUTE, json=request.body, headers=headers)
         if upstream.status_code != 200:
-            self._count(f"vllm_{upstream.status_code}")
+            first = self._count(f"vllm_{upstream.status_code}") == 1
             reply = _json_or_text(upstream)
-            if upstream.status_code == 403 and "--enable-scale-out" in json.dumps(reply):
-                logger.warning(
+            if first and upstream.status_code == 403 and "--enable-scale-out" in json.dumps(reply):
+                logger.warning(  # once: every request would say the same
                     "%s refuses %s: start vllm serve with --enable-scale-out (the launcher does) so "
                     "environments on server_type vllm get token ids and log-probs",
                     self.upstream, vllm_generate.SCALE_OUT_ROUTE,
@@ -173,8 +172,9 @@ class InferenceProxy:
         except vllm_generate.GenerationAborted as exc:
             return self._refuse(503, "aborted", str(exc))
         except (vllm_generate.UnexpectedReply, ValueError) as exc:
-            logger.warning("%s%s answered a reply the translator refuses: %s", self.upstream,
-                           vllm_generate.SCALE_OUT_ROUTE, exc)  # fmt: skip
+            if self.counts["unexpected_reply"] == 0:  # once: the server's version, not one request, differs
+                logger.warning("%s%s answered a reply the translator refuses: %s", self.upstream,
+                               vllm_generate.SCALE_OUT_ROUTE, exc)  # fmt: skip
             return self._refuse(502, "unexpected_reply", f"{self.upstream}: {exc}")
         self._count("translated")
         return 200, translated
@@ -183,9 +183,11 @@ class InferenceProxy:
         self._count(outcome)
         return status, {"error": {"message": message, "code": status}}
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str) -> int:
+        """Count one ``outcome``; how many there have been."""
         with self._counts_lock:
             self.counts[outcome] += 1
+            return self.counts[outcome]
 
     def captured_body(self, capture: CaptureRequest, upstream: httpx.Response) -> bytes:
         """The whole (decoded) response body with the routings taken out and stored."""

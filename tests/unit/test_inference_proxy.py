@@ -114,3 +114,54 @@ def test_an_unreachable_server_is_a_502_naming_it():
         )
     finally:
         proxy.stop()
+
+
+class _ScaleOut(BaseHTTPRequestHandler):
+    """vLLM 0.33's ``/inference/v1/generate`` answering what ``reply`` (a class attribute) says: a status
+    and body in vLLM's shapes (``GenerateTokensResponse``, or the 403 without ``--enable-scale-out``)."""
+
+    protocol_version = "HTTP/1.1"
+    reply: tuple[int, dict] = (200, {})
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        self.seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+        status, body = self.reply
+        raw = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_vllm_generate_aborts_retry_and_vllm_errors_pass_through(caplog):
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _ScaleOut)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    proxy = InferenceProxy(f"http://127.0.0.1:{upstream.server_address[1]}", lambda: "policy-v4",
+                           host="127.0.0.1", port=0, timeout_s=10, engine="vllm").start()  # fmt: skip
+    atropos = {"prompt": {"prompt_token_ids": [1, 2]}, "logprobs": 0, "max_tokens": 2}
+    try:
+        choice = {"index": 0, "finish_reason": "abort", "stop_reason": None, "token_ids": [5],
+                  "logprobs": {"content": [{"token_id": 5, "logprob": -1.0, "rank": 1, "top_logprobs": []}]}}  # fmt: skip
+        _ScaleOut.reply = (200, {"choices": [choice]})
+        aborted = httpx.post(proxy.url + "/generate", json=atropos, timeout=10)
+        assert aborted.status_code == 503 and "aborted" in aborted.json()["error"]["message"]
+        path, sent = _ScaleOut.seen[-1]
+        assert path == "/inference/v1/generate" and sent["model"] == "policy-v4"  # the newest adapter
+        disabled = {"error": {"message": "Scale-out endpoints are disabled. Restart vllm serve with "
+                              "--enable-scale-out to enable them.", "type": "PermissionDeniedError",
+                              "param": None, "code": 403}}  # fmt: skip
+        _ScaleOut.reply = (403, disabled)
+        for _ in range(2):
+            refused = httpx.post(proxy.url + "/generate", json=atropos, timeout=10)
+            assert refused.status_code == 403 and refused.json() == disabled
+        assert caplog.text.count("--enable-scale-out (the launcher does)") == 1  # said once, then counted
+        assert proxy.counts == {"aborted": 1, "vllm_403": 2}
+    finally:
+        proxy.stop()
+        upstream.shutdown()
+        upstream.server_close()
