@@ -343,7 +343,9 @@ def build_plan(
 SERVER_TYPES = {
     ("sglang", "sglang"): "sglang",
     ("reference", "sglang"): "sglang",
-    ("reference", "vllm"): "vllm",  # through the bridge's proxies: Atropos's /generate on vLLM's token route
+    # vLLM (stock or the reference server's mirror): through the bridge's proxies, which answer Atropos's
+    # /generate on vLLM's token route (docs/vllm.md §9)
+    ("reference", "vllm"): "vllm",
     ("vllm", "vllm"): "vllm",
 }
 """atroposlib ``server_type`` that works with the servers started, by (backend, inference_engine)."""
