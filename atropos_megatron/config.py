@@ -664,9 +664,9 @@ class WeightsConfig:
     """What every server in `inference_servers` runs: `sglang` (SGLang, or `atropos-megatron serve`) or
     `vllm` (vLLM 0.33 with `VLLM_SERVER_DEV_MODE=1`, `--weight-transfer-config` and `--enable-scale-out`,
     or `serve --protocol vllm`; docs/vllm.md). Environments on `server_type: vllm` go through the
-    bridge's proxies (`lora_proxy_ports`), which give them token ids and log-probs. It picks the routes the bridge calls and, for `distributed`, how
-    the trainer joins the group and broadcasts (vLLM: one broadcast per tensor; its `nccl` backend needs
-    the `vllm` package on the trainer's sending rank). A server that answers as the other engine is
+    bridge's proxies (`lora_proxy_ports`), which give them token ids and log-probs. It picks the routes
+    the bridge calls and, for `distributed`, how the trainer joins the group and broadcasts (vLLM: one
+    broadcast per tensor; its `nccl` backend needs the `vllm` package on the trainer's sending rank). A server that answers as the other engine is
     reported unhealthy with that reason. vLLM takes `transport: distributed` (or `disk` with `lora_sync:
     adapter`: adapters load through `/v1/load_lora_adapter`), `pause_mode` `abort` or `in_place` (vLLM's
     `keep`)."""
