@@ -138,6 +138,34 @@ def test_multi_node_job_in_vllm_mode_samples_through_the_bridges_proxy(cluster, 
     _assert_no_job_processes(cluster)
 
 
+def test_multi_node_job_syncs_lora_adapters_into_vllm_through_the_proxy(cluster, assets, tmp_path, report):
+    """LoRA with adapter sync through the launcher, in vLLM mode: the reference server starts with runtime
+    LoRA (``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), each step's adapters go by ``disk``
+    through ``/v1/load_lora_adapter``, and the environment generates through the proxy (which names the
+    newest: ``test_lora_sync_vllm.py`` checks that against PeftModel)."""
+    run_dir = tmp_path / "run"
+    overrides = ("model.lora.rank=8", "weights.lora_sync=adapter", "weights.inference_engine=vllm",
+                 "weights.transport=disk", f"weights.disk_dir={tmp_path / 'pushed'}",
+                 "weights.pause_mode=in_place")  # fmt: skip
+    started = time.monotonic()
+    job = _sbatch(cluster, assets, run_dir, steps=4, overrides=overrides)
+    info = cluster.wait_for(job, {"COMPLETED"}, JOB_TIMEOUT_S)
+    report(
+        f"2-node job, LoRA adapters into vLLM mode: {time.monotonic() - started:.0f} s from sbatch to COMPLETED"
+    )
+    output = _job_output(run_dir)
+    assert info["ExitCode"] == "0:0", output
+    assert _steps(run_dir) == [1, 2, 3, 4]
+    logs = run_dir / "logs" / f"job{job}-0" / "node1"
+    server_log = (logs / "inference-0.log").read_text()
+    assert "runtime LoRA updating on" in server_log and "LoRA adapter policy-v0 loaded" in server_log
+    assert "vLLM /generate proxy" in (logs / "bridge.log").read_text()
+    # Step 1 samples with the adapters the trainer starts from (B = 0: the base), through the proxy.
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rollout/logprob_abs_diff"] < 1e-5, first
+    _assert_no_job_processes(cluster)
+
+
 def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, assets, tmp_path, report):
     """`scontrol requeue` does what preemption does: SIGTERM to every process of the job at once
     (the bridge and the API go down while the trainer checkpoints), KillWait, back to the queue."""
