@@ -117,25 +117,12 @@ def test_multi_node_job_in_vllm_mode_samples_through_the_bridges_proxy(cluster, 
     the launcher starts it with vLLM's RL and token routes, the bridge pushes over vLLM's weight-transfer
     sequence (gloo), and the environment, on ``server_type: vllm``, generates through the bridge's proxy,
     so the inference log-probs it reads reach the trainer."""
-    run_dir = tmp_path / "run"
-    started = time.monotonic()
     vllm = ("weights.inference_engine=vllm", "weights.transport=distributed", "weights.pause_mode=in_place")
-    job = _sbatch(cluster, assets, run_dir, steps=4, overrides=vllm)
-    info = cluster.wait_for(job, {"COMPLETED"}, JOB_TIMEOUT_S)
-    report(f"2-node job, vLLM mode: {time.monotonic() - started:.0f} s from sbatch to COMPLETED")
-    output = _job_output(run_dir)
-    assert info["ExitCode"] == "0:0", output
-    assert _steps(run_dir) == [1, 2, 3, 4]
-    logs = run_dir / "logs" / f"job{job}-0" / "node1"
+    logs = _vllm_mode_job(cluster, assets, tmp_path, report, "vLLM mode", vllm)
     server_log = (logs / "inference-0.log").read_text()
     assert "reference server in vLLM mode" in server_log and "/inference/v1/generate on" in server_log
-    bridge_log = (logs / "bridge.log").read_text()
-    assert "vLLM /generate proxy" in bridge_log and "(distributed) to 1 server(s)" in bridge_log
+    assert "(distributed) to 1 server(s)" in (logs / "bridge.log").read_text()
     assert "server_type='vllm'" in (logs / "env-alphabet.log").read_text()
-    # Step 1 samples with the weights the trainer starts from: the log-probs are the trainer's own.
-    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["rollout/logprob_abs_diff"] < 1e-5, first
-    _assert_no_job_processes(cluster)
 
 
 def test_multi_node_job_syncs_lora_adapters_into_vllm_through_the_proxy(cluster, assets, tmp_path, report):
@@ -143,27 +130,31 @@ def test_multi_node_job_syncs_lora_adapters_into_vllm_through_the_proxy(cluster,
     LoRA (``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), each step's adapters go by ``disk``
     through ``/v1/load_lora_adapter``, and the environment generates through the proxy (which names the
     newest: ``test_lora_sync_vllm.py`` checks that against PeftModel)."""
-    run_dir = tmp_path / "run"
     overrides = ("model.lora.rank=8", "weights.lora_sync=adapter", "weights.inference_engine=vllm",
                  "weights.transport=disk", f"weights.disk_dir={tmp_path / 'pushed'}",
                  "weights.pause_mode=in_place")  # fmt: skip
+    logs = _vllm_mode_job(cluster, assets, tmp_path, report, "LoRA adapters into vLLM mode", overrides)
+    server_log = (logs / "inference-0.log").read_text()
+    assert "runtime LoRA updating on" in server_log and "LoRA adapter policy-v0 loaded" in server_log
+
+
+def _vllm_mode_job(cluster, assets, tmp_path, report, label: str, overrides: tuple[str, ...]) -> Path:
+    """A 4-step job with the server in vLLM mode, checked to finish, run its environment through the
+    bridge's proxy, and bring step 1's inference log-probs to the trainer (the weights it starts from:
+    its own); node1's log directory."""
+    run_dir = tmp_path / "run"
     started = time.monotonic()
     job = _sbatch(cluster, assets, run_dir, steps=4, overrides=overrides)
     info = cluster.wait_for(job, {"COMPLETED"}, JOB_TIMEOUT_S)
-    report(
-        f"2-node job, LoRA adapters into vLLM mode: {time.monotonic() - started:.0f} s from sbatch to COMPLETED"
-    )
-    output = _job_output(run_dir)
-    assert info["ExitCode"] == "0:0", output
+    report(f"2-node job, {label}: {time.monotonic() - started:.0f} s from sbatch to COMPLETED")
+    assert info["ExitCode"] == "0:0", _job_output(run_dir)
     assert _steps(run_dir) == [1, 2, 3, 4]
     logs = run_dir / "logs" / f"job{job}-0" / "node1"
-    server_log = (logs / "inference-0.log").read_text()
-    assert "runtime LoRA updating on" in server_log and "LoRA adapter policy-v0 loaded" in server_log
     assert "vLLM /generate proxy" in (logs / "bridge.log").read_text()
-    # Step 1 samples with the adapters the trainer starts from (B = 0: the base), through the proxy.
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first["rollout/logprob_abs_diff"] < 1e-5, first
     _assert_no_job_processes(cluster)
+    return logs
 
 
 def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, assets, tmp_path, report):
