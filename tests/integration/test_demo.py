@@ -124,6 +124,10 @@ def test_the_demo_learns_against_a_vllm_protocol_server(tmp_path, report):
     assert "server_type='vllm'" in (logs / "env.log").read_text()
 
 
+LORA_MIN_GAIN = 0.3
+"""The LoRA demo's least reward gain over 40 steps: below the 0.5 plateau's ~+0.4, far above 0."""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
 def test_the_lora_demo_learns_with_the_base_frozen(tmp_path, report, lora_sync):
@@ -143,7 +147,11 @@ def test_the_lora_demo_learns_with_the_base_frozen(tmp_path, report, lora_sync):
         f"({summary.gain:+.3f}) in {summary.last_step} steps, {result.wall_s:.0f} s"
     )
     assert summary.last_step == 40 and result.exits["trainer"].how == "finished"
-    assert summary.gain >= 0.4, f"reward rose only {summary.gain:+.3f}"
+    # Rank-8 adapters sometimes stop at the task's 0.5 plateau in 40 steps (the prompt's alphabet
+    # written without reading the prompt: examples/envs/alphabet_match.py): 0.121 -> 0.500 and
+    # 0.091 -> 0.500 in 2 of 12 CI runs, where full fine-tuning never has. Reaching it is learning;
+    # adapters that do not train stay at the start, ~0.1.
+    assert summary.gain >= LORA_MIN_GAIN, f"reward rose only {summary.gain:+.3f}"
     assert all(e.clean for e in result.exits.values()), result.exits
     logs = result.run_dir / "logs"
     assert "LoRA rank 8" in (logs / "trainer.log").read_text()
