@@ -49,7 +49,9 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import io
+import json
 import math
 import uuid
 from collections.abc import Callable, Sequence
@@ -630,11 +632,11 @@ def _after_context(tokenizer, tid: int, context: list[int]) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=4)
 def _space_marker(tokenizer) -> str | None:
     """The Metaspace replacement character of a SentencePiece-style tokenizer (its decode strips leading
-    spaces), or None."""
-    import json
-
+    spaces), or None. Cached per tokenizer: reading it serializes the whole tokenizer (megabytes for a
+    150k vocabulary), and every prompt position asks."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
