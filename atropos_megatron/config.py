@@ -648,6 +648,9 @@ class BridgeConfig:
 WEIGHT_TRANSPORTS = ("grpc", "distributed", "disk")
 PAUSE_MODES = ("abort", "retract", "in_place")
 LORA_SYNCS = ("merged", "adapter")
+KEPT_ADAPTERS = 2
+"""With ``lora_sync: adapter``, LoRA adapters kept loaded per server: the newest and the one requests in
+transit may still name (the bridge unloads the rest; the launcher sizes vLLM's ``--max-loras`` by it)."""
 INFERENCE_ENGINES = ("sglang", "vllm")  # = bridge.inference_client.ENGINES
 FUSED_LINEAR_MODES = ("auto", "always", "never")
 

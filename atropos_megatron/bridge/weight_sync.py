@@ -54,7 +54,7 @@ from atropos_megatron.bridge.inference_client import (
     ServerInfo,
     build_client,
 )
-from atropos_megatron.config import WeightsConfig
+from atropos_megatron.config import KEPT_ADAPTERS, WeightsConfig
 from atropos_megatron.logs import FirstTimeInfo
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,6 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5.0
 RECHECK_S = 0.25
 """How often an unreachable server is probed: a restarted one is paused this soon after it answers."""
-KEPT_ADAPTERS = 2
-"""LoRA adapters kept loaded per server: the newest and the one requests in transit may still name."""
 
 
 class PushRefused(RuntimeError):

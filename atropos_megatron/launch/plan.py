@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from atropos_megatron.config import BridgeConfig, ConfigError, LaunchConfig, TrainConfig
+from atropos_megatron.config import KEPT_ADAPTERS, BridgeConfig, ConfigError, LaunchConfig, TrainConfig
 from atropos_megatron.launch.allocation import Allocation, Node
 from atropos_megatron.launch.topology import (
     check_topology,
@@ -363,9 +363,6 @@ def _needs_proxies(cfg: TrainConfig) -> bool:
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ``--max-lora-rank`` values vLLM 0.33 accepts (``config/lora.py: MaxLoRARanks``)."""
-KEPT_ADAPTERS = 2
-"""Adapters a server holds at once under adapter sync (``bridge/weight_sync.KEPT_ADAPTERS``: the newest
-and the one before, for requests in transit)."""
 
 
 def _adapter_flags(cfg: TrainConfig) -> list[str]:
