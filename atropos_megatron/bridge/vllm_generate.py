@@ -203,14 +203,8 @@ def _logprob(entry: Any, where: str) -> float:
 def _field(obj: Any, name: str, kind: type, where: str) -> Any:
     """``obj[name]``, checked to be ``kind`` (int excludes bool; float accepts int)."""
     value = obj.get(name) if isinstance(obj, dict) else None
-    ok = (
-        _is_int(value)
-        if kind is int
-        else isinstance(value, int | float) and not isinstance(value, bool)
-        if kind is float
-        else isinstance(value, kind)
-    )
-    if not ok:
+    accepted = (int, float) if kind is float else kind
+    if isinstance(value, bool) or not isinstance(value, accepted):
         raise UnexpectedReply(f"{where}.{name} missing or not a {kind.__name__} (expected vLLM 0.33's shape)")
     return value
 
