@@ -12,7 +12,6 @@ adapter by ``model``; the proxy sets it to the newest, which is why environments
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
@@ -21,7 +20,15 @@ from atropos_megatron.bridge.inference_proxy import start_proxies
 from atropos_megatron.config import WeightsConfig
 from tests.harness import run_ranks
 from tests.hf_models import tiny_hf_model, tiny_tokenizer
-from tests.integration.test_lora_sync import RANK, TOLERANCE, _free_port, _logprobs, _peft_adapter, _push_body
+from tests.integration.test_lora_sync import (
+    RANK,
+    TOLERANCE,
+    _free_port,
+    _logprobs,
+    _peft_adapter,
+    _push_body,
+    _wait_until_unloaded,
+)
 from tests.integration.test_weight_push import PROBE, Bridge
 from tests.reference_server import ReferenceServer
 
@@ -57,17 +64,6 @@ def _served_prompt_logprobs(url: str) -> list[float]:
     body = {"token_ids": PROBE, "sampling_params": {"max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}}
     positions = httpx.post(url + "/inference/v1/generate", json=body, timeout=60).json()["prompt_logprobs"]
     return [position[str(token)]["logprob"] for position, token in zip(positions[1:], PROBE[1:], strict=True)]
-
-
-def _wait_until_unloaded(url: str, name: str, deadline_s: float = 30.0) -> bool:
-    """Unloads run in the background (after the push): poll the generate route with a deadline."""
-    deadline = time.monotonic() + deadline_s
-    body = {"token_ids": PROBE[:2], "sampling_params": {"max_tokens": 1}, "model": name}
-    while time.monotonic() < deadline:
-        if httpx.post(url + "/inference/v1/generate", json=body, timeout=10).status_code == 404:
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not waiting for time to pass
-    return False
 
 
 def test_vllm_adapter_pushes_by_disk_reach_environments_through_the_proxy(base_dir, tmp_path, report):
