@@ -52,7 +52,8 @@ def test_a_stage_past_its_limit_is_killed_and_reported(tmp_path):
 
     ok = run("ok", f"print('hi'); open({str(tmp_path / 'ok.json')!r}, 'w').write('{{\"x\": 1}}')", 30)
     assert ok["status"] == "passed" and ok["numbers"] == {"x": 1} and ok["tail"] == ["hi"]
-    slow = run("slow", "import time; print('started', flush=True); time.sleep(60)", 1)
+    # The limit leaves a busy machine's interpreter ample time to start and print; the sleep outlasts it.
+    slow = run("slow", "import time; print('started', flush=True); time.sleep(600)", 5)
     assert slow["status"] == "timed out" and slow["seconds"] < 15 and slow["tail"] == ["started"]
     assert "started" in (tmp_path / "gpu_check.slow.log").read_text()
     stale = run("stale", "pass", 30)  # exits 0 but writes no numbers
